@@ -1,0 +1,30 @@
+"""Builds the FastAPI application around a Gateway; its lifespan starts and stops the services."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api import errors, routes_admin, routes_chat, routes_public
+from app.gateway import Gateway
+
+
+def build_http_app(gateway: Gateway) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(title="Model Gateway", version=__version__, lifespan=lifespan)
+    app.state.gateway = gateway
+    errors.install(app)
+    app.include_router(routes_public.router)
+    app.include_router(routes_chat.router)
+    app.include_router(routes_admin.router)
+    return app

@@ -1,0 +1,64 @@
+"""The chat use case: resolve the model, admit the job, wait for its terminal state."""
+
+from __future__ import annotations
+
+from app.auth.tokens import Principal
+from app.dispatch.dispatcher import ModelDispatcher
+from app.engines.manager import EngineManager
+from app.models import ModelRegistry
+from app.queue.jobs import Doc, JobState, Submission
+from app.queue.priority import Priority
+from app.queue.service import JobQueue
+from app.store.batch import DuplicateKey
+
+
+class ChatService:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        engines: EngineManager,
+        queue: JobQueue,
+        dispatchers: dict[str, ModelDispatcher],
+    ) -> None:
+        self._registry = registry
+        self._engines = engines
+        self._queue = queue
+        self._dispatchers = dispatchers
+
+    async def complete(
+        self,
+        principal: Principal,
+        request: Doc,
+        client_id: str,
+        priority: Priority,
+        idempotency_key: str | None,
+    ) -> Doc:
+        """Return the job's terminal document (the API turns failures into errors)."""
+        model = self._registry.resolve(str(request["model"]))
+        if idempotency_key is not None:
+            existing = await self._queue.find_existing(principal.subject, idempotency_key)
+            if existing is not None:
+                return existing if JobState(existing["state"]).terminal else await self._queue.wait(existing)
+        self._engines.check_servable(model)
+        cfg = self._registry.models[model]
+        body = {k: v for k, v in request.items() if k != "model" and v is not None}
+        sub = Submission(
+            model=model, kind="chat", request=body, owner=principal.subject, client_id=client_id,
+            priority=priority, idempotency_key=idempotency_key, queue_timeout_s=cfg.timeout,
+        )
+        try:
+            doc = await self._queue.admit(sub, self._dispatchers[model].direct_start())
+        except DuplicateKey:
+            # the same key was admitted by a concurrent request a moment ago: share its job
+            assert idempotency_key is not None
+            existing = await self._queue.find_existing(principal.subject, idempotency_key)
+            if existing is None:
+                raise
+            return existing if JobState(existing["state"]).terminal else await self._queue.wait(existing)
+        return await self._queue.wait(doc)
+
+    async def job(self, principal: Principal, job_id: str) -> Doc | None:
+        doc = await self._queue.store.get(job_id)
+        if doc is None or not (principal.is_admin or doc.get("owner") == principal.subject):
+            return None
+        return doc

@@ -1,0 +1,175 @@
+"""One dispatcher per model: at most max_concurrent jobs in flight at its engine.
+
+It claims in priority order when places free up, wakes when a job is admitted, a job ends,
+the engine becomes ready or a retry's backoff runs out, and polls at a slow pace for work
+admitted by other instances. Outcomes go back to the queue, which notifies the waiting handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from app.errors import EngineCallError
+from app.logs import event
+from app.proxy.client import EngineClient, EngineTimeout
+from app.queue.jobs import Doc
+from app.queue.retry import RetryPolicy
+from app.queue.service import DirectStart, JobQueue
+from app.settings import ModelSettings
+
+log = logging.getLogger("gateway.dispatch")
+
+
+class ModelDispatcher:
+    def __init__(
+        self,
+        name: str,
+        settings: ModelSettings,
+        queue: JobQueue,
+        client: EngineClient,
+        engine_url: Callable[[], str | None],
+        served_name: str,
+        retry: RetryPolicy,
+        poll_interval: float,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self._queue = queue
+        self._client = client
+        self._engine_url = engine_url  # callable: () -> base URL when ready, else None
+        self._served_name = served_name
+        self._retry = retry
+        self._poll_interval = poll_interval
+        self.in_flight = 0
+        self._backlog = True  # until a claim finds nothing, assume jobs may be waiting
+        self._wakeup = asyncio.Event()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- control ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name=f"dispatcher:{self.name}")
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def note_backlog(self) -> None:
+        self._backlog = True
+        self._wakeup.set()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop claiming and let in-flight jobs finish (up to the grace period)."""
+        self._stopping = True
+        tasks = list(self._running.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in [*self._running.values(), *([self._loop_task] if self._loop_task else [])]:
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+        if self._loop_task is not None:
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        self._loop_task = None
+
+    def running_ids(self) -> list[str]:
+        return list(self._running)
+
+    def direct_start(self) -> DirectStart | None:
+        """Reserve an in-flight place for a job about to be admitted, if it can start at once."""
+        if self._stopping or self._backlog or self.in_flight >= self.settings.max_concurrent:
+            return None
+        if self._engine_url() is None:
+            return None
+        self.in_flight += 1
+        return DirectStart(accept=self._launch, cancel=self._unreserve)
+
+    def _unreserve(self) -> None:
+        self.in_flight -= 1
+        self._wakeup.set()
+
+    def _launch(self, doc: Doc) -> None:
+        self._running[doc["_id"]] = asyncio.create_task(self._execute(doc), name=f"job:{doc['_id']}")
+
+    # -- loop --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        next_wait: float | None = None
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(
+                    self._wakeup.wait(), timeout=self._poll_interval if next_wait is None else next_wait
+                )
+            except TimeoutError:
+                self._backlog = True
+            self._wakeup.clear()
+            next_wait = None
+            free = self.settings.max_concurrent - self.in_flight
+            if free <= 0 or not self._backlog or self._engine_url() is None:
+                continue
+            try:
+                won, backoff_wait = await self._queue.claim(self.name, free)
+            except Exception as exc:
+                event(log, "dispatch.claim_failed", logging.WARNING, model=self.name, error=repr(exc))
+                continue
+            if len(won) < free and backoff_wait is None:
+                self._backlog = False
+            next_wait = backoff_wait
+            for doc in won:
+                self.in_flight += 1
+                self._launch(doc)
+
+    async def _execute(self, doc: Doc) -> None:
+        job_id = doc["_id"]
+        try:
+            await self._attempt(doc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never let one job take the dispatcher down
+            event(log, "dispatch.job_error", logging.ERROR, job=job_id, error=repr(exc))
+        finally:
+            self._running.pop(job_id, None)
+            self.in_flight -= 1
+            self._wakeup.set()
+
+    async def _attempt(self, doc: Doc) -> None:
+        url = self._engine_url()
+        payload = {**doc["request"], "model": self._served_name}
+        try:
+            if url is None:
+                raise EngineCallError(f"engine for {self.name!r} is not ready", retryable=True)
+            answer = await self._client.chat_completion(url, payload, self.settings.request_timeout)
+        except EngineCallError as exc:
+            await self._failed(doc, exc)
+            return
+        choice = answer["choices"][0]
+        result = {
+            "message": choice.get("message") or {"role": "assistant", "content": ""},
+            "finish_reason": choice.get("finish_reason"),
+            "usage": answer.get("usage") or {},
+            "engine_response_id": answer.get("id"),
+            "system_fingerprint": answer.get("system_fingerprint"),
+        }
+        await self._queue.succeed(doc, result)
+
+    async def _failed(self, doc: Doc, exc: EngineCallError) -> None:
+        error = {
+            "type": "timeout" if isinstance(exc, EngineTimeout) else "engine_error",
+            "message": exc.message,
+            "engine_status": exc.status,
+            "retryable": exc.retryable,
+            "attempt": doc["attempts"],
+        }
+        if self._retry.should_retry(retryable=exc.retryable, attempts_made=doc["attempts"]):
+            delay = self._retry.backoff(doc["attempts"])
+            event(log, "job.retry", job=doc["_id"], attempt=doc["attempts"], delay_s=round(delay, 3), error=exc.message)
+            if await self._queue.retry_later(doc, error, delay):
+                self._backlog = True
+            return
+        event(log, "job.failed", job=doc["_id"], attempts=doc["attempts"], error=exc.message)
+        await self._queue.fail(doc, error)

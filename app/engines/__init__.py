@@ -1,0 +1,1 @@
+"""Engine processes: the stub test double, spawning, health, stopping."""

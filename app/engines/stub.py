@@ -1,0 +1,179 @@
+"""Stub engine: a TEST DOUBLE for GPU engines, not a model.
+
+A real process speaking the same OpenAI-compatible HTTP API as vLLM (`/health`,
+`/v1/models`, `/v1/chat/completions`, non-streaming and SSE), with knobs that make it slow,
+failing, crashing or hanging, so the gateway's queue, retries and recovery are tested against
+real sockets and real process deaths. Every answer says what it is in `system_fingerprint`.
+
+    python -m app.engines.stub --port 9001 --latency-ms 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+FINGERPRINT = "stub-engine (test double, not a model)"
+
+
+class StubEngine:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.model = args.model_name
+        self.requests = 0
+        self.failed_first = 0
+        self.rng = random.Random(args.seed)
+        self.ready_at = time.monotonic() + args.startup_s
+
+    # -- handlers --------------------------------------------------------------------------
+
+    async def health(self, _: web.Request) -> web.Response:
+        if time.monotonic() < self.ready_at:
+            return web.json_response({"status": "loading"}, status=503)
+        return web.json_response({"status": "ok", "engine": FINGERPRINT})
+
+    async def models(self, _: web.Request) -> web.Response:
+        return web.json_response(
+            {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "stub"}]}
+        )
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "request body is not valid JSON")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return _error(400, "messages must be a non-empty list")
+        self.requests += 1
+        if self.args.crash_after and self.requests > self.args.crash_after:
+            os._exit(3)  # a crash, on purpose: no cleanup, connections reset
+        if self.args.hang:
+            await asyncio.Event().wait()
+        if self.failed_first < self.args.fail_first:
+            self.failed_first += 1
+            return _error(500, f"stub failure {self.failed_first} of {self.args.fail_first} (--fail-first)")
+        if self.args.fail_rate and self.rng.random() < self.args.fail_rate:
+            return _error(500, "stub failure (--fail-rate)")
+        prompt_tokens = sum(len(_text(m).split()) for m in messages)
+        if prompt_tokens > self.args.max_model_len:
+            return _error(
+                400,
+                f"This model's maximum context length is {self.args.max_model_len} tokens. "
+                f"However, you requested {prompt_tokens} tokens in the messages.",
+            )
+        max_tokens = int(body.get("max_tokens") or self.args.max_tokens)
+        words = _reply_words(_text(messages[-1]), max_tokens)
+        finish = "length" if len(words) >= max_tokens else "stop"
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                 "total_tokens": prompt_tokens + len(words)}
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return await self._stream(request, words, finish, usage if include_usage else None)
+        if self.args.latency_ms:
+            await asyncio.sleep(self.args.latency_ms / 1000)
+        return web.json_response({
+            "id": "chatcmpl-" + uuid.uuid4().hex,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
+                         "finish_reason": finish}],
+            "usage": usage,
+        })
+
+    async def _stream(
+        self, request: web.Request, words: list[str], finish: str, usage: dict[str, int] | None
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        chunk_id, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None) -> bytes:
+            data = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": self.model,
+                    "system_fingerprint": FINGERPRINT,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            return f"data: {json.dumps(data)}\n\n".encode()
+
+        if self.args.latency_ms:
+            await asyncio.sleep(self.args.latency_ms / 1000)
+        await response.write(chunk({"role": "assistant", "content": ""}, None))
+        for i, word in enumerate(words):
+            if self.args.token_latency_ms:
+                await asyncio.sleep(self.args.token_latency_ms / 1000)
+            await response.write(chunk({"content": word if i == 0 else " " + word}, None))
+        await response.write(chunk({}, finish))
+        if usage is not None:
+            data = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": self.model,
+                    "choices": [], "usage": usage}
+            await response.write(f"data: {json.dumps(data)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def _text(message: Any) -> str:
+    if not isinstance(message, dict):
+        return ""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def _reply_words(prompt: str, max_tokens: int) -> list[str]:
+    """A deterministic answer that depends on the prompt, so tests can check it was routed right."""
+    words = ["stub", "reply", "to:", *prompt.split()]
+    return words[: max(1, max_tokens)]
+
+
+def _error(status: int, message: str) -> web.Response:
+    kind = "BadRequestError" if status < 500 else "InternalServerError"
+    return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
+
+
+def build_app(args: argparse.Namespace) -> web.Application:
+    engine = StubEngine(args)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_get("/health", engine.health)
+    app.router.add_get("/v1/models", engine.models)
+    app.router.add_post("/v1/chat/completions", engine.chat)
+    return app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Stub OpenAI-compatible engine (a test double, not a model).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model-name", default="stub")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="delay before the answer (first token)")
+    parser.add_argument("--token-latency-ms", type=float, default=0.0, help="delay between streamed tokens")
+    parser.add_argument("--startup-s", type=float, default=0.0, help="seconds /health answers 503 (loading)")
+    parser.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered with 500")
+    parser.add_argument("--fail-first", type=int, default=0, help="answer the first N requests with 500")
+    parser.add_argument("--crash-after", type=int, default=0, help="exit abruptly on request N+1")
+    parser.add_argument("--hang", action="store_true", help="accept chat requests and never answer")
+    parser.add_argument("--max-model-len", type=int, default=4096, help="longer prompts get a 400, like vLLM")
+    parser.add_argument("--max-tokens", type=int, default=16, help="default completion length")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    web.run_app(build_app(args), host=args.host, port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

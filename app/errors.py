@@ -1,0 +1,138 @@
+"""One error hierarchy for the whole daemon.
+
+Domain code raises these; app/api/errors.py is the single place that turns them into HTTP
+responses, so status codes never leak into the queue, engines or store.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports to a client or an operator."""
+
+    code = "gateway_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(GatewayError):
+    """The configuration cannot be used; the message names the key and the problem."""
+
+    code = "config_error"
+
+
+class InvalidRequest(GatewayError):
+    """The client sent something the gateway cannot accept as it is."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class AuthenticationFailed(GatewayError):
+    """Credentials are missing, malformed, forged, expired or wrong."""
+
+    code = "invalid_credentials"
+
+
+class PermissionDenied(GatewayError):
+    """The caller is authenticated but its role does not allow this."""
+
+    code = "permission_denied"
+
+
+class NotFound(GatewayError):
+    """The named resource does not exist (or is not visible to the caller)."""
+
+    code = "not_found"
+
+
+class UnknownModel(NotFound):
+    """No configured model has this name or alias."""
+
+    code = "model_not_found"
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"unknown model {name!r}; known models: {', '.join(sorted(known)) or 'none'}")
+        self.name = name
+        self.known = known
+
+
+class JobNotFound(NotFound):
+    """No job with this id is visible to the caller."""
+
+    code = "job_not_found"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+
+
+class QueueFull(GatewayError):
+    """Both the in-flight and the waiting capacity of the model are taken; nothing is held."""
+
+    code = "queue_full"
+
+    def __init__(self, model: str, capacity: int, retry_after_s: int) -> None:
+        super().__init__(
+            f"queue for model {model!r} is full ({capacity} requests in flight or waiting); "
+            f"retry after {retry_after_s} s"
+        )
+        self.retry_after_s = retry_after_s
+
+
+class ModelUnavailable(GatewayError):
+    """The model is configured but cannot serve now (engine stopped, failed or not startable)."""
+
+    code = "model_unavailable"
+
+
+class JobTimedOut(GatewayError):
+    """The job waited in the queue, or ran at the engine, longer than allowed."""
+
+    code = "timeout"
+
+    def __init__(self, message: str, job_id: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class JobFailed(GatewayError):
+    """The engine could not produce an answer; status is the engine's own when it gave one."""
+
+    code = "engine_error"
+
+    def __init__(self, message: str, job_id: str, engine_status: int | None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.engine_status = engine_status
+
+
+class JobCancelled(GatewayError):
+    """The job was cancelled before it produced a result."""
+
+    code = "cancelled"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} was cancelled")
+        self.job_id = job_id
+
+
+class EngineCallError(GatewayError):
+    """One call to an engine failed; `retryable` says whether another attempt may succeed."""
+
+    code = "engine_call_failed"
+
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+
+
+class DatabaseUnavailable(GatewayError):
+    """The database cannot be reached; nothing was admitted."""
+
+    code = "database_unavailable"

@@ -1,0 +1,131 @@
+"""The running daemon's services and their start/stop order (owned by the HTTP lifespan)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from app.auth.tokens import TokenService
+from app.auth.users import UserService
+from app.chat import ChatService
+from app.clock import Clock
+from app.dispatch.dispatcher import ModelDispatcher
+from app.engines.manager import EngineManager
+from app.logs import event
+from app.models import ModelRegistry
+from app.proxy.client import EngineClient
+from app.queue.retry import RetryPolicy
+from app.queue.service import JobQueue
+from app.queue.store import JobStore
+from app.queue.sweeper import Sweeper, make_worker_id
+from app.settings import Settings, check_secret
+from app.store.batch import BatchWriter
+from app.store.database import Database, connect, ensure_indexes
+from app.store.embedded import EmbeddedDatabase
+
+log = logging.getLogger("gateway")
+
+
+@dataclass
+class Gateway:
+    """Everything create_app(settings) builds; nothing here lives at module level."""
+
+    settings: Settings
+    clock: Clock
+    registry: ModelRegistry
+    tokens: TokenService
+    engine_client: EngineClient = field(default_factory=EngineClient)
+    worker_id: str = field(default_factory=make_worker_id)
+    embedded: EmbeddedDatabase | None = None
+    database: Database | None = None
+    writer: BatchWriter | None = None
+    queue: JobQueue | None = None
+    engines: EngineManager | None = None
+    dispatchers: dict[str, ModelDispatcher] = field(default_factory=dict)
+    sweeper: Sweeper | None = None
+    users: UserService | None = None
+    chat: ChatService | None = None
+
+    @classmethod
+    def build(cls, settings: Settings, clock: Clock) -> Gateway:
+        check_secret(settings.auth.jwt_secret)
+        auth = settings.auth
+        tokens = TokenService(
+            auth.jwt_secret, auth.issuer, auth.audience, auth.token_ttl_seconds, auth.refresh_ttl_seconds, clock
+        )
+        return cls(settings=settings, clock=clock, registry=ModelRegistry(settings.models), tokens=tokens)
+
+    async def start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        s.log_dir.mkdir(parents=True, exist_ok=True)
+        uri = s.database.uri
+        if uri == "embedded":
+            cfg = s.database.embedded
+            self.embedded = EmbeddedDatabase(s.data_dir, cfg.command, cfg.startup_timeout, cfg.port)
+            uri = await self.embedded.start()
+        self.database = db = await connect(uri, s.database.name, s.database.write_concern)
+        await ensure_indexes(db)
+        self.writer = BatchWriter(db.jobs, s.database.batch_max_ops)
+        self.writer.start()
+        redact = tuple(f for f, keep in (("request", s.history.store_prompts), ("result", s.history.store_outputs))
+                       if not keep)
+        store = JobStore(db.jobs, self.writer, timedelta(days=s.history.retention_days), redact)
+        capacities = {name: m.max_concurrent + m.max_waiting for name, m in s.models.items()}
+        self.queue = queue = JobQueue(
+            store, self.clock, self.worker_id, capacities, s.queue.lease_seconds, s.queue.poll_interval_seconds
+        )
+        await queue.load_slots()
+        self.users = UserService(db.users, self.clock)
+        await self.engine_client.start()
+        self.engines = engines = EngineManager(
+            s.models, s.engines, db.engines, self.engine_client, self.clock, s.log_dir
+        )
+        retry = RetryPolicy(s.queue.max_retries, s.queue.retry_backoff_seconds, s.queue.retry_backoff_max_seconds)
+        for name, cfg in s.models.items():
+            dispatcher = ModelDispatcher(
+                name, cfg, queue, self.engine_client, self._url_of(name), engines.get(name).served_name,
+                retry, s.queue.poll_interval_seconds,
+            )
+            self.dispatchers[name] = dispatcher
+            queue.on_backlog(name, dispatcher.note_backlog)
+        engines.on_ready(lambda name: self.dispatchers[name].wake())
+        self.sweeper = Sweeper(
+            queue, retry, self._local_running, s.queue.sweep_interval_seconds, s.queue.heartbeat_seconds
+        )
+        await self.sweeper.sweep()  # recover what a crashed predecessor left running
+        self.sweeper.start()
+        for dispatcher in self.dispatchers.values():
+            dispatcher.start()
+        await engines.start_all()
+        self.chat = ChatService(self.registry, engines, queue, self.dispatchers)
+        event(log, "gateway.started", worker=self.worker_id, models=len(s.models), database=s.database.uri)
+
+    def _url_of(self, name: str) -> Callable[[], str | None]:
+        def url() -> str | None:
+            return self.engines.ready_url(name) if self.engines else None
+
+        return url
+
+    def _local_running(self) -> list[str]:
+        return [job for d in self.dispatchers.values() for job in d.running_ids()]
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        for dispatcher in self.dispatchers.values():
+            await dispatcher.drain(grace_s)
+        for dispatcher in self.dispatchers.values():
+            await dispatcher.stop()
+        if self.sweeper:
+            await self.sweeper.stop()
+        if self.writer:
+            await self.writer.stop()
+        if self.engines:
+            await self.engines.stop_all()
+        await self.engine_client.stop()
+        if self.database:
+            await self.database.close()
+        if self.embedded:
+            await self.embedded.stop()
+        event(log, "gateway.stopped", worker=self.worker_id)

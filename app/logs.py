@@ -1,0 +1,33 @@
+"""Structured log lines keyed by action (`job.admitted`, `engine.started`, ...)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+_REDACTED_KEYS = frozenset({"password", "token", "authorization", "secret", "api_key"})
+
+
+def configure(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _fmt(value: Any) -> str:
+    text = str(value)
+    return f'"{text}"' if (" " in text or not text) else text
+
+
+def event(logger: logging.Logger, action: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log `action key=value ...`; secrets are never written even if a caller passes them."""
+    if not logger.isEnabledFor(level):
+        return
+    parts = [action]
+    for key, value in fields.items():
+        shown = "[redacted]" if key.lower() in _REDACTED_KEYS else _fmt(value)
+        parts.append(f"{key}={shown}")
+    logger.log(level, " ".join(parts))

@@ -1,0 +1,1 @@
+"""HTTP client for engine processes (one shared aiohttp session)."""

@@ -1,0 +1,96 @@
+"""Calls engines over their OpenAI-compatible HTTP API and classifies what went wrong.
+
+aiohttp rather than httpx: measured on 2 cores, a FastAPI+aiohttp proxy served 3,826 rps
+against 488 rps with httpx (DESIGN.md §3). One session for the whole process keeps
+connections to every engine alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+from app.errors import EngineCallError
+
+Doc = dict[str, Any]
+
+
+class EngineTimeout(EngineCallError):
+    """The engine did not answer within the model's request timeout."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"engine did not answer within {seconds:g} s", retryable=False)
+
+
+def _engine_message(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")[:500]
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if "detail" in data:
+            return str(data["detail"])
+        if "message" in data:
+            return str(data["message"])
+    return body.decode(errors="replace")[:500]
+
+
+class EngineClient:
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        self._session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("engine client is not started")
+        return self._session
+
+    async def chat_completion(self, base_url: str, payload: Doc, timeout_s: float) -> Doc:
+        """POST /v1/chat/completions; raises EngineCallError saying whether a retry may help."""
+        url = f"{base_url}/v1/chat/completions"
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self.session.post(url, json=payload) as response:
+                    body = await response.read()
+        except TimeoutError:
+            raise EngineTimeout(timeout_s) from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise EngineCallError(f"engine connection failed: {exc.__class__.__name__}: {exc}", retryable=True) from None
+        if response.status >= 500:
+            raise EngineCallError(
+                f"engine error {response.status}: {_engine_message(body)}", retryable=True, status=response.status
+            )
+        if response.status >= 400:
+            raise EngineCallError(_engine_message(body), retryable=False, status=response.status)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise EngineCallError("engine answered with invalid JSON", retryable=True) from None
+        if not isinstance(data, dict) or not data.get("choices"):
+            raise EngineCallError("engine answer has no choices", retryable=True)
+        return data
+
+    async def healthy(self, base_url: str, timeout_s: float = 2.0) -> bool:
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self.session.get(f"{base_url}/health") as response:
+                    return response.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False

@@ -1,0 +1,1 @@
+"""The durable per-model priority queue: admission, claims, leases, retries, timeouts, history."""

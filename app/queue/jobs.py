@@ -1,0 +1,88 @@
+"""The job document: queue entry, result and history record in one (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from app.queue.priority import Priority
+
+Doc = dict[str, Any]
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}
+
+
+def new_job_id() -> str:
+    return "job_" + secrets.token_hex(12)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a client asked for, as the queue needs it."""
+
+    model: str
+    kind: str
+    request: Doc
+    owner: str
+    client_id: str
+    priority: Priority
+    idempotency_key: str | None
+    queue_timeout_s: float
+
+
+def elapsed_ms(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((end - start).total_seconds() * 1000, 3)
+
+
+def timings(doc: Doc) -> dict[str, float | None]:
+    return {
+        "queue_ms": elapsed_ms(doc.get("enqueued_at"), doc.get("started_at")),
+        "engine_ms": elapsed_ms(doc.get("started_at"), doc.get("finished_at")),
+        "total_ms": elapsed_ms(doc.get("enqueued_at"), doc.get("finished_at")),
+    }
+
+
+def build_document(
+    sub: Submission, job_id: str, slot: str, now: datetime, running_as: tuple[str, datetime] | None
+) -> Doc:
+    """A new job, queued, or already running when the admitting instance can start it at once."""
+    doc: Doc = {
+        "_id": job_id,
+        "model": sub.model,
+        "kind": sub.kind,
+        "state": JobState.QUEUED.value,
+        "priority": sub.priority.value,
+        "priority_rank": sub.priority.rank,
+        "slot": slot,
+        "owner": sub.owner,
+        "client_id": sub.client_id,
+        "request": sub.request,
+        "enqueued_at": now,
+        "queue_deadline": now + timedelta(seconds=sub.queue_timeout_s),
+        "attempts": 0,
+    }
+    if sub.idempotency_key is not None:
+        doc["idempotency_key"] = sub.idempotency_key
+    if running_as is not None:
+        worker, lease_until = running_as
+        doc.update(state=JobState.RUNNING.value, worker=worker, lease_until=lease_until, started_at=now, attempts=1)
+    return doc

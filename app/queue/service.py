@@ -1,0 +1,260 @@
+"""The queue's public operations: admit, wait, and the transitions dispatchers and sweepers use.
+
+Admission is one journaled insert: the job takes one of the model's max_concurrent +
+max_waiting slots under a unique index, so it is atomic across requests and instances and
+nothing beyond capacity is ever held. When this instance can start the job at once (engine
+ready, a free in-flight place, nothing waiting ahead of it) the job is inserted already
+running, which saves the claim round trip on the common path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from app.clock import Clock
+from app.errors import JobNotFound, QueueFull
+from app.logs import event
+from app.queue.jobs import Doc, JobState, Submission, build_document, new_job_id
+from app.queue.slots import SlotBook, slot_index, slot_key
+from app.queue.store import JobStore
+from app.store.batch import DuplicateKey
+
+log = logging.getLogger("gateway.queue")
+
+
+class DirectStart:
+    """A promise from a dispatcher to run the job as soon as it is inserted."""
+
+    def __init__(self, accept: Callable[[Doc], None], cancel: Callable[[], None]) -> None:
+        self.accept = accept
+        self.cancel = cancel
+
+
+class JobQueue:
+    def __init__(
+        self,
+        store: JobStore,
+        clock: Clock,
+        worker_id: str,
+        capacities: dict[str, int],
+        lease_seconds: float,
+        poll_interval: float,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.worker_id = worker_id
+        self.lease = timedelta(seconds=lease_seconds)
+        self._poll_interval = poll_interval
+        self._books = {model: SlotBook(capacity) for model, capacity in capacities.items()}
+        self._waiters: dict[str, asyncio.Future[Doc]] = {}
+        self._listeners: dict[str, Callable[[], None]] = {}
+
+    def on_backlog(self, model: str, listener: Callable[[], None]) -> None:
+        """Register the model's dispatcher, woken when a job becomes claimable."""
+        self._listeners[model] = listener
+
+    def capacity(self, model: str) -> int:
+        return self._books[model].capacity
+
+    async def load_slots(self) -> None:
+        """Take the database's word for which slots are occupied (at start and when full)."""
+        for model, book in self._books.items():
+            await self._refresh(model, book)
+
+    async def _refresh(self, model: str, book: SlotBook) -> None:
+        keys = [slot_key(model, i) for i in range(book.capacity)]
+        book.reset({slot_index(doc["slot"]) for doc in await self.store.occupied_slots(keys)})
+
+    # -- admission -------------------------------------------------------------------------
+
+    async def find_existing(self, owner: str, key: str) -> Doc | None:
+        return await self.store.find_by_idempotency_key(owner, key)
+
+    async def admit(self, sub: Submission, direct: DirectStart | None) -> Doc:
+        """Insert the job into a free slot; raises QueueFull when every slot is taken."""
+        book = self._books[sub.model]
+        job_id = new_job_id()
+        refreshed = False
+        while True:
+            index = book.reserve()
+            if index is None:
+                if refreshed:
+                    if direct:
+                        direct.cancel()
+                    raise QueueFull(sub.model, book.capacity, retry_after_s=1)
+                await self._refresh(sub.model, book)
+                refreshed = True
+                continue
+            now = self.clock.now()
+            running_as = (self.worker_id, now + self.lease) if direct else None
+            doc = build_document(sub, job_id, slot_key(sub.model, index), now, running_as)
+            self._waiters[job_id] = asyncio.get_running_loop().create_future()
+            try:
+                await self.store.insert(doc)
+            except DuplicateKey as exc:
+                self._waiters.pop(job_id, None)
+                if exc.index.startswith("slot"):
+                    continue  # another instance holds that slot; the book keeps it marked taken
+                book.release(index)
+                if direct:
+                    direct.cancel()
+                raise
+            except BaseException:
+                self._waiters.pop(job_id, None)
+                book.release(index)
+                if direct:
+                    direct.cancel()
+                raise
+            event(log, "job.admitted", logging.DEBUG, job=job_id, model=sub.model, state=doc["state"])
+            if direct:
+                direct.accept(doc)
+            else:
+                self._wake(sub.model)
+            return doc
+
+    def _wake(self, model: str) -> None:
+        listener = self._listeners.get(model)
+        if listener is not None:
+            listener()
+
+    # -- waiting for results ---------------------------------------------------------------
+
+    async def wait(self, doc: Doc) -> Doc:
+        """Return the job's terminal document.
+
+        A job finished in this process resolves its future at once; one that runs elsewhere
+        (another instance, or admitted before a restart) is read back every poll interval.
+        The waiter also enforces the queue-wait deadline itself, so a timeout is exact to
+        the moment and not to the sweeper's period.
+        """
+        job_id = doc["_id"]
+        future = self._waiters.get(job_id)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._waiters[job_id] = future
+        deadline = doc["queue_deadline"]
+        try:
+            while True:
+                wait_s = self._poll_interval
+                now = self.clock.now()
+                if doc["state"] == JobState.QUEUED.value:
+                    wait_s = max(0.0, min(wait_s, (deadline - now).total_seconds()))
+                try:
+                    return await asyncio.wait_for(asyncio.shield(future), timeout=wait_s)
+                except TimeoutError:
+                    pass
+                current = await self.store.get(job_id)
+                if current is None:
+                    raise JobNotFound(job_id)
+                doc = current
+                if JobState(doc["state"]).terminal:
+                    return doc
+                if doc["state"] == JobState.QUEUED.value and self.clock.now() >= deadline:
+                    await self.expire(job_id)
+        finally:
+            self._waiters.pop(job_id, None)
+
+    def _resolve(self, doc: Doc) -> None:
+        future = self._waiters.get(doc["_id"])
+        if future is not None and not future.done():
+            future.set_result(doc)
+
+    def _free(self, doc: Doc) -> None:
+        book = self._books.get(doc["model"])
+        if book is not None and "slot" in doc:
+            book.release(slot_index(doc["slot"]))
+
+    # -- transitions -----------------------------------------------------------------------
+
+    async def claim(self, model: str, limit: int) -> tuple[list[Doc], float | None]:
+        """Claim up to `limit` queued jobs in priority order.
+
+        Returns the won jobs and, when jobs are waiting out a retry backoff, the seconds
+        until the first of them may run.
+        """
+        now = self.clock.now()
+        candidates = await self.store.queued_candidates(model, limit + 10)
+        ready = [d for d in candidates if d.get("not_before") is None or d["not_before"] <= now][:limit]
+        waits = [(d["not_before"] - now).total_seconds() for d in candidates if d.get("not_before") and d["not_before"] > now]
+        lease_until = now + self.lease
+        won_flags = await asyncio.gather(*(self.store.claim(d, self.worker_id, now, lease_until) for d in ready))
+        won = []
+        for doc, ok in zip(ready, won_flags, strict=True):
+            if ok:
+                doc.update(
+                    state=JobState.RUNNING.value, worker=self.worker_id, lease_until=lease_until,
+                    started_at=now, attempts=doc["attempts"] + 1,
+                )
+                won.append(doc)
+        return won, (min(waits) if waits else None)
+
+    async def succeed(self, doc: Doc, result: Doc) -> bool:
+        now = self.clock.now()
+        if await self.store.succeed(doc, self.worker_id, now, result):
+            doc.update(state=JobState.SUCCEEDED.value, finished_at=now, result=result)
+            self._free(doc)
+            self._resolve(doc)
+            return True
+        event(log, "job.result_dropped", logging.WARNING, job=doc["_id"], reason="lease lost before completion")
+        return False
+
+    async def fail(self, doc: Doc, error: Doc) -> bool:
+        now = self.clock.now()
+        if await self.store.fail(doc, self.worker_id, now, error):
+            doc.update(state=JobState.FAILED.value, finished_at=now, error=error)
+            self._free(doc)
+            self._resolve(doc)
+            return True
+        return False
+
+    async def retry_later(self, doc: Doc, error: Doc, delay_s: float) -> bool:
+        conditions = {"state": JobState.RUNNING.value, "worker": self.worker_id, "attempts": doc["attempts"]}
+        if await self.store.requeue(doc, conditions, self.clock.now() + timedelta(seconds=delay_s), error):
+            self._wake(doc["model"])
+            return True
+        return False
+
+    async def expire(self, job_id: str) -> bool:
+        now = self.clock.now()
+        error = {"type": "timeout", "message": "the job waited in the queue past its timeout"}
+        if not await self.store.expire(job_id, now, error):
+            return False
+        doc = await self.store.get(job_id)
+        if doc is not None:
+            doc.setdefault("state", JobState.EXPIRED.value)
+            book = self._books.get(doc["model"])
+            # the terminal write removed `slot`; free what this instance believed taken
+            if book is not None:
+                await self._refresh(doc["model"], book)
+            self._resolve(doc)
+        event(log, "job.expired", job=job_id)
+        return True
+
+    async def extend_leases(self, job_ids: list[str]) -> int:
+        if not job_ids:
+            return 0
+        return await self.store.extend_leases(job_ids, self.worker_id, self.clock.now() + self.lease)
+
+    # -- recovery (sweeper) ----------------------------------------------------------------
+
+    async def recover_running(self, doc: Doc, error: Doc, retry_delay_s: float | None) -> bool:
+        """Return a job whose worker is gone to the queue, or fail it when retries are spent."""
+        conditions: dict[str, Any] = {
+            "state": JobState.RUNNING.value, "worker": doc.get("worker"), "attempts": doc["attempts"]
+        }
+        if retry_delay_s is None:
+            ok = await self.store.fail_running(doc, conditions, self.clock.now(), error)
+            if ok:
+                self._free(doc)
+                latest = await self.store.get(doc["_id"])
+                if latest is not None:
+                    self._resolve(latest)
+            return ok
+        ok = await self.store.requeue(doc, conditions, self.clock.now() + timedelta(seconds=retry_delay_s), error)
+        if ok:
+            self._wake(doc["model"])
+        return ok

@@ -1,0 +1,123 @@
+"""Job state transitions on the `jobs` collection.
+
+Every transition is one conditional update on `{_id, state: <expected>, ...}`, so two workers
+never both win, and every write is journaled and group-committed through the BatchWriter.
+A terminal transition unsets `slot` (freeing the queue place in the same write) and sets
+`expire_at`, which the TTL index turns into the history retention.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pymongo.asynchronous.collection import AsyncCollection
+
+from app.queue.jobs import Doc, JobState
+from app.store.batch import BatchWriter
+
+
+class JobStore:
+    def __init__(
+        self, jobs: AsyncCollection[Doc], writer: BatchWriter, retention: timedelta, redact: tuple[str, ...] = ()
+    ) -> None:
+        self._jobs = jobs
+        self._writer = writer
+        self._retention = retention
+        self._redact = redact  # fields dropped from history when the job ends (privacy setting)
+
+    async def insert(self, doc: Doc) -> None:
+        await self._writer.insert(doc)
+
+    async def get(self, job_id: str) -> Doc | None:
+        return await self._jobs.find_one({"_id": job_id})
+
+    async def find_by_idempotency_key(self, owner: str, key: str) -> Doc | None:
+        return await self._jobs.find_one({"owner": owner, "idempotency_key": key})
+
+    async def occupied_slots(self, slot_keys: list[str]) -> list[Doc]:
+        cursor = self._jobs.find({"slot": {"$in": slot_keys}}, {"slot": 1, "state": 1})
+        return [doc async for doc in cursor]
+
+    async def queued_candidates(self, model: str, limit: int) -> list[Doc]:
+        cursor = (
+            self._jobs.find({"model": model, "state": JobState.QUEUED.value})
+            .sort([("priority_rank", 1), ("enqueued_at", 1)])
+            .limit(limit)
+        )
+        return [doc async for doc in cursor]
+
+    async def active(self, model: str | None = None) -> list[Doc]:
+        """Queued and running jobs (at most max_concurrent + max_waiting per model)."""
+        query: Doc = {"slot": {"$exists": True}}
+        if model is not None:
+            query["model"] = model
+        cursor = self._jobs.find(query, {"request": 0})
+        return [doc async for doc in cursor]
+
+    async def running(self) -> list[Doc]:
+        cursor = self._jobs.find({"state": JobState.RUNNING.value}, {"request": 0})
+        return [doc async for doc in cursor]
+
+    async def overdue_queued(self, now: datetime) -> list[Doc]:
+        cursor = self._jobs.find(
+            {"state": JobState.QUEUED.value, "queue_deadline": {"$lt": now}}, {"_id": 1, "queue_deadline": 1}
+        )
+        return [doc async for doc in cursor]
+
+    async def count(self, model: str, state: JobState) -> int:
+        return await self._jobs.count_documents({"model": model, "state": state.value})
+
+    async def claim(self, doc: Doc, worker: str, now: datetime, lease_until: datetime) -> bool:
+        return await self._writer.update(
+            doc["_id"],
+            {"state": JobState.QUEUED.value, "attempts": doc["attempts"]},
+            {
+                "$set": {"state": JobState.RUNNING.value, "worker": worker, "lease_until": lease_until, "started_at": now},
+                "$inc": {"attempts": 1},
+            },
+        )
+
+    async def extend_leases(self, job_ids: list[str], worker: str, lease_until: datetime) -> int:
+        result = await self._jobs.update_many(
+            {"_id": {"$in": job_ids}, "state": JobState.RUNNING.value, "worker": worker},
+            {"$set": {"lease_until": lease_until}},
+        )
+        return result.modified_count
+
+    def _finish(self, state: JobState, now: datetime, fields: Doc) -> Doc:
+        return {
+            "$set": {"state": state.value, "finished_at": now, "expire_at": now + self._retention, **fields},
+            "$unset": {"slot": "", "lease_until": "", "not_before": "", **dict.fromkeys(self._redact, "")},
+        }
+
+    @staticmethod
+    def _running_by(doc: Doc, worker: str) -> Doc:
+        return {"state": JobState.RUNNING.value, "worker": worker, "attempts": doc["attempts"]}
+
+    async def succeed(self, doc: Doc, worker: str, now: datetime, result: Doc) -> bool:
+        return await self._writer.update(
+            doc["_id"], self._running_by(doc, worker), self._finish(JobState.SUCCEEDED, now, {"result": result})
+        )
+
+    async def fail_running(self, doc: Doc, conditions: Doc, now: datetime, error: Doc) -> bool:
+        return await self._writer.update(doc["_id"], conditions, self._finish(JobState.FAILED, now, {"error": error}))
+
+    async def fail(self, doc: Doc, worker: str, now: datetime, error: Doc) -> bool:
+        return await self.fail_running(doc, self._running_by(doc, worker), now, error)
+
+    async def requeue(self, doc: Doc, conditions: Doc, not_before: datetime, error: Doc) -> bool:
+        return await self._writer.update(
+            doc["_id"],
+            conditions,
+            {
+                "$set": {"state": JobState.QUEUED.value, "not_before": not_before, "last_error": error},
+                "$unset": {"worker": "", "lease_until": ""},
+            },
+        )
+
+    async def expire(self, job_id: str, now: datetime, error: Doc) -> bool:
+        return await self._writer.update(
+            job_id,
+            {"state": JobState.QUEUED.value},
+            self._finish(JobState.EXPIRED, now, {"error": error}),
+        )
+

@@ -1,0 +1,119 @@
+"""Background upkeep of the queue: lease heartbeat, recovery of orphaned jobs, queue timeouts.
+
+The sweeper is what makes a kill -9 survivable: a running job whose worker stopped
+heartbeating (or whose worker process on this host is gone) goes back to the queue with one
+attempt used, or fails when its retries are spent; a queued job past its deadline expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+import psutil
+
+from app.logs import event
+from app.queue.jobs import Doc
+from app.queue.retry import RetryPolicy
+from app.queue.service import JobQueue
+
+log = logging.getLogger("gateway.sweeper")
+
+
+def make_worker_id() -> str:
+    """host/pid/start-time: unique per gateway process, and checkable on the same host."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}/{pid}/{int(psutil.Process(pid).create_time())}"
+
+
+def worker_is_dead(worker: str | None) -> bool:
+    """True only when we can see that worker's process is gone (same host, pid gone or reused)."""
+    if not worker:
+        return True
+    try:
+        host, pid_text, started = worker.rsplit("/", 2)
+        pid, started_at = int(pid_text), int(started)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        return int(psutil.Process(pid).create_time()) != started_at
+    except psutil.NoSuchProcess:
+        return True
+
+
+class Sweeper:
+    def __init__(
+        self,
+        queue: JobQueue,
+        retry: RetryPolicy,
+        local_running: Callable[[], list[str]],
+        sweep_interval: float,
+        heartbeat_interval: float,
+    ) -> None:
+        self._queue = queue
+        self._retry = retry
+        self._local_running = local_running
+        self._sweep_interval = sweep_interval
+        self._heartbeat_interval = heartbeat_interval
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._every(self._sweep_interval, self.sweep), name="sweeper"),
+            asyncio.create_task(self._every(self._heartbeat_interval, self.heartbeat), name="heartbeat"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _every(self, interval: float, action: Callable[[], object]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await action()  # type: ignore[misc]
+            except Exception as exc:
+                event(log, "sweeper.error", logging.WARNING, error=repr(exc))
+
+    async def heartbeat(self) -> int:
+        return await self._queue.extend_leases(self._local_running())
+
+    async def sweep(self) -> dict[str, int]:
+        """One pass; returns what it did (tests and logs read it)."""
+        now = self._queue.clock.now()
+        mine = set(self._local_running())
+        done = {"requeued": 0, "failed": 0, "expired": 0}
+        for doc in await self._queue.store.running():
+            if doc["_id"] in mine:
+                continue
+            lease_over = doc.get("lease_until") is None or doc["lease_until"] < now
+            if not (lease_over or worker_is_dead(doc.get("worker"))):
+                continue
+            await self._recover(doc, done)
+        for doc in await self._queue.store.overdue_queued(now):
+            if await self._queue.expire(doc["_id"]):
+                done["expired"] += 1
+        if any(done.values()):
+            event(log, "sweeper.pass", **done)
+        return done
+
+    async def _recover(self, doc: Doc, done: dict[str, int]) -> None:
+        error = {
+            "type": "lease_expired",
+            "message": f"worker {doc.get('worker')} stopped before finishing attempt {doc['attempts']}",
+            "retryable": True,
+            "attempt": doc["attempts"],
+        }
+        if self._retry.should_retry(retryable=True, attempts_made=doc["attempts"]):
+            if await self._queue.recover_running(doc, error, self._retry.backoff(doc["attempts"])):
+                done["requeued"] += 1
+                event(log, "job.recovered", job=doc["_id"], worker=doc.get("worker"), attempt=doc["attempts"])
+        elif await self._queue.recover_running(doc, error, None):
+            done["failed"] += 1

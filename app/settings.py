@@ -1,0 +1,215 @@
+"""Configuration: one YAML file plus a few environment overrides, validated at start.
+
+A bad config stops the daemon with a message that names the key and the problem, because an
+operator reading a stack trace at 3 a.m. should not have to guess which line was wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from app.errors import ConfigError
+
+EngineKind = Literal["stub", "vllm", "deepseek_ocr", "cpu_ocr"]
+_PLACEHOLDER_SECRETS = {"change-me", "changeme", "your-secret-key", "your-secure-secret-key", "secret"}
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class EmbeddedDatabaseSettings(_Strict):
+    command: str = "secantusd-py"
+    startup_timeout: float = Field(30.0, gt=0)
+    port: int = Field(0, ge=0, le=65535)
+
+
+class DatabaseSettings(_Strict):
+    uri: str = "embedded"
+    name: str = Field("gateway", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    embedded: EmbeddedDatabaseSettings = EmbeddedDatabaseSettings()
+    write_concern: Literal["auto", "journaled", "majority"] = "auto"
+    batch_max_ops: int = Field(64, ge=1, le=1000)
+
+
+class AuthSettings(_Strict):
+    jwt_secret: str = ""
+    token_ttl_seconds: int = Field(3600, ge=60)
+    refresh_ttl_seconds: int = Field(7 * 24 * 3600, ge=60)
+    issuer: str = "model-gateway"
+    audience: str = "model-gateway-clients"
+
+
+class QueueSettings(_Strict):
+    lease_seconds: float = Field(30.0, gt=0)
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    sweep_interval_seconds: float = Field(1.0, gt=0)
+    poll_interval_seconds: float = Field(1.0, gt=0)
+    max_retries: int = Field(3, ge=0, le=10)
+    retry_backoff_seconds: float = Field(0.5, ge=0)
+    retry_backoff_max_seconds: float = Field(10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _heartbeat_inside_lease(self) -> QueueSettings:
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError("heartbeat_seconds must be shorter than lease_seconds")
+        return self
+
+
+class HistorySettings(_Strict):
+    retention_days: float = Field(15, gt=0)
+    store_prompts: bool = True
+    store_outputs: bool = True
+
+
+class EngineDefaults(_Strict):
+    startup_timeout: float = Field(120.0, gt=0)
+    stop_timeout: float = Field(10.0, gt=0)
+    health_interval: float = Field(0.2, gt=0)
+
+
+class ModelSettings(_Strict):
+    kind: EngineKind
+    aliases: list[str] = []
+    served_name: str | None = None
+    max_concurrent: int = Field(10, ge=1, le=1024)
+    max_waiting: int = Field(10, ge=0, le=10000)
+    timeout: float = Field(300.0, gt=0, description="seconds a request may wait in the queue")
+    request_timeout: float = Field(600.0, gt=0, description="seconds one engine call may take")
+    port: int = Field(0, ge=0, le=65535)
+    args: list[str] = []
+    env: dict[str, str] = {}
+    autostart: bool = True
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_names(cls, aliases: list[str]) -> list[str]:
+        for alias in aliases:
+            if not _MODEL_NAME.match(alias):
+                raise ValueError(f"alias {alias!r} is not a valid model name")
+        return aliases
+
+
+class Settings(_Strict):
+    server: ServerSettings = ServerSettings()
+    data_dir: Path = Path("data")
+    database: DatabaseSettings = DatabaseSettings()
+    auth: AuthSettings = AuthSettings()
+    queue: QueueSettings = QueueSettings()
+    history: HistorySettings = HistorySettings()
+    engines: EngineDefaults = EngineDefaults()
+    models: dict[str, ModelSettings] = {}
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> Settings:
+        seen: dict[str, str] = {}
+        for name, model in self.models.items():
+            if not _MODEL_NAME.match(name):
+                raise ValueError(f"model name {name!r} is not valid (letters, digits, . _ : / -)")
+            for label in [name, *model.aliases]:
+                if label in seen and seen[label] != name:
+                    raise ValueError(f"name {label!r} is used by both {seen[label]!r} and {name!r}")
+                seen[label] = name
+        return self
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "GATEWAY_HOST": ("server", "host"),
+    "GATEWAY_PORT": ("server", "port"),
+    "GATEWAY_DATA_DIR": ("data_dir",),
+    "GATEWAY_LOG_LEVEL": ("server", "log_level"),
+    "MONGODB_URI": ("database", "uri"),
+    "GATEWAY_JWT_SECRET": ("auth", "jwt_secret"),
+}
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse a dotenv file (KEY=VALUE lines); quickstart writes the JWT secret there."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        values[key.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
+    return values
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: str) -> None:
+    node = tree
+    for key in path[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping")
+        node = child
+    node[path[-1]] = value
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against config/config.yaml)"
+        lines.append(f"{key}: {msg}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def parse_settings(raw: dict[str, Any], env: dict[str, str] | None = None) -> Settings:
+    """Validate a config tree after applying environment overrides."""
+    tree: dict[str, Any] = dict(raw)
+    for name, path in ENV_OVERRIDES.items():
+        if env and env.get(name):
+            _set_path(tree, path, env[name])
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def load_settings(config_path: Path | None, env: dict[str, str] | None = None) -> Settings:
+    """Read the YAML file (if any), the `.env` file and the process environment."""
+    merged_env = read_env_file(Path(".env"))
+    merged_env.update(os.environ if env is None else env)
+    raw: dict[str, Any] = {}
+    if config_path is not None:
+        if not config_path.is_file():
+            raise ConfigError(f"config file {config_path} does not exist")
+        try:
+            loaded = yaml.safe_load(config_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {config_path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_path} must contain a mapping at the top level")
+        raw = loaded
+    return parse_settings(raw, merged_env)
+
+
+def check_secret(secret: str) -> None:
+    """Refuse to run with a secret an attacker could guess."""
+    if not secret:
+        raise ConfigError("auth.jwt_secret is not set (set GATEWAY_JWT_SECRET or run ./quickstart.sh)")
+    if secret.lower() in _PLACEHOLDER_SECRETS or "change" in secret.lower():
+        raise ConfigError("auth.jwt_secret is a placeholder; generate one with `openssl rand -hex 32`")
+    if len(secret.encode()) < 32:
+        raise ConfigError("auth.jwt_secret is shorter than 32 bytes")

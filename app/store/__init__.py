@@ -1,0 +1,1 @@
+"""MongoDB access: the client, collections with their write concerns, indexes, group commit."""

@@ -1,0 +1,172 @@
+"""Runs SecantusDB as a child process when `database.uri` is `embedded`.
+
+SecantusDB is GPL-2.0, so it is only ever a separate process speaking the MongoDB wire
+protocol. A gateway killed with -9 leaves its database behind; the pid file lets the next
+gateway reuse it when healthy or replace it when not, so two servers never share a data dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from pymongo import AsyncMongoClient
+
+from app.errors import DatabaseUnavailable
+from app.logs import event
+
+log = logging.getLogger("gateway.embedded_db")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def ping(uri: str, timeout_s: float = 1.0) -> bool:
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
+        uri, serverSelectionTimeoutMS=int(timeout_s * 1000), connectTimeoutMS=int(timeout_s * 1000)
+    )
+    try:
+        await client.admin.command("ping")
+        return True
+    except Exception:
+        return False
+    finally:
+        await client.close()
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    pid: int
+    port: int
+    create_time: float
+
+
+def terminate_group(pid: int, timeout_s: float) -> None:
+    """SIGTERM the process group, SIGKILL it if it does not exit in time."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        psutil.Process(pid).wait(timeout=timeout_s)
+    except psutil.TimeoutExpired:
+        event(log, "process.kill", pid=pid, reason="did not exit after SIGTERM")
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+            psutil.Process(pid).wait(timeout=timeout_s)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    except psutil.NoSuchProcess:
+        pass
+
+
+def resolve_command(command: str) -> list[str]:
+    """Find the server next to this interpreter first: a venv's bin is often not on PATH."""
+    argv = shlex.split(command)
+    if argv and "/" not in argv[0]:
+        beside = Path(sys.executable).parent / argv[0]
+        found = str(beside) if beside.is_file() else shutil.which(argv[0])
+        if found is None:
+            raise DatabaseUnavailable(
+                f"embedded database command {argv[0]!r} not found; install requirements.txt "
+                "(or set database.uri / MONGODB_URI to a MongoDB server)"
+            )
+        argv[0] = found
+    return argv
+
+
+class EmbeddedDatabase:
+    """Owns one SecantusDB server process for this data directory."""
+
+    def __init__(self, data_dir: Path, command: str, startup_timeout: float, port: int = 0) -> None:
+        self._storage = data_dir / "db"
+        self._pid_file = data_dir / "db.pid"
+        self._log_file = data_dir / "logs" / "secantusd.log"
+        self._command = command
+        self._startup_timeout = startup_timeout
+        self._port = port
+        self._pid: int | None = None
+        self.uri = ""
+        self.reused = False  # True when a server left behind by an earlier gateway was taken over
+
+    def _read_pid_file(self) -> _Recorded | None:
+        try:
+            data = json.loads(self._pid_file.read_text())
+            return _Recorded(int(data["pid"]), int(data["port"]), float(data["create_time"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @staticmethod
+    def _alive(rec: _Recorded) -> bool:
+        try:
+            proc = psutil.Process(rec.pid)
+            return abs(proc.create_time() - rec.create_time) < 1.0 and proc.is_running()
+        except psutil.NoSuchProcess:
+            return False
+
+    async def start(self) -> str:
+        self._storage.mkdir(parents=True, exist_ok=True)
+        self._log_file.parent.mkdir(parents=True, exist_ok=True)
+        left_behind = self._read_pid_file()
+        if left_behind and self._alive(left_behind):
+            uri = f"mongodb://127.0.0.1:{left_behind.port}/?directConnection=true"
+            if await ping(uri):
+                event(log, "embedded_db.reused", pid=left_behind.pid, port=left_behind.port)
+                self._pid, self.uri, self.reused = left_behind.pid, uri, True
+                return uri
+            event(log, "embedded_db.replaced", pid=left_behind.pid, reason="left behind and not answering")
+            await asyncio.to_thread(terminate_group, left_behind.pid, 10.0)
+        port = self._port or free_port()
+        argv = [
+            *resolve_command(self._command),
+            "--host", "127.0.0.1", "--port", str(port),
+            "--storage-path", str(self._storage), "--log-level", "WARNING",
+        ]
+        with self._log_file.open("ab") as log_out:
+            proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once, the wait below is async
+                argv, stdout=log_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        self._pid = proc.pid
+        self._pid_file.write_text(
+            json.dumps({"pid": proc.pid, "port": port, "create_time": psutil.Process(proc.pid).create_time()})
+        )
+        self.uri = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._startup_timeout
+        while loop.time() < deadline:
+            if proc.poll() is not None:
+                raise DatabaseUnavailable(
+                    f"embedded database exited with code {proc.returncode} at start; see {self._log_file}"
+                )
+            if await ping(self.uri, timeout_s=0.5):
+                event(log, "embedded_db.started", pid=proc.pid, port=port, storage=self._storage)
+                return self.uri
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(terminate_group, proc.pid, 5.0)
+        raise DatabaseUnavailable(f"embedded database did not answer within {self._startup_timeout} s")
+
+    async def stop(self) -> None:
+        if self._pid is None:
+            return
+        await asyncio.to_thread(terminate_group, self._pid, 15.0)
+        event(log, "embedded_db.stopped", pid=self._pid)
+        self._pid = None
+        self._pid_file.unlink(missing_ok=True)
