@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Sets up what the checks need on a fresh machine, then runs ruff, mypy (strict),
+# import-linter and pytest. README and .ci/run call this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
+.venv/bin/python -m pip install --quiet -r requirements-dev.txt
+
+# Debian tools the shell API scripts use (curl, jq); install only what is missing.
+missing=()
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v jq >/dev/null 2>&1 || missing+=(jq)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+echo "== ruff"
+.venv/bin/ruff check app tests scripts
+.venv/bin/ruff format --check app tests scripts
+echo "== mypy (strict)"
+.venv/bin/mypy
+echo "== import-linter"
+.venv/bin/lint-imports
+echo "== pytest"
+.venv/bin/pytest -q "$@"

@@ -1,0 +1,87 @@
+"""Retries, engine errors, timeouts and idempotency, end to end through the queue."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from tests.conftest import GatewayFactory, stub
+
+
+async def test_retry_succeeds_after_engine_errors(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory({"flaky": stub("--fail-first", "2")})
+    response = await gw.chat("flaky", "try again")
+    assert response.status_code == 200, response.text
+    assert response.json()["attempts"] == 3
+    assert response.json()["message"]["content"] == "stub reply to: try again"
+
+
+async def test_gives_up_after_three_retries(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory({"broken": stub("--fail-rate", "1")})
+    response = await gw.chat("broken")
+    assert response.status_code == 502, response.text
+    body = response.json()
+    assert "after 4 attempt(s)" in body["detail"]
+    assert "stub failure" in body["detail"]
+    job = (await gw.http.get(f"/api/jobs/{body['request_id']}", headers=gw.headers())).json()
+    assert job["state"] == "failed"
+    assert job["attempts"] == 4
+    assert job["error"]["engine_status"] == 500
+
+
+async def test_engine_4xx_fails_at_once_with_engine_message(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory({"short": stub("--max-model-len", "3")})
+    response = await gw.chat("short", "this prompt is longer than three tokens")
+    assert response.status_code == 400, response.text
+    assert "maximum context length is 3 tokens" in response.json()["detail"]
+    job = (await gw.http.get(f"/api/jobs/{response.json()['request_id']}", headers=gw.headers())).json()
+    assert job["attempts"] == 1
+    assert job["state"] == "failed"
+
+
+async def test_queue_wait_timeout_expires_the_job(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory({"busy": stub("--latency-ms", "2500", max_concurrent=1, timeout=0.5)})
+    first = asyncio.create_task(gw.chat("busy", "first"))
+    await gw.until_count("busy", "running", 1)
+    second = await gw.chat("busy", "second")
+    assert second.status_code == 504, second.text
+    assert "waited in the queue" in second.json()["detail"]
+    job = (await gw.http.get(f"/api/jobs/{second.json()['request_id']}", headers=gw.headers())).json()
+    assert job["state"] == "expired"
+    assert job["status"] == "timeout"
+    assert (await first).status_code == 200
+
+
+async def test_processing_timeout_fails_with_504(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory({"hung": stub("--hang", request_timeout=0.5)})
+    response = await gw.chat("hung")
+    assert response.status_code == 504, response.text
+    assert "did not answer within 0.5 s" in response.json()["detail"]
+
+
+async def test_same_idempotency_key_gets_the_same_job(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory({"demo": stub("--latency-ms", "200")})
+    together = await asyncio.gather(*(gw.chat("demo", "once", Idempotency_Key="key-1") for _ in range(3)))
+    ids = {r.json()["id"] for r in together}
+    assert len(ids) == 1, ids
+    again = await gw.chat("demo", "once", Idempotency_Key="key-1")
+    assert again.json()["id"] in ids
+    other = await gw.chat("demo", "once", Idempotency_Key="key-2")
+    assert other.json()["id"] not in ids
+    queue = (await gw.http.get("/admin/queue/demo", headers=gw.headers(gw.admin_token))).json()
+    assert queue["total_processed"] == 2  # one inference per key
+
+
+async def test_history_ttl_index_and_expire_at(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory({"demo": stub()})
+    response = await gw.chat("demo")
+    database = gw.gateway.database
+    assert database is not None
+    indexes = await database.jobs.index_information()
+    ttl = indexes["history_ttl"]
+    assert ttl["key"] == [("expire_at", 1)]
+    assert ttl["expireAfterSeconds"] == 0
+    doc = await database.jobs.find_one({"_id": response.json()["id"]})
+    assert doc is not None
+    assert doc["expire_at"] - doc["finished_at"] == timedelta(days=15)
+    assert "slot" not in doc

@@ -1,0 +1,126 @@
+"""Shared fixtures: one real SecantusDB server per test session, one fresh database per test."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from app.gateway import Gateway
+from app.main import create_app
+from app.settings import Settings, parse_settings
+from app.store.embedded import EmbeddedDatabase
+
+JWT_SECRET = secrets.token_hex(32)
+ADMIN_PASSWORD = "admin-password-for-tests"
+CLIENT_PASSWORD = "client-password-for-tests"
+
+
+@pytest.fixture(scope="session")
+async def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    server = EmbeddedDatabase(tmp_path_factory.mktemp("secantus"), "secantusd-py", 60.0)
+    uri = await server.start()
+    yield uri
+    await server.stop()
+
+
+def make_settings(mongo_uri: str, data_dir: Path, models: dict[str, Any], **sections: Any) -> Settings:
+    raw: dict[str, Any] = {
+        "data_dir": str(data_dir),
+        "database": {"uri": mongo_uri, "name": "t_" + uuid.uuid4().hex[:12]},
+        "auth": {"jwt_secret": JWT_SECRET},
+        "queue": {"sweep_interval_seconds": 0.2, "poll_interval_seconds": 0.2, "retry_backoff_seconds": 0.05,
+                  "retry_backoff_max_seconds": 0.2},
+        "models": models,
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return parse_settings(raw, env={})
+
+
+def stub(*args: str, **fields: Any) -> dict[str, Any]:
+    """A stub-engine model entry (the stub is a real HTTP process, a test double)."""
+    return {"kind": "stub", "args": list(args), **fields}
+
+
+class GatewayClient:
+    """An httpx client on the ASGI app, plus tokens for an admin and a client user."""
+
+    def __init__(self, http: httpx.AsyncClient, gateway: Gateway) -> None:
+        self.http = http
+        self.gateway = gateway
+        self.admin_token = ""
+        self.client_token = ""
+
+    def headers(self, token: str | None = None, **extra: str) -> dict[str, str]:
+        base = {"Authorization": f"Bearer {token or self.client_token}", "X-Client-ID": "tests"}
+        base.update({k.replace("_", "-"): v for k, v in extra.items()})
+        return base
+
+    async def chat(self, model: str, content: str = "hello", token: str | None = None,
+                   **headers: str) -> httpx.Response:
+        body = {"model": model, "messages": [{"role": "user", "content": content}]}
+        return await self.http.post("/api/chat", json=body, headers=self.headers(token, **headers))
+
+    async def count(self, model: str, state: str) -> int:
+        """Jobs of the model in that state right now, read from the database."""
+        queue = self.gateway.queue
+        assert queue is not None
+        return sum(1 for d in await queue.store.active(model) if d["state"] == state)
+
+    async def until_count(self, model: str, state: str, expected: int, timeout_s: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        seen = -1
+        while loop.time() < deadline:
+            seen = await self.count(model, state)
+            if seen == expected:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"expected {expected} {state} jobs for {model}, last saw {seen}")
+
+    async def wait_ready(self, timeout_s: float = 30.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            summary = (await self.http.get("/health")).json()["models"]
+            if all(m["state"] in ("ready", "unavailable", "failed") for m in summary.values()):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"engines not ready: {summary}")
+
+
+GatewayFactory = Callable[..., Awaitable[GatewayClient]]
+
+
+@pytest.fixture
+async def gateway_factory(mongo_uri: str, tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    managers: list[tuple[LifespanManager, httpx.AsyncClient]] = []
+
+    async def factory(models: dict[str, Any], **sections: Any) -> GatewayClient:
+        settings = make_settings(mongo_uri, tmp_path / f"data{len(managers)}", models, **sections)
+        app = create_app(settings)
+        manager = LifespanManager(app, startup_timeout=60, shutdown_timeout=60)
+        await manager.__aenter__()
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://gw", timeout=60)
+        managers.append((manager, http))
+        gw: Gateway = app.state.gateway
+        client = GatewayClient(http, gw)
+        assert gw.users is not None
+        await gw.users.create("admin", ADMIN_PASSWORD, "admin")
+        await gw.users.create("alice", CLIENT_PASSWORD, "client")
+        client.admin_token = gw.tokens.issue("admin", "admin")
+        client.client_token = gw.tokens.issue("alice", "client")
+        await client.wait_ready()
+        return client
+
+    yield factory
+    for manager, http in reversed(managers):
+        await http.aclose()
+        await manager.__aexit__(None, None, None)
