@@ -59,26 +59,43 @@ else
 fi
 
 # -- 3. .env with a real secret, then export it (values already in the environment win) -----
-if ! grep -Eq '^[[:space:]]*(export[[:space:]]+)?GATEWAY_JWT_SECRET=.+' "$ENV_FILE" 2>/dev/null; then
+declare -A dotenv=()
+read_dotenv() {  # KEY=VALUE lines, as app/settings.py reads them (last one wins)
+  dotenv=()
+  [ -f "$ENV_FILE" ] || return 0
+  local line key value
+  while IFS= read -r line || [ -n "$line" ]; do
+    line="${line#"${line%%[![:space:]]*}"}"
+    case "$line" in ''|'#'*) continue ;; esac
+    line="${line#export }"
+    key="${line%%=*}"; value="${line#*=}"
+    key="${key%"${key##*[![:space:]]}"}"
+    [[ "$key" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || continue
+    value="${value#"${value%%[![:space:]]*}"}"; value="${value%"${value##*[![:space:]]}"}"
+    if [[ "$value" =~ ^\"(.*)\"$ || "$value" =~ ^\'(.*)\'$ ]]; then value="${BASH_REMATCH[1]}"; fi
+    dotenv[$key]=$value
+  done <"$ENV_FILE"
+}
+read_dotenv
+if [ -z "${dotenv[GATEWAY_JWT_SECRET]+x}" ] \
+  || ! .venv/bin/python -c 'import sys; from app.settings import check_secret; check_secret(sys.argv[1])' \
+       "${dotenv[GATEWAY_JWT_SECRET]}" 2>/dev/null; then
+  if [ -n "${dotenv[GATEWAY_JWT_SECRET]+x}" ]; then
+    say "GATEWAY_JWT_SECRET in $ENV_FILE is empty, short or a placeholder; replacing it"
+    sed -i -E '/^[[:space:]]*(export[[:space:]]+)?GATEWAY_JWT_SECRET[[:space:]]*=/d' "$ENV_FILE"
+  fi
   secret=$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(32))')
   if [ -s "$ENV_FILE" ] && [ -n "$(tail -c1 "$ENV_FILE")" ]; then echo >>"$ENV_FILE"; fi
-  echo "GATEWAY_JWT_SECRET=$secret" >>"$ENV_FILE"
+  (umask 077; echo "GATEWAY_JWT_SECRET=$secret" >>"$ENV_FILE")
   say "wrote a new GATEWAY_JWT_SECRET to $ENV_FILE"
+  read_dotenv
 else
   say "reusing GATEWAY_JWT_SECRET from $ENV_FILE"
 fi
 chmod 600 "$ENV_FILE"
-while IFS= read -r line || [ -n "$line" ]; do
-  line="${line#"${line%%[![:space:]]*}"}"
-  case "$line" in ''|'#'*) continue ;; esac
-  line="${line#export }"
-  key="${line%%=*}"; value="${line#*=}"
-  key="${key%"${key##*[![:space:]]}"}"
-  [[ "$key" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || continue
-  value="${value#"${value%%[![:space:]]*}"}"; value="${value%"${value##*[![:space:]]}"}"
-  if [[ "$value" =~ ^\"(.*)\"$ || "$value" =~ ^\'(.*)\'$ ]]; then value="${BASH_REMATCH[1]}"; fi
-  if [ -z "${!key+x}" ]; then export "$key=$value"; fi
-done <"$ENV_FILE"
+for key in "${!dotenv[@]}"; do
+  if [ -z "${!key:-}" ]; then export "$key=${dotenv[$key]}"; fi
+done
 
 # -- 4. data dir, config --------------------------------------------------------------------
 export GATEWAY_DATA_DIR=${GATEWAY_DATA_DIR:-data}

@@ -6,7 +6,8 @@ from app.auth.tokens import Principal
 from app.dispatch.dispatcher import ModelDispatcher
 from app.engines.manager import EngineManager
 from app.models import ModelRegistry
-from app.queue.jobs import Doc, JobState, Submission
+from app.errors import IdempotencyConflict
+from app.queue.jobs import Doc, JobState, Submission, request_fingerprint
 from app.queue.priority import Priority
 from app.queue.service import JobQueue
 from app.store.batch import DuplicateKey
@@ -35,13 +36,13 @@ class ChatService:
     ) -> Doc:
         """Return the job's terminal document (the API turns failures into errors)."""
         model = self._registry.resolve(str(request["model"]))
+        body = {k: v for k, v in request.items() if k != "model" and v is not None}
         if idempotency_key is not None:
             existing = await self._queue.find_existing(principal.subject, idempotency_key)
             if existing is not None:
-                return existing if JobState(existing["state"]).terminal else await self._queue.wait(existing)
+                return await self._replay(existing, model, body)
         self._engines.check_servable(model)
         cfg = self._registry.models[model]
-        body = {k: v for k, v in request.items() if k != "model" and v is not None}
         sub = Submission(
             model=model, kind="chat", request=body, owner=principal.subject, client_id=client_id,
             priority=priority, idempotency_key=idempotency_key, queue_timeout_s=cfg.timeout,
@@ -54,8 +55,14 @@ class ChatService:
             existing = await self._queue.find_existing(principal.subject, idempotency_key)
             if existing is None:
                 raise
-            return existing if JobState(existing["state"]).terminal else await self._queue.wait(existing)
+            return await self._replay(existing, model, body)
         return await self._queue.wait(doc)
+
+    async def _replay(self, existing: Doc, model: str, body: Doc) -> Doc:
+        """A repeated Idempotency-Key: the same job's outcome, never a second inference."""
+        if existing.get("request_hash") != request_fingerprint(model, body):
+            raise IdempotencyConflict(existing["_id"])
+        return existing if JobState(existing["state"]).terminal else await self._queue.wait(existing)
 
     async def job(self, principal: Principal, job_id: str) -> Doc | None:
         doc = await self._queue.store.get(job_id)

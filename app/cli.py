@@ -39,7 +39,7 @@ async def _with_users(settings: Settings, action: str, args: argparse.Namespace)
             async for doc in database.users.find({}, {"password_hash": 0}):
                 print(f"{doc['_id']}\t{doc['role']}\t{'disabled' if doc.get('disabled') else 'active'}")
         elif action == "ensure-admin":
-            if await database.users.count_documents({"role": "admin"}) > 0:
+            if await database.users.count_documents({"role": "admin", "disabled": {"$ne": True}}) > 0:
                 print("an admin user exists; leaving it as it is")
                 return 0
             password = os.environ.get("GATEWAY_ADMIN_PASSWORD") or secrets.token_urlsafe(18)

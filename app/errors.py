@@ -71,6 +71,18 @@ class JobNotFound(NotFound):
         super().__init__(f"no job with id {job_id!r}")
 
 
+class IdempotencyConflict(GatewayError):
+    """The Idempotency-Key was already used for a different request by the same caller."""
+
+    code = "idempotency_key_reused"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            f"Idempotency-Key was already used for a different request (job {job_id}); use a new key"
+        )
+        self.job_id = job_id
+
+
 class QueueFull(GatewayError):
     """Both the in-flight and the waiting capacity of the model are taken; nothing is held."""
 

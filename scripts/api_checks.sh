@@ -44,7 +44,8 @@ call() {
   if ! out=$(curl -sS -o "$_BODY_FILE" -w '%{http_code}' --max-time "$GATEWAY_TIMEOUT" \
     -X "$method" "$GATEWAY_URL$path" "$@" 2>&1); then
     STATUS="000"
-    fail "$method $path: no answer from the gateway at $GATEWAY_URL" "$out"
+    out=${out%000}
+    fail "$method $path: no answer from the gateway at $GATEWAY_URL" "${out%$'\n'}"
   fi
   STATUS=$out
   BODY=$(cat "$_BODY_FILE")

@@ -29,6 +29,7 @@ _STATUS: list[tuple[type[errors.GatewayError], int]] = [
     (errors.DatabaseUnavailable, 503),
     (errors.JobTimedOut, 504),
     (errors.JobCancelled, 409),
+    (errors.IdempotencyConflict, 409),
     (errors.ConfigError, 500),
 ]
 

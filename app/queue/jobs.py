@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -47,6 +49,12 @@ class Submission:
     queue_timeout_s: float
 
 
+def request_fingerprint(model: str, request: Doc) -> str:
+    """Stable hash of what was asked, so a reused Idempotency-Key with another request is caught."""
+    canonical = json.dumps({"model": model, "request": request}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def elapsed_ms(start: datetime | None, end: datetime | None) -> float | None:
     if start is None or end is None:
         return None
@@ -78,10 +86,12 @@ def build_document(
         "request": sub.request,
         "enqueued_at": now,
         "queue_deadline": now + timedelta(seconds=sub.queue_timeout_s),
+        "queue_timeout_s": sub.queue_timeout_s,
         "attempts": 0,
     }
     if sub.idempotency_key is not None:
         doc["idempotency_key"] = sub.idempotency_key
+        doc["request_hash"] = request_fingerprint(sub.model, sub.request)
     if running_as is not None:
         worker, lease_until = running_as
         doc.update(state=JobState.RUNNING.value, worker=worker, lease_until=lease_until, started_at=now, attempts=1)

@@ -51,6 +51,7 @@ class JobQueue:
         self._poll_interval = poll_interval
         self._books = {model: SlotBook(capacity) for model, capacity in capacities.items()}
         self._waiters: dict[str, asyncio.Future[Doc]] = {}
+        self._waiting: dict[str, int] = {}  # handlers waiting per job (repeated idempotency keys share one)
         self._listeners: dict[str, Callable[[], None]] = {}
 
     def on_backlog(self, model: str, listener: Callable[[], None]) -> None:
@@ -97,7 +98,7 @@ class JobQueue:
                 await self.store.insert(doc)
             except DuplicateKey as exc:
                 self._waiters.pop(job_id, None)
-                if exc.index.startswith("slot"):
+                if "slot" in exc.fields:
                     continue  # another instance holds that slot; the book keeps it marked taken
                 book.release(index)
                 if direct:
@@ -136,11 +137,12 @@ class JobQueue:
         if future is None:
             future = asyncio.get_running_loop().create_future()
             self._waiters[job_id] = future
-        deadline = doc["queue_deadline"]
+        self._waiting[job_id] = self._waiting.get(job_id, 0) + 1
         try:
             while True:
                 wait_s = self._poll_interval
                 now = self.clock.now()
+                deadline = doc["queue_deadline"]  # re-read: a retry gets a fresh deadline
                 if doc["state"] == JobState.QUEUED.value:
                     wait_s = max(0.0, min(wait_s, (deadline - now).total_seconds()))
                 try:
@@ -153,10 +155,14 @@ class JobQueue:
                 doc = current
                 if JobState(doc["state"]).terminal:
                     return doc
-                if doc["state"] == JobState.QUEUED.value and self.clock.now() >= deadline:
+                if doc["state"] == JobState.QUEUED.value and self.clock.now() >= doc["queue_deadline"]:
                     await self.expire(job_id)
         finally:
-            self._waiters.pop(job_id, None)
+            left = self._waiting.pop(job_id, 1) - 1
+            if left > 0:
+                self._waiting[job_id] = left
+            else:
+                self._waiters.pop(job_id, None)
 
     def _resolve(self, doc: Doc) -> None:
         future = self._waiters.get(doc["_id"])

@@ -105,11 +105,17 @@ class JobStore:
         return await self.fail_running(doc, self._running_by(doc, worker), now, error)
 
     async def requeue(self, doc: Doc, conditions: Doc, not_before: datetime, error: Doc) -> bool:
+        """Back to the queue after a failed or lost attempt, with a fresh queue-wait deadline:
+        the time spent running does not count against the wait of the retry."""
+        deadline = not_before + timedelta(seconds=float(doc.get("queue_timeout_s", 300)))
         return await self._writer.update(
             doc["_id"],
             conditions,
             {
-                "$set": {"state": JobState.QUEUED.value, "not_before": not_before, "last_error": error},
+                "$set": {
+                    "state": JobState.QUEUED.value, "not_before": not_before, "queue_deadline": deadline,
+                    "last_error": error,
+                },
                 "$unset": {"worker": "", "lease_until": ""},
             },
         )

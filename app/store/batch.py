@@ -26,11 +26,11 @@ Doc = dict[str, Any]
 
 
 class DuplicateKey(Exception):
-    """An insert collided with a unique index; `index` names which one."""
+    """An insert collided with a unique index; `fields` are that index's key fields."""
 
-    def __init__(self, index: str, key_value: Doc) -> None:
-        super().__init__(f"duplicate key on {index}: {key_value}")
-        self.index = index
+    def __init__(self, fields: tuple[str, ...], key_value: Doc) -> None:
+        super().__init__(f"duplicate key on {', '.join(fields)}: {key_value}")
+        self.fields = fields
         self.key_value = key_value
 
 
@@ -134,9 +134,8 @@ class BatchWriter:
             for err in exc.details.get("writeErrors", []):
                 index = int(err["index"])
                 if err.get("code") == 11000:
-                    pattern = err.get("keyPattern") or {}
-                    name = next(iter(pattern), "unknown")
-                    failed[index] = DuplicateKey(name, err.get("keyValue") or {})
+                    fields = tuple(err.get("keyPattern") or {})
+                    failed[index] = DuplicateKey(fields, err.get("keyValue") or {})
                 else:
                     failed[index] = RuntimeError(f"write failed: {err.get('errmsg')}")
         except Exception as exc:

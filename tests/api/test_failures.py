@@ -70,6 +70,9 @@ async def test_same_idempotency_key_gets_the_same_job(gateway_factory: GatewayFa
     assert other.json()["id"] not in ids
     queue = (await gw.http.get("/admin/queue/demo", headers=gw.headers(gw.admin_token))).json()
     assert queue["total_processed"] == 2  # one inference per key
+    reused = await gw.chat("demo", "something else", Idempotency_Key="key-1")
+    assert reused.status_code == 409
+    assert "already used for a different request" in reused.json()["detail"]
 
 
 async def test_history_ttl_index_and_expire_at(gateway_factory: GatewayFactory) -> None:

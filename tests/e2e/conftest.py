@@ -1,0 +1,139 @@
+"""The gateway as a real daemon: `python -m app` in a subprocess, stopped by pid."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from app.auth.tokens import TokenService
+from app.clock import SystemClock
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Daemon:
+    """One gateway configuration that can be started, killed and started again."""
+
+    def __init__(self, tmp: Path, models: dict[str, Any], **sections: Any) -> None:
+        self.data_dir = tmp / "data"
+        self.port = free_port()
+        self.secret = secrets.token_hex(32)
+        config: dict[str, Any] = {
+            "server": {"port": self.port, "log_level": "INFO"},
+            "data_dir": str(self.data_dir),
+            "queue": {"sweep_interval_seconds": 0.2, "poll_interval_seconds": 0.2, "lease_seconds": 5,
+                      "heartbeat_seconds": 1, "retry_backoff_seconds": 0.05},
+            "models": models,
+        }
+        config.update(sections)
+        self.config = tmp / "config.yaml"
+        self.config.write_text(yaml.safe_dump(config))
+        self.log = tmp / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.seen: set[int] = set()  # every child pid observed, so cleanup never leaks one
+        self.url = f"http://127.0.0.1:{self.port}"
+        tokens = TokenService(self.secret, "model-gateway", "model-gateway-clients", 3600, 3600, SystemClock())
+        self.token = tokens.issue("alice", "client")
+        self.admin_token = tokens.issue("root", "admin")
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "MONGODB_"))}
+        env["GATEWAY_JWT_SECRET"] = self.secret
+        return env
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "app", "--config", str(self.config)],
+                cwd=ROOT, env=self.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    async def wait_healthy(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        async with httpx.AsyncClient() as client:
+            while loop.time() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                try:
+                    body: dict[str, Any] = (await client.get(f"{self.url}/health")).json()
+                    if body["status"] == "healthy" and all(
+                        m["state"] == "ready" for m in body["models"].values()
+                    ):
+                        return body
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"gateway not healthy in {timeout_s} s:\n{self.log.read_text()[-3000:]}")
+
+    def db_pid(self) -> int:
+        return int(json.loads((self.data_dir / "db.pid").read_text())["pid"])
+
+    def db_uri(self) -> str:
+        port = json.loads((self.data_dir / "db.pid").read_text())["port"]
+        return f"mongodb://127.0.0.1:{port}/?directConnection=true"
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout_s)
+
+    def children_pids(self) -> list[int]:
+        assert self.proc is not None
+        try:
+            pids = [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pids = []
+        self.seen.update(pids)
+        return pids
+
+
+def stop_quietly(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Started daemons; whatever they leave running is stopped by pid after the test."""
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        pids = [*daemon.children_pids(), *daemon.seen]
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.terminate()
+        try:
+            pids.append(daemon.db_pid())
+        except (OSError, ValueError):
+            pass
+        stop_quietly([p for p in pids if psutil.pid_exists(p)])

@@ -1,0 +1,121 @@
+"""kill -9 of the gateway (and of the gateway with its database) while jobs run and wait:
+every admitted job ends in a terminal state, none is lost, and a client that repeats its
+request with the same Idempotency-Key gets that job's result without a second inference."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from pymongo import AsyncMongoClient
+
+from tests.e2e.conftest import Daemon
+
+pytestmark = pytest.mark.e2e
+N = 10
+
+
+async def _job_states(daemon: Daemon) -> list[dict[str, object]]:
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(daemon.db_uri())
+    try:
+        return await client.gateway.jobs.find({}, {"state": 1, "attempts": 1, "idempotency_key": 1}).to_list()
+    finally:
+        await client.close()
+
+
+async def _until_admitted(daemon: Daemon, running: int, queued: int, timeout_s: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    states: list[str] = []
+    while loop.time() < deadline:
+        states = [str(d["state"]) for d in await _job_states(daemon)]
+        if states.count("running") == running and states.count("queued") == queued:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"expected {running} running and {queued} queued, saw {states}")
+
+
+async def _chat(client: httpx.AsyncClient, daemon: Daemon, i: int) -> httpx.Response:
+    return await client.post(
+        f"{daemon.url}/api/chat",
+        json={"model": "slow", "messages": [{"role": "user", "content": f"request-{i}"}]},
+        headers={"Authorization": f"Bearer {daemon.token}", "X-Client-ID": "crash-test",
+                 "Idempotency-Key": f"key-{i}"},
+        timeout=120,
+    )
+
+
+async def _crash_and_recover(tmp_path: Path, daemons: list[Daemon], kill_database: bool) -> None:
+    daemon = Daemon(tmp_path, {"slow": {"kind": "stub", "args": ["--latency-ms", "4000"],
+                                        "max_concurrent": 5, "max_waiting": 5}})
+    daemons.append(daemon)
+    daemon.start()
+    await daemon.wait_healthy()
+    engine_pids = [p for p in daemon.children_pids() if p != daemon.db_pid()]
+    assert engine_pids
+    async with httpx.AsyncClient() as client:
+        inflight = [asyncio.create_task(_chat(client, daemon, i)) for i in range(N)]
+        await _until_admitted(daemon, running=5, queued=5)
+        db_pid = daemon.db_pid()
+        daemon.kill9()
+        if kill_database:
+            psutil.Process(db_pid).send_signal(signal.SIGKILL)
+        lost = await asyncio.gather(*inflight, return_exceptions=True)
+        assert all(isinstance(r, httpx.HTTPError) for r in lost), lost
+
+        daemon.start()
+        await daemon.wait_healthy()
+        if kill_database:
+            assert daemon.db_pid() != db_pid
+        else:
+            assert daemon.db_pid() == db_pid  # the healthy database left behind was reused
+        assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                       for p in engine_pids), "the old engine process was left running"
+        again = await asyncio.gather(*(_chat(client, daemon, i) for i in range(N)))
+
+    assert [r.status_code for r in again] == [200] * N, [r.text for r in again]
+    for i, response in enumerate(again):
+        assert response.json()["message"]["content"] == f"stub reply to: request-{i}"
+    docs = await _job_states(daemon)
+    assert len(docs) == N  # nothing lost, no duplicate job for a repeated key
+    assert {d["state"] for d in docs} == {"succeeded"}
+    attempts = sorted(int(str(d["attempts"])) for d in docs)
+    assert attempts == [1] * 5 + [2] * 5, attempts  # the five that were running ran once more, once
+    assert {r.json()["id"] for r in again} == {d["_id"] for d in docs}
+    assert daemon.terminate() in (0, -signal.SIGTERM)
+
+
+async def test_kill9_gateway_recovers_every_job(tmp_path: Path, daemons: list[Daemon]) -> None:
+    await _crash_and_recover(tmp_path, daemons, kill_database=False)
+
+
+async def test_kill9_gateway_and_database_recovers_every_job(tmp_path: Path, daemons: list[Daemon]) -> None:
+    await _crash_and_recover(tmp_path, daemons, kill_database=True)
+
+
+async def test_sigterm_stops_engines_and_database(tmp_path: Path, daemons: list[Daemon]) -> None:
+    daemon = Daemon(tmp_path, {"demo": {"kind": "stub"}})
+    daemons.append(daemon)
+    daemon.start()
+    await daemon.wait_healthy()
+    children = daemon.children_pids()
+    db_pid = daemon.db_pid()
+    assert db_pid in children and len(children) >= 2
+    # uvicorn re-raises the signal after its graceful shutdown, hence -SIGTERM
+    assert daemon.terminate() in (0, -signal.SIGTERM)
+    assert "gateway.stopped" in daemon.log.read_text()
+    leftover = [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert leftover == []
+    assert not (daemon.data_dir / "db.pid").exists()
+
+
+async def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path, daemons: list[Daemon]) -> None:
+    daemon = Daemon(tmp_path, {"demo": {"kind": "stub", "max_concurrent": -1}})
+    daemon.start()
+    assert daemon.proc is not None
+    assert daemon.proc.wait(timeout=30) == 2
+    assert "models.demo.max_concurrent: Input should be greater than or equal to 1" in daemon.log.read_text()

@@ -1,0 +1,151 @@
+"""The store against the real SecantusDB server: group commit, conditional updates, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import psutil
+import pytest
+
+from app.clock import ManualClock
+from app.queue.jobs import Submission, build_document
+from app.queue.priority import Priority
+from app.queue.retry import RetryPolicy
+from app.queue.service import JobQueue
+from app.queue.store import JobStore
+from app.queue.sweeper import Sweeper, worker_is_dead
+from app.store.batch import BatchWriter, DuplicateKey
+from app.store.database import Database, connect, ensure_indexes
+from app.store.embedded import EmbeddedDatabase, ping
+
+
+@pytest.fixture
+async def database(mongo_uri: str) -> AsyncIterator[Database]:
+    db = await connect(mongo_uri, "t_" + uuid.uuid4().hex[:12], "auto")
+    await ensure_indexes(db)
+    yield db
+    await db.client.drop_database(db.db.name)
+    await db.close()
+
+
+@pytest.fixture
+async def writer(database: Database) -> AsyncIterator[BatchWriter]:
+    batch = BatchWriter(database.jobs, max_ops=64)
+    batch.start()
+    yield batch
+    await batch.stop()
+
+
+async def test_concurrent_writes_are_coalesced_into_batches(writer: BatchWriter, database: Database) -> None:
+    await asyncio.gather(*(writer.insert({"_id": f"j{i}", "n": i}) for i in range(50)))
+    assert await database.jobs.count_documents({}) == 50
+    assert writer.stats.operations == 50
+    assert writer.stats.batches < 10, writer.stats  # 50 journaled writes, few round trips
+
+
+async def test_each_caller_learns_its_own_outcome(writer: BatchWriter, database: Database) -> None:
+    await writer.insert({"_id": "a", "slot": "m#0", "state": "queued"})
+    await writer.insert({"_id": "b", "slot": "m#1", "state": "running"})
+    results = await asyncio.gather(
+        writer.insert({"_id": "c", "slot": "m#0"}),  # slot taken
+        writer.insert({"_id": "d", "slot": "m#2"}),
+        writer.update("a", {"state": "queued"}, {"$set": {"state": "running"}}),
+        writer.update("b", {"state": "queued"}, {"$set": {"state": "running"}}),  # condition fails
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], DuplicateKey)
+    assert results[0].fields == ("slot",)
+    assert results[1:] == [None, True, False]
+    assert (await database.jobs.find_one({"_id": "d"})) is not None
+
+
+def _submission(model: str = "m", priority: Priority = Priority.NORMAL) -> Submission:
+    return Submission(model=model, kind="chat", request={"messages": []}, owner="alice", client_id="t",
+                      priority=priority, idempotency_key=None, queue_timeout_s=30)
+
+
+async def test_claim_is_in_priority_order_and_fifo(writer: BatchWriter, database: Database) -> None:
+    clock = ManualClock()
+    queue = JobQueue(JobStore(database.jobs, writer, timedelta(days=15)), clock, "w1", {"m": 20}, 30, 1)
+    order = [Priority.LOW, Priority.NORMAL, Priority.HIGH, Priority.LOW, Priority.HIGH]
+    admitted = []
+    for priority in order:
+        admitted.append((await queue.admit(_submission(priority=priority), None))["_id"])
+        clock.advance(0.001)
+    won, _ = await queue.claim("m", 10)
+    assert [d["_id"] for d in won] == [admitted[i] for i in (2, 4, 1, 0, 3)]
+    assert all(d["attempts"] == 1 and d["worker"] == "w1" for d in won)
+    again, _ = await queue.claim("m", 10)
+    assert again == []  # nothing claimed twice
+
+
+async def test_sweeper_requeues_expired_lease_and_fails_when_retries_are_spent(
+    writer: BatchWriter, database: Database
+) -> None:
+    clock = ManualClock()
+    store = JobStore(database.jobs, writer, timedelta(days=15))
+    queue = JobQueue(store, clock, "w1", {"m": 20}, 30, 1)
+    sweeper = Sweeper(queue, RetryPolicy(max_retries=3, base_seconds=0.0), lambda: [], 1, 0.5)
+    now = clock.now()
+    for job_id, attempts in (("lost", 1), ("spent", 4)):
+        doc = build_document(_submission(), job_id, f"m#{attempts}", now, ("otherhost/1/1", now + timedelta(seconds=30)))
+        doc["attempts"] = attempts
+        await store.insert(doc)
+    assert await sweeper.sweep() == {"requeued": 0, "failed": 0, "expired": 0}  # leases still valid
+    clock.advance(31)
+    assert await sweeper.sweep() == {"requeued": 1, "failed": 1, "expired": 0}
+    lost = await store.get("lost")
+    spent = await store.get("spent")
+    assert lost is not None and spent is not None
+    assert lost["state"] == "queued" and lost["last_error"]["type"] == "lease_expired"
+    assert spent["state"] == "failed" and "slot" not in spent
+    won, _ = await queue.claim("m", 1)
+    assert [d["_id"] for d in won] == ["lost"]
+    assert won[0]["attempts"] == 2
+
+
+async def test_sweeper_expires_jobs_past_their_queue_deadline(writer: BatchWriter, database: Database) -> None:
+    clock = ManualClock()
+    queue = JobQueue(JobStore(database.jobs, writer, timedelta(days=15)), clock, "w1", {"m": 2}, 30, 1)
+    sweeper = Sweeper(queue, RetryPolicy(), lambda: [], 1, 0.5)
+    job = await queue.admit(_submission(), None)
+    await queue.admit(_submission(), None)
+    clock.advance(31)
+    assert (await sweeper.sweep())["expired"] == 2
+    expired = await queue.store.get(job["_id"])
+    assert expired is not None and expired["state"] == "expired"
+    assert expired["expire_at"] == clock.now() + timedelta(days=15)
+    await queue.admit(_submission(), None)  # the slots were freed
+
+
+async def test_worker_death_is_seen_on_the_same_host() -> None:
+    me = psutil.Process()
+    import socket
+
+    host = socket.gethostname()
+    assert not worker_is_dead(f"{host}/{me.pid}/{int(me.create_time())}")
+    assert worker_is_dead(f"{host}/{me.pid}/{int(me.create_time()) - 100}")  # pid reused
+    assert not worker_is_dead("elsewhere/1/1")  # cannot tell for another host: wait for the lease
+
+
+async def test_embedded_database_left_behind_is_reused_then_replaced(tmp_path: Path) -> None:
+    first = EmbeddedDatabase(tmp_path, "secantusd-py", 60.0)
+    uri = await first.start()
+    second = EmbeddedDatabase(tmp_path, "secantusd-py", 60.0)
+    assert await second.start() == uri  # the first was "left behind" by a killed gateway
+    assert second.reused
+    pid = second._pid
+    assert pid is not None
+    psutil.Process(pid).suspend()  # alive but not answering: must be replaced, not reused
+    try:
+        third = EmbeddedDatabase(tmp_path, "secantusd-py", 60.0)
+        new_uri = await third.start()
+        assert not third.reused
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert await ping(new_uri)
+    finally:
+        await third.stop()
