@@ -17,7 +17,9 @@ from app.settings import load_settings
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description="Run the model gateway daemon.")
-    default_config = os.environ.get("GATEWAY_CONFIG") or ("config/config.yaml" if Path("config/config.yaml").is_file() else None)
+    default_config = os.environ.get("GATEWAY_CONFIG") or (
+        "config/config.yaml" if Path("config/config.yaml").is_file() else None
+    )
     parser.add_argument("--config", type=Path, default=Path(default_config) if default_config else None)
     args = parser.parse_args(argv)
     try:
@@ -28,8 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway: {exc.message}", file=sys.stderr)
         return 2
     uvicorn.run(
-        app, host=settings.server.host, port=settings.server.port, log_level="warning",
-        access_log=False, timeout_graceful_shutdown=15, lifespan="on",
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=15,
+        lifespan="on",
     )
     return 0
 

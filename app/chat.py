@@ -5,8 +5,8 @@ from __future__ import annotations
 from app.auth.tokens import Principal
 from app.dispatch.dispatcher import ModelDispatcher
 from app.engines.manager import EngineManager
-from app.models import ModelRegistry
 from app.errors import IdempotencyConflict
+from app.models import ModelRegistry
 from app.queue.jobs import Doc, JobState, Submission, request_fingerprint
 from app.queue.priority import Priority
 from app.queue.service import JobQueue
@@ -44,8 +44,14 @@ class ChatService:
         self._engines.check_servable(model)
         cfg = self._registry.models[model]
         sub = Submission(
-            model=model, kind="chat", request=body, owner=principal.subject, client_id=client_id,
-            priority=priority, idempotency_key=idempotency_key, queue_timeout_s=cfg.timeout,
+            model=model,
+            kind="chat",
+            request=body,
+            owner=principal.subject,
+            client_id=client_id,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            queue_timeout_s=cfg.timeout,
         )
         try:
             doc = await self._queue.admit(sub, self._dispatchers[model].direct_start())

@@ -32,7 +32,9 @@ async def _with_users(settings: Settings, action: str, args: argparse.Namespace)
     try:
         users = UserService(database.users, SystemClock())
         if action == "create":
-            password = args.password or os.environ.get("GATEWAY_USER_PASSWORD") or getpass.getpass("password: ")
+            password = (
+                args.password or os.environ.get("GATEWAY_USER_PASSWORD") or getpass.getpass("password: ")
+            )
             await users.create(args.username, password, args.role)
             print(f"created user {args.username} ({args.role})")
         elif action == "list":

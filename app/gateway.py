@@ -53,7 +53,12 @@ class Gateway:
         check_secret(settings.auth.jwt_secret)
         auth = settings.auth
         tokens = TokenService(
-            auth.jwt_secret, auth.issuer, auth.audience, auth.token_ttl_seconds, auth.refresh_ttl_seconds, clock
+            auth.jwt_secret,
+            auth.issuer,
+            auth.audience,
+            auth.token_ttl_seconds,
+            auth.refresh_ttl_seconds,
+            clock,
         )
         return cls(settings=settings, clock=clock, registry=ModelRegistry(settings.models), tokens=tokens)
 
@@ -63,19 +68,29 @@ class Gateway:
         s.log_dir.mkdir(parents=True, exist_ok=True)
         uri = s.database.uri
         if uri == "embedded":
-            cfg = s.database.embedded
-            self.embedded = EmbeddedDatabase(s.data_dir, cfg.command, cfg.startup_timeout, cfg.port)
+            embedded = s.database.embedded
+            self.embedded = EmbeddedDatabase(
+                s.data_dir, embedded.command, embedded.startup_timeout, embedded.port
+            )
             uri = await self.embedded.start()
         self.database = db = await connect(uri, s.database.name, s.database.write_concern)
         await ensure_indexes(db)
         self.writer = BatchWriter(db.jobs, s.database.batch_max_ops)
         self.writer.start()
-        redact = tuple(f for f, keep in (("request", s.history.store_prompts), ("result", s.history.store_outputs))
-                       if not keep)
+        redact = tuple(
+            f
+            for f, keep in (("request", s.history.store_prompts), ("result", s.history.store_outputs))
+            if not keep
+        )
         store = JobStore(db.jobs, self.writer, timedelta(days=s.history.retention_days), redact)
         capacities = {name: m.max_concurrent + m.max_waiting for name, m in s.models.items()}
         self.queue = queue = JobQueue(
-            store, self.clock, self.worker_id, capacities, s.queue.lease_seconds, s.queue.poll_interval_seconds
+            store,
+            self.clock,
+            self.worker_id,
+            capacities,
+            s.queue.lease_seconds,
+            s.queue.poll_interval_seconds,
         )
         await queue.load_slots()
         self.users = UserService(db.users, self.clock)
@@ -83,11 +98,19 @@ class Gateway:
         self.engines = engines = EngineManager(
             s.models, s.engines, db.engines, self.engine_client, self.clock, s.log_dir
         )
-        retry = RetryPolicy(s.queue.max_retries, s.queue.retry_backoff_seconds, s.queue.retry_backoff_max_seconds)
+        retry = RetryPolicy(
+            s.queue.max_retries, s.queue.retry_backoff_seconds, s.queue.retry_backoff_max_seconds
+        )
         for name, cfg in s.models.items():
             dispatcher = ModelDispatcher(
-                name, cfg, queue, self.engine_client, self._url_of(name), engines.get(name).served_name,
-                retry, s.queue.poll_interval_seconds,
+                name,
+                cfg,
+                queue,
+                self.engine_client,
+                self._url_of(name),
+                engines.get(name).served_name,
+                retry,
+                s.queue.poll_interval_seconds,
             )
             self.dispatchers[name] = dispatcher
             queue.on_backlog(name, dispatcher.note_backlog)

@@ -36,8 +36,12 @@ def make_settings(mongo_uri: str, data_dir: Path, models: dict[str, Any], **sect
         "data_dir": str(data_dir),
         "database": {"uri": mongo_uri, "name": "t_" + uuid.uuid4().hex[:12]},
         "auth": {"jwt_secret": JWT_SECRET},
-        "queue": {"sweep_interval_seconds": 0.2, "poll_interval_seconds": 0.2, "retry_backoff_seconds": 0.05,
-                  "retry_backoff_max_seconds": 0.2},
+        "queue": {
+            "sweep_interval_seconds": 0.2,
+            "poll_interval_seconds": 0.2,
+            "retry_backoff_seconds": 0.05,
+            "retry_backoff_max_seconds": 0.2,
+        },
         "models": models,
     }
     for key, value in sections.items():
@@ -64,8 +68,9 @@ class GatewayClient:
         base.update({k.replace("_", "-"): v for k, v in extra.items()})
         return base
 
-    async def chat(self, model: str, content: str = "hello", token: str | None = None,
-                   **headers: str) -> httpx.Response:
+    async def chat(
+        self, model: str, content: str = "hello", token: str | None = None, **headers: str
+    ) -> httpx.Response:
         body = {"model": model, "messages": [{"role": "user", "content": content}]}
         return await self.http.post("/api/chat", json=body, headers=self.headers(token, **headers))
 
@@ -108,7 +113,9 @@ async def gateway_factory(mongo_uri: str, tmp_path: Path) -> AsyncIterator[Gatew
         app = create_app(settings)
         manager = LifespanManager(app, startup_timeout=60, shutdown_timeout=60)
         await manager.__aenter__()
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://gw", timeout=60)
+        http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app), base_url="http://gw", timeout=60
+        )
         managers.append((manager, http))
         gw: Gateway = app.state.gateway
         client = GatewayClient(http, gw)

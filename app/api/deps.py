@@ -59,5 +59,7 @@ def idempotency_key(idempotency_key: Annotated[str | None, Header()] = None) -> 
     if idempotency_key is None:
         return None
     if not _IDEMPOTENCY_KEY.match(idempotency_key):
-        raise InvalidRequest("Idempotency-Key must be 1-128 printable ASCII characters", param="Idempotency-Key")
+        raise InvalidRequest(
+            "Idempotency-Key must be 1-128 printable ASCII characters", param="Idempotency-Key"
+        )
     return idempotency_key

@@ -68,7 +68,9 @@ def install(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         problems = exc.errors()
         if any(p.get("type") == "json_invalid" for p in problems):
-            return JSONResponse({"detail": "request body is not valid JSON", "code": "invalid_json"}, status_code=400)
+            return JSONResponse(
+                {"detail": "request body is not valid JSON", "code": "invalid_json"}, status_code=400
+            )
         detail = [
             {"loc": list(p.get("loc", ())), "msg": str(p.get("msg", "")), "type": str(p.get("type", ""))}
             for p in problems
@@ -83,7 +85,10 @@ def install(app: FastAPI) -> None:
     async def _database(_: Request, exc: PyMongoError) -> JSONResponse:
         event(log, "api.database_error", logging.ERROR, error=exc.__class__.__name__)
         return JSONResponse(
-            {"detail": "database unavailable; retry with the same Idempotency-Key", "code": "database_unavailable"},
+            {
+                "detail": "database unavailable; retry with the same Idempotency-Key",
+                "code": "database_unavailable",
+            },
             status_code=503,
             headers={"Retry-After": "1"},
         )

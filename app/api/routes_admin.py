@@ -29,7 +29,9 @@ async def models(gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
             "port": engine.port or None,
             "pid": engine.process.pid if engine.process else None,
             "started_at": engine.started_at.isoformat() if engine.started_at else None,
-            "uptime_seconds": round((now - engine.ready_at).total_seconds(), 1) if ready and engine.ready_at else 0,
+            "uptime_seconds": round((now - engine.ready_at).total_seconds(), 1)
+            if ready and engine.ready_at
+            else 0,
             "is_healthy": ready,
             "max_concurrent": engine.settings.max_concurrent,
             "max_waiting": engine.settings.max_waiting,
@@ -45,7 +47,9 @@ async def queue_stats(model: str, gw: GatewayDep, _: AdminDep) -> dict[str, Any]
     active = await gw.queue.store.active(name)
     processing = sum(1 for d in active if d["state"] == JobState.RUNNING.value)
     waiting_docs = [d for d in active if d["state"] == JobState.QUEUED.value]
-    by_priority = {p: sum(1 for d in waiting_docs if d.get("priority") == p) for p in ("high", "normal", "low")}
+    by_priority = {
+        p: sum(1 for d in waiting_docs if d.get("priority") == p) for p in ("high", "normal", "low")
+    }
     succeeded = await gw.queue.store.count(name, JobState.SUCCEEDED)
     failed = await gw.queue.store.count(name, JobState.FAILED)
     expired = await gw.queue.store.count(name, JobState.EXPIRED)

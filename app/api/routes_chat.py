@@ -25,7 +25,9 @@ async def chat(
     x_priority: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
     if body.stream:
-        raise InvalidRequest("stream is not supported on /api/chat; use POST /v1/chat/completions", param="stream")
+        raise InvalidRequest(
+            "stream is not supported on /api/chat; use POST /v1/chat/completions", param="stream"
+        )
     priority = Priority.parse(x_priority)
     assert gw.chat is not None
     doc = await gw.chat.complete(user, body.engine_request(), client, priority, key)

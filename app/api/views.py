@@ -63,19 +63,23 @@ def chat_answer(doc: Doc) -> dict[str, Any]:
             raise errors.JobTimedOut(f"job {job_id}: {message}", job_id)
         status = error.get("engine_status")
         attempts = doc.get("attempts", 0)
-        prefix = "engine rejected the request" if status and 400 <= status < 500 else f"engine failed after {attempts} attempt(s)"
+        prefix = (
+            "engine rejected the request"
+            if status and 400 <= status < 500
+            else f"engine failed after {attempts} attempt(s)"
+        )
         raise errors.JobFailed(f"{prefix}: {message}", job_id, status)
     if state != JobState.SUCCEEDED:
         raise errors.JobTimedOut(f"job {job_id} is still {state.value}", job_id)
     result = doc.get("result") or {}
-    message = result.get("message") or {"role": "assistant", "content": None}
+    reply: dict[str, Any] = result.get("message") or {"role": "assistant", "content": None}
     return {
         "id": job_id,
         "request_id": job_id,
         "status": "completed",
         "model": doc["model"],
-        "message": message,
-        "response": message.get("content"),
+        "message": reply,
+        "response": reply.get("content"),
         "finish_reason": result.get("finish_reason"),
         "usage": result.get("usage") or {},
         "attempts": doc.get("attempts", 1),

@@ -31,7 +31,9 @@ class Principal:
 
 
 class TokenService:
-    def __init__(self, secret: str, issuer: str, audience: str, access_ttl_s: int, refresh_ttl_s: int, clock: Clock):
+    def __init__(
+        self, secret: str, issuer: str, audience: str, access_ttl_s: int, refresh_ttl_s: int, clock: Clock
+    ):
         self._secret = secret
         self._issuer = issuer
         self._audience = audience
@@ -43,8 +45,13 @@ class TokenService:
         now = self._clock.now()
         ttl = self.access_ttl_s if use == "access" else self._refresh_ttl_s
         claims: dict[str, Any] = {
-            "sub": subject, "role": role, "use": use, "iss": self._issuer, "aud": self._audience,
-            "iat": int(now.timestamp()), "exp": int((now + timedelta(seconds=ttl)).timestamp()),
+            "sub": subject,
+            "role": role,
+            "use": use,
+            "iss": self._issuer,
+            "aud": self._audience,
+            "iat": int(now.timestamp()),
+            "exp": int((now + timedelta(seconds=ttl)).timestamp()),
             "jti": secrets.token_hex(12),
         }
         return jwt.encode(claims, self._secret, algorithm="HS256")
@@ -52,9 +59,17 @@ class TokenService:
     def verify(self, token: str, use: TokenUse = "access") -> Principal:
         try:
             claims = jwt.decode(
-                token, self._secret, algorithms=["HS256"], audience=self._audience, issuer=self._issuer,
+                token,
+                self._secret,
+                algorithms=["HS256"],
+                audience=self._audience,
+                issuer=self._issuer,
                 # expiry is checked below against the injected clock, not the machine's
-                options={"require": ["exp", "iat", "sub", "iss", "aud"], "verify_iat": False, "verify_exp": False},
+                options={
+                    "require": ["exp", "iat", "sub", "iss", "aud"],
+                    "verify_iat": False,
+                    "verify_exp": False,
+                },
             )
         except jwt.PyJWTError:
             raise AuthenticationFailed("token is invalid") from None

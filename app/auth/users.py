@@ -29,13 +29,18 @@ class UserService:
 
     async def create(self, username: str, password: str, role: str) -> Doc:
         if not _USERNAME.match(username):
-            raise InvalidRequest("username must be 1-64 characters of letters, digits, _ . @ -", param="username")
+            raise InvalidRequest(
+                "username must be 1-64 characters of letters, digits, _ . @ -", param="username"
+            )
         if role not in ROLES:
             raise InvalidRequest(f"role must be one of {', '.join(ROLES)}", param="role")
         if len(password) < 12:
             raise InvalidRequest("password must be at least 12 characters", param="password")
         doc = {
-            "_id": username, "role": role, "disabled": False, "created_at": self._clock.now(),
+            "_id": username,
+            "role": role,
+            "disabled": False,
+            "created_at": self._clock.now(),
             "password_hash": await asyncio.to_thread(self._hasher.hash, password),
         }
         try:

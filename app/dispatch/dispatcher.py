@@ -167,7 +167,14 @@ class ModelDispatcher:
         }
         if self._retry.should_retry(retryable=exc.retryable, attempts_made=doc["attempts"]):
             delay = self._retry.backoff(doc["attempts"])
-            event(log, "job.retry", job=doc["_id"], attempt=doc["attempts"], delay_s=round(delay, 3), error=exc.message)
+            event(
+                log,
+                "job.retry",
+                job=doc["_id"],
+                attempt=doc["attempts"],
+                delay_s=round(delay, 3),
+                error=exc.message,
+            )
             if await self._queue.retry_later(doc, error, delay):
                 self._backlog = True
             return

@@ -20,11 +20,11 @@ from typing import Any
 from pymongo.asynchronous.collection import AsyncCollection
 
 from app.clock import Clock
+from app.engines import process as proc
 from app.errors import ModelUnavailable
 from app.logs import event
 from app.proxy.client import EngineClient
 from app.settings import EngineDefaults, ModelSettings
-from app.engines import process as proc
 from app.store.embedded import free_port
 
 log = logging.getLogger("gateway.engines")
@@ -116,7 +116,9 @@ class EngineManager:
 
     async def start_all(self) -> None:
         await self._kill_left_behind()
-        names = [n for n, e in self.engines.items() if e.settings.autostart and e.settings.kind in STARTABLE_KINDS]
+        names = [
+            n for n, e in self.engines.items() if e.settings.autostart and e.settings.kind in STARTABLE_KINDS
+        ]
         await asyncio.gather(*(self.start(name) for name in names))
         self._watch_task = asyncio.create_task(self._watch(), name="engine-watch")
 
@@ -140,9 +142,15 @@ class EngineManager:
         engine.process = proc.spawn(argv, engine.settings, log_path)
         await self._records.replace_one(
             {"_id": engine.name},
-            {"_id": engine.name, "host": self._host, "pid": engine.process.pid,
-             "create_time": engine.process.create_time, "port": engine.port, "argv": argv,
-             "started_at": engine.started_at},
+            {
+                "_id": engine.name,
+                "host": self._host,
+                "pid": engine.process.pid,
+                "create_time": engine.process.create_time,
+                "port": engine.port,
+                "argv": argv,
+                "started_at": engine.started_at,
+            },
             upsert=True,
         )
         event(log, "engine.starting", model=engine.name, pid=engine.process.pid, port=engine.port)
@@ -180,10 +188,7 @@ class EngineManager:
     async def stop_all(self) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()
-            try:
-                await self._watch_task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.gather(self._watch_task, return_exceptions=True)
             self._watch_task = None
         for task in self._start_tasks.values():
             task.cancel()
@@ -219,7 +224,9 @@ class EngineManager:
         event(log, "engine.crashed", logging.ERROR, model=engine.name, code=code, crashes=len(engine.crashes))
         if len(engine.crashes) >= self._max_crashes:
             engine.state = EngineState.FAILED
-            engine.reason = f"crashed {len(engine.crashes)} times in {self._crash_window_s:g} s; last exit code {code}"
+            engine.reason = (
+                f"crashed {len(engine.crashes)} times in {self._crash_window_s:g} s; last exit code {code}"
+            )
             return
         backoff = min(30.0, 0.5 * 2 ** (len(engine.crashes) - 1))
         await asyncio.sleep(backoff)

@@ -6,6 +6,7 @@ way to be sure no child keeps GPU memory after a stop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -46,8 +47,13 @@ def spawn(argv: list[str], model: ModelSettings, log_path: Path) -> SpawnedProce
     env = {**os.environ, **model.env}
     with log_path.open("ab") as log_out:
         popen = subprocess.Popen(
-            argv, stdout=log_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env=env, cwd=os.getcwd(),
+            argv,
+            stdout=log_out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+            cwd=os.getcwd(),
         )
     return SpawnedProcess(popen.pid, psutil.Process(popen.pid).create_time(), popen)
 
@@ -55,10 +61,8 @@ def spawn(argv: list[str], model: ModelSettings, log_path: Path) -> SpawnedProce
 def stop(process: SpawnedProcess, timeout_s: float) -> None:
     terminate_group(process.pid, timeout_s)
     if process.popen is not None:
-        try:
-            process.popen.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            pass
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.popen.wait(timeout=1)  # reap it, so no zombie is left
 
 
 def is_same_process(pid: int, create_time: float) -> bool:

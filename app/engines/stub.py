@@ -73,35 +73,52 @@ class StubEngine:
         max_tokens = int(body.get("max_tokens") or self.args.max_tokens)
         words = _reply_words(_text(messages[-1]), max_tokens)
         finish = "length" if len(words) >= max_tokens else "stop"
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
-                 "total_tokens": prompt_tokens + len(words)}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(words),
+            "total_tokens": prompt_tokens + len(words),
+        }
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return await self._stream(request, words, finish, usage if include_usage else None)
         if self.args.latency_ms:
             await asyncio.sleep(self.args.latency_ms / 1000)
-        return web.json_response({
-            "id": "chatcmpl-" + uuid.uuid4().hex,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.model,
-            "system_fingerprint": FINGERPRINT,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
-                         "finish_reason": finish}],
-            "usage": usage,
-        })
+        return web.json_response(
+            {
+                "id": "chatcmpl-" + uuid.uuid4().hex,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.model,
+                "system_fingerprint": FINGERPRINT,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": " ".join(words)},
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": usage,
+            }
+        )
 
     async def _stream(
         self, request: web.Request, words: list[str], finish: str, usage: dict[str, int] | None
     ) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
         await response.prepare(request)
         chunk_id, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
 
         def chunk(delta: dict[str, Any], finish_reason: str | None) -> bytes:
-            data = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": self.model,
-                    "system_fingerprint": FINGERPRINT,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            data = {
+                "id": chunk_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model,
+                "system_fingerprint": FINGERPRINT,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            }
             return f"data: {json.dumps(data)}\n\n".encode()
 
         if self.args.latency_ms:
@@ -113,8 +130,14 @@ class StubEngine:
             await response.write(chunk({"content": word if i == 0 else " " + word}, None))
         await response.write(chunk({}, finish))
         if usage is not None:
-            data = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": self.model,
-                    "choices": [], "usage": usage}
+            data = {
+                "id": chunk_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model,
+                "choices": [],
+                "usage": usage,
+            }
             await response.write(f"data: {json.dumps(data)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
@@ -153,7 +176,9 @@ def build_app(args: argparse.Namespace) -> web.Application:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Stub OpenAI-compatible engine (a test double, not a model).")
+    parser = argparse.ArgumentParser(
+        description="Stub OpenAI-compatible engine (a test double, not a model)."
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model-name", default="stub")

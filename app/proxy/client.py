@@ -72,10 +72,14 @@ class EngineClient:
         except TimeoutError:
             raise EngineTimeout(timeout_s) from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise EngineCallError(f"engine connection failed: {exc.__class__.__name__}: {exc}", retryable=True) from None
+            raise EngineCallError(
+                f"engine connection failed: {exc.__class__.__name__}: {exc}", retryable=True
+            ) from None
         if response.status >= 500:
             raise EngineCallError(
-                f"engine error {response.status}: {_engine_message(body)}", retryable=True, status=response.status
+                f"engine error {response.status}: {_engine_message(body)}",
+                retryable=True,
+                status=response.status,
             )
         if response.status >= 400:
             raise EngineCallError(_engine_message(body), retryable=False, status=response.status)

@@ -51,7 +51,9 @@ class Submission:
 
 def request_fingerprint(model: str, request: Doc) -> str:
     """Stable hash of what was asked, so a reused Idempotency-Key with another request is caught."""
-    canonical = json.dumps({"model": model, "request": request}, sort_keys=True, separators=(",", ":"), default=str)
+    canonical = json.dumps(
+        {"model": model, "request": request}, sort_keys=True, separators=(",", ":"), default=str
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -94,5 +96,7 @@ def build_document(
         doc["request_hash"] = request_fingerprint(sub.model, sub.request)
     if running_as is not None:
         worker, lease_until = running_as
-        doc.update(state=JobState.RUNNING.value, worker=worker, lease_until=lease_until, started_at=now, attempts=1)
+        doc.update(
+            state=JobState.RUNNING.value, worker=worker, lease_until=lease_until, started_at=now, attempts=1
+        )
     return doc

@@ -185,15 +185,24 @@ class JobQueue:
         now = self.clock.now()
         candidates = await self.store.queued_candidates(model, limit + 10)
         ready = [d for d in candidates if d.get("not_before") is None or d["not_before"] <= now][:limit]
-        waits = [(d["not_before"] - now).total_seconds() for d in candidates if d.get("not_before") and d["not_before"] > now]
+        waits = [
+            (d["not_before"] - now).total_seconds()
+            for d in candidates
+            if d.get("not_before") and d["not_before"] > now
+        ]
         lease_until = now + self.lease
-        won_flags = await asyncio.gather(*(self.store.claim(d, self.worker_id, now, lease_until) for d in ready))
+        won_flags = await asyncio.gather(
+            *(self.store.claim(d, self.worker_id, now, lease_until) for d in ready)
+        )
         won = []
         for doc, ok in zip(ready, won_flags, strict=True):
             if ok:
                 doc.update(
-                    state=JobState.RUNNING.value, worker=self.worker_id, lease_until=lease_until,
-                    started_at=now, attempts=doc["attempts"] + 1,
+                    state=JobState.RUNNING.value,
+                    worker=self.worker_id,
+                    lease_until=lease_until,
+                    started_at=now,
+                    attempts=doc["attempts"] + 1,
                 )
                 won.append(doc)
         return won, (min(waits) if waits else None)
@@ -205,7 +214,9 @@ class JobQueue:
             self._free(doc)
             self._resolve(doc)
             return True
-        event(log, "job.result_dropped", logging.WARNING, job=doc["_id"], reason="lease lost before completion")
+        event(
+            log, "job.result_dropped", logging.WARNING, job=doc["_id"], reason="lease lost before completion"
+        )
         return False
 
     async def fail(self, doc: Doc, error: Doc) -> bool:
@@ -250,7 +261,9 @@ class JobQueue:
     async def recover_running(self, doc: Doc, error: Doc, retry_delay_s: float | None) -> bool:
         """Return a job whose worker is gone to the queue, or fail it when retries are spent."""
         conditions: dict[str, Any] = {
-            "state": JobState.RUNNING.value, "worker": doc.get("worker"), "attempts": doc["attempts"]
+            "state": JobState.RUNNING.value,
+            "worker": doc.get("worker"),
+            "attempts": doc["attempts"],
         }
         if retry_delay_s is None:
             ok = await self.store.fail_running(doc, conditions, self.clock.now(), error)
@@ -260,7 +273,9 @@ class JobQueue:
                 if latest is not None:
                     self._resolve(latest)
             return ok
-        ok = await self.store.requeue(doc, conditions, self.clock.now() + timedelta(seconds=retry_delay_s), error)
+        ok = await self.store.requeue(
+            doc, conditions, self.clock.now() + timedelta(seconds=retry_delay_s), error
+        )
         if ok:
             self._wake(doc["model"])
         return ok

@@ -9,6 +9,7 @@ A terminal transition unsets `slot` (freeing the queue place in the same write) 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+
 from pymongo.asynchronous.collection import AsyncCollection
 
 from app.queue.jobs import Doc, JobState
@@ -17,7 +18,11 @@ from app.store.batch import BatchWriter
 
 class JobStore:
     def __init__(
-        self, jobs: AsyncCollection[Doc], writer: BatchWriter, retention: timedelta, redact: tuple[str, ...] = ()
+        self,
+        jobs: AsyncCollection[Doc],
+        writer: BatchWriter,
+        retention: timedelta,
+        redact: tuple[str, ...] = (),
     ) -> None:
         self._jobs = jobs
         self._writer = writer
@@ -71,7 +76,12 @@ class JobStore:
             doc["_id"],
             {"state": JobState.QUEUED.value, "attempts": doc["attempts"]},
             {
-                "$set": {"state": JobState.RUNNING.value, "worker": worker, "lease_until": lease_until, "started_at": now},
+                "$set": {
+                    "state": JobState.RUNNING.value,
+                    "worker": worker,
+                    "lease_until": lease_until,
+                    "started_at": now,
+                },
                 "$inc": {"attempts": 1},
             },
         )
@@ -95,11 +105,15 @@ class JobStore:
 
     async def succeed(self, doc: Doc, worker: str, now: datetime, result: Doc) -> bool:
         return await self._writer.update(
-            doc["_id"], self._running_by(doc, worker), self._finish(JobState.SUCCEEDED, now, {"result": result})
+            doc["_id"],
+            self._running_by(doc, worker),
+            self._finish(JobState.SUCCEEDED, now, {"result": result}),
         )
 
     async def fail_running(self, doc: Doc, conditions: Doc, now: datetime, error: Doc) -> bool:
-        return await self._writer.update(doc["_id"], conditions, self._finish(JobState.FAILED, now, {"error": error}))
+        return await self._writer.update(
+            doc["_id"], conditions, self._finish(JobState.FAILED, now, {"error": error})
+        )
 
     async def fail(self, doc: Doc, worker: str, now: datetime, error: Doc) -> bool:
         return await self.fail_running(doc, self._running_by(doc, worker), now, error)
@@ -113,7 +127,9 @@ class JobStore:
             conditions,
             {
                 "$set": {
-                    "state": JobState.QUEUED.value, "not_before": not_before, "queue_deadline": deadline,
+                    "state": JobState.QUEUED.value,
+                    "not_before": not_before,
+                    "queue_deadline": deadline,
                     "last_error": error,
                 },
                 "$unset": {"worker": "", "lease_until": ""},
@@ -126,4 +142,3 @@ class JobStore:
             {"state": JobState.QUEUED.value},
             self._finish(JobState.EXPIRED, now, {"error": error}),
         )
-

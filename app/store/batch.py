@@ -69,18 +69,16 @@ class BatchWriter:
 
     async def drain(self) -> None:
         """Wait until everything enqueued so far is written."""
-        while self._pending:
-            await asyncio.sleep(0.001)
+        futures = [op.future for op in self._pending]
+        if futures:
+            await asyncio.wait(futures)
 
     async def stop(self) -> None:
         self._closing = True
         await self.drain()
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
     async def insert(self, doc: Doc) -> None:
@@ -95,7 +93,9 @@ class BatchWriter:
         """
         rev = uuid.uuid4().hex
         stamped = {**update, "$set": {**update.get("$set", {}), "rev": rev}}
-        op = _Op(UpdateOne({"_id": doc_id, **conditions}, stamped), self._new_future(), doc_id=doc_id, rev=rev)
+        op = _Op(
+            UpdateOne({"_id": doc_id, **conditions}, stamped), self._new_future(), doc_id=doc_id, rev=rev
+        )
         return await self._submit(op)
 
     @staticmethod

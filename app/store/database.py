@@ -70,7 +70,12 @@ async def ensure_indexes(database: Database) -> None:
     )
     await jobs.create_index([("expire_at", ASCENDING)], name="history_ttl", expireAfterSeconds=0)
     await jobs.create_index(
-        [("model", ASCENDING), ("state", ASCENDING), ("priority_rank", ASCENDING), ("enqueued_at", ASCENDING)],
+        [
+            ("model", ASCENDING),
+            ("state", ASCENDING),
+            ("priority_rank", ASCENDING),
+            ("enqueued_at", ASCENDING),
+        ],
         name="claim_order",
     )
     await jobs.create_index([("state", ASCENDING), ("lease_until", ASCENDING)], name="lease_sweep")

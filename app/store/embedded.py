@@ -137,12 +137,22 @@ class EmbeddedDatabase:
         port = self._port or free_port()
         argv = [
             *resolve_command(self._command),
-            "--host", "127.0.0.1", "--port", str(port),
-            "--storage-path", str(self._storage), "--log-level", "WARNING",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--storage-path",
+            str(self._storage),
+            "--log-level",
+            "WARNING",
         ]
         with self._log_file.open("ab") as log_out:
             proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once, the wait below is async
-                argv, stdout=log_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                argv,
+                stdout=log_out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self._pid = proc.pid
         self._pid_file.write_text(

@@ -17,8 +17,14 @@ async def gw(gateway_factory: GatewayFactory) -> GatewayClient:
 
 def _claims(**overrides: object) -> dict[str, object]:
     now = int(time.time())
-    claims: dict[str, object] = {"sub": "alice", "role": "client", "iss": "model-gateway",
-                                 "aud": "model-gateway-clients", "iat": now, "exp": now + 600}
+    claims: dict[str, object] = {
+        "sub": "alice",
+        "role": "client",
+        "iss": "model-gateway",
+        "aud": "model-gateway-clients",
+        "iat": now,
+        "exp": now + 600,
+    }
     claims.update(overrides)
     return claims
 
@@ -32,14 +38,18 @@ async def test_token_endpoint_issues_working_tokens(gw: GatewayClient) -> None:
     body = response.json()
     assert body["token_type"] == "bearer"
     assert body["expires_in"] == 3600
-    queue = await gw.http.get("/admin/queue/demo", headers={"Authorization": f"Bearer {body['access_token']}"})
+    queue = await gw.http.get(
+        "/admin/queue/demo", headers={"Authorization": f"Bearer {body['access_token']}"}
+    )
     assert queue.status_code == 200
     refreshed = await gw.http.post("/auth/refresh", json={"refresh_token": body["refresh_token"]})
     assert refreshed.status_code == 200
     assert refreshed.json()["access_token"] != body["access_token"]
 
 
-@pytest.mark.parametrize(("username", "password"), [("admin", "wrong-password"), ("nobody", "whatever-it-is")])
+@pytest.mark.parametrize(
+    ("username", "password"), [("admin", "wrong-password"), ("nobody", "whatever-it-is")]
+)
 async def test_bad_credentials_are_401(gw: GatewayClient, username: str, password: str) -> None:
     response = await gw.http.post("/auth/token", data={"username": username, "password": password})
     assert response.status_code == 401
@@ -52,14 +62,29 @@ async def test_bad_credentials_are_401(gw: GatewayClient, username: str, passwor
         (None, "missing Authorization header"),
         ("Token abc", "must be: Bearer"),
         ("Bearer not-a-jwt", "token is invalid"),
-        ("Bearer " + jwt.encode(_claims(), "another-secret-that-is-long-enough-to-sign", algorithm="HS256"),
-         "token is invalid"),
+        (
+            "Bearer "
+            + jwt.encode(_claims(), "another-secret-that-is-long-enough-to-sign", algorithm="HS256"),
+            "token is invalid",
+        ),
         ("Bearer " + jwt.encode(_claims(exp=int(time.time()) - 5), JWT_SECRET, algorithm="HS256"), "expired"),
-        ("Bearer " + jwt.encode(_claims(aud="someone-else"), JWT_SECRET, algorithm="HS256"), "token is invalid"),
+        (
+            "Bearer " + jwt.encode(_claims(aud="someone-else"), JWT_SECRET, algorithm="HS256"),
+            "token is invalid",
+        ),
         ("Bearer " + jwt.encode(_claims(), key="", algorithm="none"), "token is invalid"),
         ("Bearer " + jwt.encode(_claims(), JWT_SECRET, algorithm="HS512"), "token is invalid"),
     ],
-    ids=["missing", "wrong-scheme", "garbage", "forged", "expired", "wrong-audience", "alg-none", "alg-hs512"],
+    ids=[
+        "missing",
+        "wrong-scheme",
+        "garbage",
+        "forged",
+        "expired",
+        "wrong-audience",
+        "alg-none",
+        "alg-hs512",
+    ],
 )
 async def test_bad_tokens_are_401_never_500(gw: GatewayClient, header: str | None, message: str) -> None:
     headers = {"X-Client-ID": "tests"} | ({"Authorization": header} if header else {})
@@ -105,8 +130,20 @@ async def test_jobs_are_visible_to_owner_and_admin_only(gw: GatewayClient) -> No
         ({}, {**BODY, "stream": True}, 400, "use POST /v1/chat/completions"),
         ({"Idempotency-Key": "k" * 200}, BODY, 400, "Idempotency-Key must be"),
     ],
-    ids=["priority", "no-client-id", "client-id-charset", "unknown-model", "empty-messages", "unknown-field",
-         "max-tokens-0", "temperature", "bad-role", "no-model", "stream", "long-idempotency-key"],
+    ids=[
+        "priority",
+        "no-client-id",
+        "client-id-charset",
+        "unknown-model",
+        "empty-messages",
+        "unknown-field",
+        "max-tokens-0",
+        "temperature",
+        "bad-role",
+        "no-model",
+        "stream",
+        "long-idempotency-key",
+    ],
 )
 async def test_bad_input_is_a_clear_4xx_and_admits_nothing(
     gw: GatewayClient, headers: dict[str, str], body: dict[str, object], status: int, message: str

@@ -27,7 +27,9 @@ async def test_chat_answer_carries_engine_reply_and_compat_fields(gateway_factor
     assert job.json()["result"]["message"]["content"] == body["message"]["content"]
 
 
-async def test_admission_is_exactly_capacity_under_40_concurrent_requests(gateway_factory: GatewayFactory) -> None:
+async def test_admission_is_exactly_capacity_under_40_concurrent_requests(
+    gateway_factory: GatewayFactory,
+) -> None:
     gw = await gateway_factory({"slow": stub("--latency-ms", "1500")})
     responses = await asyncio.gather(*(gw.chat("slow", f"request {i}") for i in range(40)))
     statuses = sorted(r.status_code for r in responses)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -41,8 +42,13 @@ class Daemon:
         config: dict[str, Any] = {
             "server": {"port": self.port, "log_level": "INFO"},
             "data_dir": str(self.data_dir),
-            "queue": {"sweep_interval_seconds": 0.2, "poll_interval_seconds": 0.2, "lease_seconds": 5,
-                      "heartbeat_seconds": 1, "retry_backoff_seconds": 0.05},
+            "queue": {
+                "sweep_interval_seconds": 0.2,
+                "poll_interval_seconds": 0.2,
+                "lease_seconds": 5,
+                "heartbeat_seconds": 1,
+                "retry_backoff_seconds": 0.05,
+            },
             "models": models,
         }
         config.update(sections)
@@ -52,7 +58,9 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.seen: set[int] = set()  # every child pid observed, so cleanup never leaks one
         self.url = f"http://127.0.0.1:{self.port}"
-        tokens = TokenService(self.secret, "model-gateway", "model-gateway-clients", 3600, 3600, SystemClock())
+        tokens = TokenService(
+            self.secret, "model-gateway", "model-gateway-clients", 3600, 3600, SystemClock()
+        )
         self.token = tokens.issue("alice", "client")
         self.admin_token = tokens.issue("root", "admin")
 
@@ -65,7 +73,11 @@ class Daemon:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "app", "--config", str(self.config)],
-                cwd=ROOT, env=self.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=ROOT,
+                env=self.env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     async def wait_healthy(self, timeout_s: float = 60.0) -> dict[str, Any]:
@@ -75,7 +87,9 @@ class Daemon:
             while loop.time() < deadline:
                 assert self.proc is not None
                 if self.proc.poll() is not None:
-                    raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                    raise AssertionError(
+                        f"gateway exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                    )
                 try:
                     body: dict[str, Any] = (await client.get(f"{self.url}/health")).json()
                     if body["status"] == "healthy" and all(
@@ -117,10 +131,8 @@ class Daemon:
 
 def stop_quietly(pids: list[int]) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(os.getpgid(pid), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 @pytest.fixture
@@ -132,8 +144,6 @@ def daemons() -> Iterator[list[Daemon]]:
         pids = [*daemon.children_pids(), *daemon.seen]
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.terminate()
-        try:
+        with contextlib.suppress(OSError, ValueError):
             pids.append(daemon.db_pid())
-        except (OSError, ValueError):
-            pass
         stop_quietly([p for p in pids if psutil.pid_exists(p)])

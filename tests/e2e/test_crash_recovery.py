@@ -43,15 +43,20 @@ async def _chat(client: httpx.AsyncClient, daemon: Daemon, i: int) -> httpx.Resp
     return await client.post(
         f"{daemon.url}/api/chat",
         json={"model": "slow", "messages": [{"role": "user", "content": f"request-{i}"}]},
-        headers={"Authorization": f"Bearer {daemon.token}", "X-Client-ID": "crash-test",
-                 "Idempotency-Key": f"key-{i}"},
+        headers={
+            "Authorization": f"Bearer {daemon.token}",
+            "X-Client-ID": "crash-test",
+            "Idempotency-Key": f"key-{i}",
+        },
         timeout=120,
     )
 
 
 async def _crash_and_recover(tmp_path: Path, daemons: list[Daemon], kill_database: bool) -> None:
-    daemon = Daemon(tmp_path, {"slow": {"kind": "stub", "args": ["--latency-ms", "4000"],
-                                        "max_concurrent": 5, "max_waiting": 5}})
+    daemon = Daemon(
+        tmp_path,
+        {"slow": {"kind": "stub", "args": ["--latency-ms", "4000"], "max_concurrent": 5, "max_waiting": 5}},
+    )
     daemons.append(daemon)
     daemon.start()
     await daemon.wait_healthy()
@@ -73,8 +78,9 @@ async def _crash_and_recover(tmp_path: Path, daemons: list[Daemon], kill_databas
             assert daemon.db_pid() != db_pid
         else:
             assert daemon.db_pid() == db_pid  # the healthy database left behind was reused
-        assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                       for p in engine_pids), "the old engine process was left running"
+        assert not any(
+            psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in engine_pids
+        ), "the old engine process was left running"
         again = await asyncio.gather(*(_chat(client, daemon, i) for i in range(N)))
 
     assert [r.status_code for r in again] == [200] * N, [r.text for r in again]
@@ -108,7 +114,9 @@ async def test_sigterm_stops_engines_and_database(tmp_path: Path, daemons: list[
     # uvicorn re-raises the signal after its graceful shutdown, hence -SIGTERM
     assert daemon.terminate() in (0, -signal.SIGTERM)
     assert "gateway.stopped" in daemon.log.read_text()
-    leftover = [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    leftover = [
+        p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    ]
     assert leftover == []
     assert not (daemon.data_dir / "db.pid").exists()
 

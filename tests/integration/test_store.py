@@ -59,13 +59,21 @@ async def test_each_caller_learns_its_own_outcome(writer: BatchWriter, database:
     )
     assert isinstance(results[0], DuplicateKey)
     assert results[0].fields == ("slot",)
-    assert results[1:] == [None, True, False]
+    assert list(results[1:]) == [None, True, False]
     assert (await database.jobs.find_one({"_id": "d"})) is not None
 
 
 def _submission(model: str = "m", priority: Priority = Priority.NORMAL) -> Submission:
-    return Submission(model=model, kind="chat", request={"messages": []}, owner="alice", client_id="t",
-                      priority=priority, idempotency_key=None, queue_timeout_s=30)
+    return Submission(
+        model=model,
+        kind="chat",
+        request={"messages": []},
+        owner="alice",
+        client_id="t",
+        priority=priority,
+        idempotency_key=None,
+        queue_timeout_s=30,
+    )
 
 
 async def test_claim_is_in_priority_order_and_fifo(writer: BatchWriter, database: Database) -> None:
@@ -92,7 +100,9 @@ async def test_sweeper_requeues_expired_lease_and_fails_when_retries_are_spent(
     sweeper = Sweeper(queue, RetryPolicy(max_retries=3, base_seconds=0.0), lambda: [], 1, 0.5)
     now = clock.now()
     for job_id, attempts in (("lost", 1), ("spent", 4)):
-        doc = build_document(_submission(), job_id, f"m#{attempts}", now, ("otherhost/1/1", now + timedelta(seconds=30)))
+        doc = build_document(
+            _submission(), job_id, f"m#{attempts}", now, ("otherhost/1/1", now + timedelta(seconds=30))
+        )
         doc["attempts"] = attempts
         await store.insert(doc)
     assert await sweeper.sweep() == {"requeued": 0, "failed": 0, "expired": 0}  # leases still valid
@@ -108,7 +118,9 @@ async def test_sweeper_requeues_expired_lease_and_fails_when_retries_are_spent(
     assert won[0]["attempts"] == 2
 
 
-async def test_sweeper_expires_jobs_past_their_queue_deadline(writer: BatchWriter, database: Database) -> None:
+async def test_sweeper_expires_jobs_past_their_queue_deadline(
+    writer: BatchWriter, database: Database
+) -> None:
     clock = ManualClock()
     queue = JobQueue(JobStore(database.jobs, writer, timedelta(days=15)), clock, "w1", {"m": 2}, 30, 1)
     sweeper = Sweeper(queue, RetryPolicy(), lambda: [], 1, 0.5)

@@ -27,7 +27,12 @@ def test_priority_parse_and_rank() -> None:
 
 def test_retry_policy_counts_retries_not_attempts() -> None:
     policy = RetryPolicy(max_retries=3)
-    assert [policy.should_retry(retryable=True, attempts_made=n) for n in (1, 2, 3, 4)] == [True, True, True, False]
+    assert [policy.should_retry(retryable=True, attempts_made=n) for n in (1, 2, 3, 4)] == [
+        True,
+        True,
+        True,
+        False,
+    ]
     assert not policy.should_retry(retryable=False, attempts_made=1)
 
 
@@ -36,7 +41,7 @@ def test_backoff_grows_and_is_capped() -> None:
     rng = random.Random(1)
     for attempt, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (6, 3.0)]:
         delays = [policy.backoff(attempt, rng) for _ in range(200)]
-        assert 0.25 <= min(delays)
+        assert min(delays) >= 0.25
         assert max(delays) <= ceiling
         assert max(delays) > ceiling * 0.8  # jitter spreads over the range
 
@@ -52,7 +57,9 @@ def test_slot_book_reserves_lowest_free_and_reports_full() -> None:
 
 
 def test_bad_config_names_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"models\.demo\.max_concurrent: Input should be greater than or equal to 1"):
+    with pytest.raises(
+        ConfigError, match=r"models\.demo\.max_concurrent: Input should be greater than or equal to 1"
+    ):
         parse_settings({"models": {"demo": {"kind": "stub", "max_concurrent": 0}}})
     with pytest.raises(ConfigError, match=r"queue\.max_retrys: unknown key"):
         parse_settings({"queue": {"max_retrys": 3}})
@@ -61,8 +68,14 @@ def test_bad_config_names_the_key() -> None:
     with pytest.raises(ConfigError, match="heartbeat_seconds must be shorter than lease_seconds"):
         parse_settings({"queue": {"lease_seconds": 5, "heartbeat_seconds": 10}})
     with pytest.raises(ConfigError, match="'shared' is used by both 'a' and 'b'"):
-        parse_settings({"models": {"a": {"kind": "stub", "aliases": ["shared"]},
-                                   "b": {"kind": "stub", "aliases": ["shared"]}}})
+        parse_settings(
+            {
+                "models": {
+                    "a": {"kind": "stub", "aliases": ["shared"]},
+                    "b": {"kind": "stub", "aliases": ["shared"]},
+                }
+            }
+        )
 
 
 def test_env_overrides_and_yaml_errors(tmp_path: Path) -> None:
