@@ -20,7 +20,7 @@ from app.queue.retry import RetryPolicy
 from app.queue.service import JobQueue
 from app.queue.store import JobStore
 from app.queue.sweeper import Sweeper, make_worker_id
-from app.settings import Settings, check_secret
+from app.settings import Settings, check_secret, redact_uri
 from app.store.batch import BatchWriter
 from app.store.database import Database, connect, ensure_indexes
 from app.store.embedded import EmbeddedDatabase
@@ -77,12 +77,13 @@ class Gateway:
         await ensure_indexes(db)
         self.writer = BatchWriter(db.jobs, s.database.batch_max_ops)
         self.writer.start()
-        redact = tuple(
-            f
-            for f, keep in (("request", s.history.store_prompts), ("result", s.history.store_outputs))
-            if not keep
+        store = JobStore(
+            db.jobs,
+            self.writer,
+            timedelta(days=s.history.retention_days),
+            store_prompts=s.history.store_prompts,
+            store_outputs=s.history.store_outputs,
         )
-        store = JobStore(db.jobs, self.writer, timedelta(days=s.history.retention_days), redact)
         capacities = {name: m.max_concurrent + m.max_waiting for name, m in s.models.items()}
         self.queue = queue = JobQueue(
             store,
@@ -124,7 +125,13 @@ class Gateway:
             dispatcher.start()
         await engines.start_all()
         self.chat = ChatService(self.registry, engines, queue, self.dispatchers)
-        event(log, "gateway.started", worker=self.worker_id, models=len(s.models), database=s.database.uri)
+        event(
+            log,
+            "gateway.started",
+            worker=self.worker_id,
+            models=len(s.models),
+            database=redact_uri(s.database.uri),
+        )
 
     def _url_of(self, name: str) -> Callable[[], str | None]:
         def url() -> str | None:

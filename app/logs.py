@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any
@@ -18,8 +19,11 @@ def configure(level: str = "INFO") -> None:
 
 
 def _fmt(value: Any) -> str:
+    """Quote values with spaces, quotes or newlines, so no value can forge another log line."""
     text = str(value)
-    return f'"{text}"' if (" " in text or not text) else text
+    if not text or any(c in text for c in ' "=\n\r\t\\'):
+        return json.dumps(text)
+    return text
 
 
 def event(logger: logging.Logger, action: str, level: int = logging.INFO, **fields: Any) -> None:

@@ -140,6 +140,25 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
 }
 
 
+def redact_uri(uri: str) -> str:
+    """mongodb://user:secret@host -> mongodb://***@host, for logs."""
+    return re.sub(r"//[^@/]*@", "//***@", uri)
+
+
+SECRET_ENV = ("GATEWAY_JWT_SECRET", "MONGODB_URI", "GATEWAY_ADMIN_PASSWORD", "GATEWAY_USER_PASSWORD")
+
+
+def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for engine and database processes: ours minus every secret."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in SECRET_ENV and not k.endswith(("_PASSWORD", "_SECRET", "_TOKEN", "_API_KEY"))
+    }
+    env.update(extra or {})
+    return env
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """Parse a dotenv file (KEY=VALUE lines); quickstart writes the JWT secret there."""
     values: dict[str, str] = {}

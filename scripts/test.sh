@@ -20,12 +20,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-echo "== ruff"
-.venv/bin/ruff check app tests scripts
-.venv/bin/ruff format --check app tests scripts
-echo "== mypy (strict)"
-.venv/bin/mypy
-echo "== import-linter"
-.venv/bin/lint-imports
+./scripts/lint.sh
 echo "== pytest"
 .venv/bin/pytest -q "$@"

@@ -94,7 +94,7 @@ class GatewayClient:
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout_s
         while asyncio.get_running_loop().time() < deadline:
-            summary = (await self.http.get("/health")).json()["models"]
+            summary = (await self.http.get("/health")).json()["engines"]
             if all(m["state"] in ("ready", "unavailable", "failed") for m in summary.values()):
                 return
             await asyncio.sleep(0.05)

@@ -34,10 +34,14 @@ _STATUS: list[tuple[type[errors.GatewayError], int]] = [
 ]
 
 
+# Engine answers that describe the client's own request pass through; an engine 401/403/404
+# would make a client blame its token or the model name, so those become 502.
+_ENGINE_PASSTHROUGH = frozenset({400, 413, 422})
+
+
 def status_of(exc: errors.GatewayError) -> int:
     if isinstance(exc, errors.JobFailed):
-        status = exc.engine_status
-        return status if status is not None and 400 <= status < 500 else 502
+        return exc.engine_status if exc.engine_status in _ENGINE_PASSTHROUGH else 502
     for kind, status in _STATUS:
         if isinstance(exc, kind):
             return status
@@ -79,7 +83,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            {"detail": exc.detail, "code": code}, status_code=exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(PyMongoError)
     async def _database(_: Request, exc: PyMongoError) -> JSONResponse:

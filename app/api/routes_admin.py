@@ -33,6 +33,7 @@ async def models(gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
             if ready and engine.ready_at
             else 0,
             "is_healthy": ready,
+            "resolution": None,  # OCR models report their default resolution (OCR issue)
             "max_concurrent": engine.settings.max_concurrent,
             "max_waiting": engine.settings.max_waiting,
         }
@@ -53,6 +54,7 @@ async def queue_stats(model: str, gw: GatewayDep, _: AdminDep) -> dict[str, Any]
     succeeded = await gw.queue.store.count(name, JobState.SUCCEEDED)
     failed = await gw.queue.store.count(name, JobState.FAILED)
     expired = await gw.queue.store.count(name, JobState.EXPIRED)
+    processing_timeouts = await gw.queue.store.count(name, JobState.FAILED, error_type="timeout")
     cancelled = await gw.queue.store.count(name, JobState.CANCELLED)
     return {
         "model": name,
@@ -65,7 +67,7 @@ async def queue_stats(model: str, gw: GatewayDep, _: AdminDep) -> dict[str, Any]
         "utilization": round(processing / cfg.max_concurrent, 4),
         "total_processed": succeeded,
         "total_failed": failed,
-        "total_timeout": expired,
+        "total_timeout": expired + processing_timeouts,
         "failed": failed,
         "expired": expired,
         "cancelled": cancelled,

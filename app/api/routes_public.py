@@ -21,7 +21,7 @@ async def health(gw: GatewayDep) -> dict[str, Any]:
         "timestamp": gw.clock.now().isoformat(),
         "database": "ok" if database_ok else "unreachable",
         "worker": gw.worker_id,
-        "models": gw.engines.summary() if gw.engines else {},
+        "engines": gw.engines.summary() if gw.engines else {},
     }
 
 

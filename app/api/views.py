@@ -81,6 +81,7 @@ def chat_answer(doc: Doc) -> dict[str, Any]:
         "message": reply,
         "response": reply.get("content"),
         "finish_reason": result.get("finish_reason"),
+        "output_redacted": bool(result.get("output_redacted")),
         "usage": result.get("usage") or {},
         "attempts": doc.get("attempts", 1),
         "priority": doc.get("priority"),

@@ -110,7 +110,7 @@ class EngineManager:
         if engine.state in (EngineState.UNAVAILABLE, EngineState.FAILED):
             raise ModelUnavailable(f"model {name!r} cannot be served now: {engine.reason}")
         if engine.state == EngineState.STOPPED:
-            raise ModelUnavailable(f"model {name!r} is not running; an admin can start it")
+            raise ModelUnavailable(f"model {name!r} is stopped")
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -233,7 +233,5 @@ class EngineManager:
         await self._start(engine)
 
     def summary(self) -> dict[str, Doc]:
-        return {
-            name: {"state": e.state.value, "kind": e.settings.kind, "reason": e.reason or None}
-            for name, e in self.engines.items()
-        }
+        """Public view (unauthenticated /health): states only, no log lines or pids."""
+        return {name: {"state": e.state.value, "kind": e.settings.kind} for name, e in self.engines.items()}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from app.settings import ModelSettings
+from app.settings import ModelSettings, child_environment
 from app.store.embedded import terminate_group
 
 
@@ -44,7 +44,7 @@ class SpawnedProcess:
 
 def spawn(argv: list[str], model: ModelSettings, log_path: Path) -> SpawnedProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **model.env}
+    env = child_environment(model.env)
     with log_path.open("ab") as log_out:
         popen = subprocess.Popen(
             argv,

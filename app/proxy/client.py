@@ -75,7 +75,7 @@ class EngineClient:
             raise EngineCallError(
                 f"engine connection failed: {exc.__class__.__name__}: {exc}", retryable=True
             ) from None
-        if response.status >= 500:
+        if response.status >= 500 or response.status in (408, 429):
             raise EngineCallError(
                 f"engine error {response.status}: {_engine_message(body)}",
                 retryable=True,

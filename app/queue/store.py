@@ -22,12 +22,15 @@ class JobStore:
         jobs: AsyncCollection[Doc],
         writer: BatchWriter,
         retention: timedelta,
-        redact: tuple[str, ...] = (),
+        store_prompts: bool = True,
+        store_outputs: bool = True,
     ) -> None:
         self._jobs = jobs
         self._writer = writer
         self._retention = retention
-        self._redact = redact  # fields dropped from history when the job ends (privacy setting)
+        # privacy settings: what history keeps once a job ends
+        self._drop = {} if store_prompts else {"request": ""}
+        self._store_outputs = store_outputs
 
     async def insert(self, doc: Doc) -> None:
         await self._writer.insert(doc)
@@ -68,8 +71,11 @@ class JobStore:
         )
         return [doc async for doc in cursor]
 
-    async def count(self, model: str, state: JobState) -> int:
-        return await self._jobs.count_documents({"model": model, "state": state.value})
+    async def count(self, model: str, state: JobState, error_type: str | None = None) -> int:
+        query: Doc = {"model": model, "state": state.value}
+        if error_type is not None:
+            query["error.type"] = error_type
+        return await self._jobs.count_documents(query)
 
     async def claim(self, doc: Doc, worker: str, now: datetime, lease_until: datetime) -> bool:
         return await self._writer.update(
@@ -96,7 +102,7 @@ class JobStore:
     def _finish(self, state: JobState, now: datetime, fields: Doc) -> Doc:
         return {
             "$set": {"state": state.value, "finished_at": now, "expire_at": now + self._retention, **fields},
-            "$unset": {"slot": "", "lease_until": "", "not_before": "", **dict.fromkeys(self._redact, "")},
+            "$unset": {"slot": "", "lease_until": "", "not_before": "", **self._drop},
         }
 
     @staticmethod
@@ -104,6 +110,8 @@ class JobStore:
         return {"state": JobState.RUNNING.value, "worker": worker, "attempts": doc["attempts"]}
 
     async def succeed(self, doc: Doc, worker: str, now: datetime, result: Doc) -> bool:
+        if not self._store_outputs:
+            result = {**{k: v for k, v in result.items() if k != "message"}, "output_redacted": True}
         return await self._writer.update(
             doc["_id"],
             self._running_by(doc, worker),

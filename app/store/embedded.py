@@ -25,6 +25,7 @@ from pymongo import AsyncMongoClient
 
 from app.errors import DatabaseUnavailable
 from app.logs import event
+from app.settings import child_environment
 
 log = logging.getLogger("gateway.embedded_db")
 
@@ -153,6 +154,7 @@ class EmbeddedDatabase:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env=child_environment(),
             )
         self._pid = proc.pid
         self._pid_file.write_text(

@@ -174,5 +174,5 @@ async def test_health_needs_no_auth_and_says_healthy(gw: GatewayClient) -> None:
     body = (await gw.http.get("/health")).json()
     assert body["status"] == "healthy"
     assert body["database"] == "ok"
-    assert body["models"]["demo"]["state"] == "ready"
+    assert body["engines"]["demo"]["state"] == "ready"
     assert "timestamp" in body

@@ -88,3 +88,43 @@ async def test_history_ttl_index_and_expire_at(gateway_factory: GatewayFactory) 
     assert doc is not None
     assert doc["expire_at"] - doc["finished_at"] == timedelta(days=15)
     assert "slot" not in doc
+
+
+async def test_privacy_settings_keep_prompts_and_outputs_out_of_history(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory({"demo": stub()}, history={"store_prompts": False, "store_outputs": False})
+    response = await gw.chat("demo", "a private question", Idempotency_Key="private-1")
+    assert response.status_code == 200, response.text
+    assert response.json()["message"]["content"] == "stub reply to: a private question"
+    database = gw.gateway.database
+    assert database is not None
+    doc = await database.jobs.find_one({"_id": response.json()["id"]})
+    assert doc is not None
+    assert "request" not in doc
+    assert "message" not in doc["result"]
+    assert doc["result"]["output_redacted"] is True
+    assert doc["result"]["usage"]["total_tokens"] > 0
+    replay = await gw.chat("demo", "a private question", Idempotency_Key="private-1")
+    assert replay.json()["id"] == response.json()["id"]
+    assert replay.json()["output_redacted"] is True
+    assert replay.json()["message"]["content"] is None
+
+
+async def test_engines_do_not_inherit_the_gateway_secrets(gateway_factory: GatewayFactory) -> None:
+    import os
+
+    import psutil
+
+    os.environ["GATEWAY_ADMIN_PASSWORD"] = "should-not-leak-to-engines"
+    try:
+        gw = await gateway_factory({"demo": stub()})
+    finally:
+        del os.environ["GATEWAY_ADMIN_PASSWORD"]
+    engines = gw.gateway.engines
+    assert engines is not None
+    process = engines.get("demo").process
+    assert process is not None
+    environment = psutil.Process(process.pid).environ()
+    assert "GATEWAY_ADMIN_PASSWORD" not in environment
+    assert "PATH" in environment

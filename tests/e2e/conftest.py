@@ -93,7 +93,7 @@ class Daemon:
                 try:
                     body: dict[str, Any] = (await client.get(f"{self.url}/health")).json()
                     if body["status"] == "healthy" and all(
-                        m["state"] == "ready" for m in body["models"].values()
+                        m["state"] == "ready" for m in body["engines"].values()
                     ):
                         return body
                 except httpx.HTTPError:
