@@ -16,10 +16,13 @@ from app.engines.manager import EngineManager
 from app.logs import event
 from app.models import ModelRegistry
 from app.proxy.client import EngineClient
+from app.queue.history import HistoryPruner
 from app.queue.retry import RetryPolicy
 from app.queue.service import JobQueue
+from app.queue.stats import OutcomeCounters
 from app.queue.store import JobStore
 from app.queue.sweeper import Sweeper, make_worker_id
+from app.scheduler import Scheduler
 from app.settings import Settings, check_secret, redact_uri
 from app.store.batch import BatchWriter
 from app.store.database import Database, connect, ensure_indexes
@@ -45,6 +48,8 @@ class Gateway:
     engines: EngineManager | None = None
     dispatchers: dict[str, ModelDispatcher] = field(default_factory=dict)
     sweeper: Sweeper | None = None
+    counters: OutcomeCounters | None = None
+    scheduler: Scheduler = field(default_factory=Scheduler)
     users: UserService | None = None
     chat: ChatService | None = None
 
@@ -70,7 +75,7 @@ class Gateway:
         if uri == "embedded":
             embedded = s.database.embedded
             self.embedded = EmbeddedDatabase(
-                s.data_dir, embedded.command, embedded.startup_timeout, embedded.port
+                s.data_dir, embedded.command, embedded.startup_timeout, embedded.port, embedded.sync_on_commit
             )
             uri = await self.embedded.start()
         self.database = db = await connect(uri, s.database.name, s.database.write_concern)
@@ -85,6 +90,7 @@ class Gateway:
             store_outputs=s.history.store_outputs,
         )
         capacities = {name: m.max_concurrent + m.max_waiting for name, m in s.models.items()}
+        self.counters = OutcomeCounters(db.queue_stats)
         self.queue = queue = JobQueue(
             store,
             self.clock,
@@ -92,6 +98,7 @@ class Gateway:
             capacities,
             s.queue.lease_seconds,
             s.queue.poll_interval_seconds,
+            self.counters,
         )
         await queue.load_slots()
         self.users = UserService(db.users, self.clock)
@@ -116,11 +123,15 @@ class Gateway:
             self.dispatchers[name] = dispatcher
             queue.on_backlog(name, dispatcher.note_backlog)
         engines.on_ready(lambda name: self.dispatchers[name].wake())
-        self.sweeper = Sweeper(
-            queue, retry, self._local_running, s.queue.sweep_interval_seconds, s.queue.heartbeat_seconds
-        )
-        await self.sweeper.sweep()  # recover what a crashed predecessor left running
-        self.sweeper.start()
+        self.sweeper = sweeper = Sweeper(queue, retry, self._local_running)
+        await sweeper.sweep()  # recover what a crashed predecessor left running
+        scheduler = self.scheduler
+        scheduler.every(s.queue.sweep_interval_seconds, "queue-sweep", sweeper.sweep)
+        scheduler.every(s.queue.heartbeat_seconds, "lease-heartbeat", sweeper.heartbeat)
+        scheduler.every(2.0, "outcome-counters", self.counters.flush, run_at_stop=True)
+        if self.embedded is not None:  # its own TTL monitor is off (see app/queue/history.py)
+            scheduler.every(60.0, "history-prune", HistoryPruner(store, self.clock).prune)
+        scheduler.start()
         for dispatcher in self.dispatchers.values():
             dispatcher.start()
         await engines.start_all()
@@ -147,8 +158,7 @@ class Gateway:
             await dispatcher.drain(grace_s)
         for dispatcher in self.dispatchers.values():
             await dispatcher.stop()
-        if self.sweeper:
-            await self.sweeper.stop()
+        await self.scheduler.stop()
         if self.writer:
             await self.writer.stop()
         if self.engines:

@@ -35,6 +35,7 @@ class EmbeddedDatabaseSettings(_Strict):
     command: str = "secantusd-py"
     startup_timeout: float = Field(30.0, gt=0)
     port: int = Field(0, ge=0, le=65535)
+    sync_on_commit: bool = False
 
 
 class DatabaseSettings(_Strict):

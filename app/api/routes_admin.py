@@ -51,11 +51,8 @@ async def queue_stats(model: str, gw: GatewayDep, _: AdminDep) -> dict[str, Any]
     by_priority = {
         p: sum(1 for d in waiting_docs if d.get("priority") == p) for p in ("high", "normal", "low")
     }
-    succeeded = await gw.queue.store.count(name, JobState.SUCCEEDED)
-    failed = await gw.queue.store.count(name, JobState.FAILED)
-    expired = await gw.queue.store.count(name, JobState.EXPIRED)
-    processing_timeouts = await gw.queue.store.count(name, JobState.FAILED, error_type="timeout")
-    cancelled = await gw.queue.store.count(name, JobState.CANCELLED)
+    assert gw.counters is not None
+    totals = await gw.counters.totals(name)
     return {
         "model": name,
         "processing": processing,
@@ -65,11 +62,12 @@ async def queue_stats(model: str, gw: GatewayDep, _: AdminDep) -> dict[str, Any]
         "max_waiting": cfg.max_waiting,
         "capacity": {"primary": cfg.max_concurrent, "secondary": cfg.max_waiting},
         "utilization": round(processing / cfg.max_concurrent, 4),
-        "total_processed": succeeded,
-        "total_failed": failed,
-        "total_timeout": expired + processing_timeouts,
-        "failed": failed,
-        "expired": expired,
-        "cancelled": cancelled,
-        "history_window_days": gw.settings.history.retention_days,
+        # totals since the model's counters were created (all instances), not only 15 days
+        "total_processed": totals["succeeded"],
+        "total_failed": totals["failed"],
+        "total_timeout": totals["expired"] + totals["timeouts"],
+        "failed": totals["failed"],
+        "expired": totals["expired"],
+        "cancelled": totals["cancelled"],
+        "retries": totals["retries"],
     }

@@ -20,6 +20,7 @@ from app.errors import JobNotFound, QueueFull
 from app.logs import event
 from app.queue.jobs import Doc, JobState, Submission, build_document, new_job_id
 from app.queue.slots import SlotBook, slot_index, slot_key
+from app.queue.stats import OutcomeCounters
 from app.queue.store import JobStore
 from app.store.batch import DuplicateKey
 
@@ -43,6 +44,7 @@ class JobQueue:
         capacities: dict[str, int],
         lease_seconds: float,
         poll_interval: float,
+        counters: OutcomeCounters | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -53,6 +55,8 @@ class JobQueue:
         self._waiters: dict[str, asyncio.Future[Doc]] = {}
         self._waiting: dict[str, int] = {}  # handlers waiting per job (repeated idempotency keys share one)
         self._listeners: dict[str, Callable[[], None]] = {}
+        self.counters = counters
+        self._local: set[str] = set()  # jobs running in this process: their waiters need no polling
 
     def on_backlog(self, model: str, listener: Callable[[], None]) -> None:
         """Register the model's dispatcher, woken when a job becomes claimable."""
@@ -112,6 +116,7 @@ class JobQueue:
                 raise
             event(log, "job.admitted", logging.DEBUG, job=job_id, model=sub.model, state=doc["state"])
             if direct:
+                self._local.add(job_id)
                 direct.accept(doc)
             else:
                 self._wake(sub.model)
@@ -140,7 +145,10 @@ class JobQueue:
         self._waiting[job_id] = self._waiting.get(job_id, 0) + 1
         try:
             while True:
-                wait_s = self._poll_interval
+                # a job running here resolves the future itself; reading it back is only a
+                # safety net (at lease pace), not the way the result arrives
+                local = job_id in self._local
+                wait_s = self.lease.total_seconds() if local else self._poll_interval
                 now = self.clock.now()
                 deadline = doc["queue_deadline"]  # re-read: a retry gets a fresh deadline
                 if doc["state"] == JobState.QUEUED.value:
@@ -169,10 +177,17 @@ class JobQueue:
         if future is not None and not future.done():
             future.set_result(doc)
 
-    def _free(self, doc: Doc) -> None:
+    def _ended(self, doc: Doc, outcome: str) -> None:
+        """Bookkeeping after a terminal write: free the slot hint, count, wake the waiter."""
         book = self._books.get(doc["model"])
         if book is not None and "slot" in doc:
             book.release(slot_index(doc["slot"]))
+        self._local.discard(doc["_id"])
+        if self.counters is not None:
+            self.counters.record(doc["model"], outcome)
+            if outcome == "failed" and (doc.get("error") or {}).get("type") == "timeout":
+                self.counters.record(doc["model"], "timeouts")
+        self._resolve(doc)
 
     # -- transitions -----------------------------------------------------------------------
 
@@ -197,6 +212,7 @@ class JobQueue:
         won = []
         for doc, ok in zip(ready, won_flags, strict=True):
             if ok:
+                self._local.add(doc["_id"])
                 doc.update(
                     state=JobState.RUNNING.value,
                     worker=self.worker_id,
@@ -211,8 +227,7 @@ class JobQueue:
         now = self.clock.now()
         if await self.store.succeed(doc, self.worker_id, now, result):
             doc.update(state=JobState.SUCCEEDED.value, finished_at=now, result=result)
-            self._free(doc)
-            self._resolve(doc)
+            self._ended(doc, "succeeded")
             return True
         event(
             log, "job.result_dropped", logging.WARNING, job=doc["_id"], reason="lease lost before completion"
@@ -223,14 +238,17 @@ class JobQueue:
         now = self.clock.now()
         if await self.store.fail(doc, self.worker_id, now, error):
             doc.update(state=JobState.FAILED.value, finished_at=now, error=error)
-            self._free(doc)
-            self._resolve(doc)
+            self._ended(doc, "failed")
             return True
+        self._local.discard(doc["_id"])
         return False
 
     async def retry_later(self, doc: Doc, error: Doc, delay_s: float) -> bool:
         conditions = {"state": JobState.RUNNING.value, "worker": self.worker_id, "attempts": doc["attempts"]}
+        self._local.discard(doc["_id"])
         if await self.store.requeue(doc, conditions, self.clock.now() + timedelta(seconds=delay_s), error):
+            if self.counters is not None:
+                self.counters.record(doc["model"], "retries")
             self._wake(doc["model"])
             return True
         return False
@@ -242,12 +260,11 @@ class JobQueue:
             return False
         doc = await self.store.get(job_id)
         if doc is not None:
-            doc.setdefault("state", JobState.EXPIRED.value)
             book = self._books.get(doc["model"])
             # the terminal write removed `slot`; free what this instance believed taken
             if book is not None:
                 await self._refresh(doc["model"], book)
-            self._resolve(doc)
+            self._ended(doc, "expired")
         event(log, "job.expired", job=job_id)
         return True
 
@@ -266,12 +283,12 @@ class JobQueue:
             "attempts": doc["attempts"],
         }
         if retry_delay_s is None:
-            ok = await self.store.fail_running(doc, conditions, self.clock.now(), error)
+            now = self.clock.now()
+            ok = await self.store.fail_running(doc, conditions, now, error)
             if ok:
-                self._free(doc)
-                latest = await self.store.get(doc["_id"])
-                if latest is not None:
-                    self._resolve(latest)
+                self._ended(
+                    {**doc, "state": JobState.FAILED.value, "error": error, "finished_at": now}, "failed"
+                )
             return ok
         ok = await self.store.requeue(
             doc, conditions, self.clock.now() + timedelta(seconds=retry_delay_s), error

@@ -14,6 +14,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 
 from app.queue.jobs import Doc, JobState
 from app.store.batch import BatchWriter
+from app.store.database import ACTIVE
 
 
 class JobStore:
@@ -47,7 +48,7 @@ class JobStore:
 
     async def queued_candidates(self, model: str, limit: int) -> list[Doc]:
         cursor = (
-            self._jobs.find({"model": model, "state": JobState.QUEUED.value})
+            self._jobs.find({**ACTIVE, "model": model, "state": JobState.QUEUED.value})
             .sort([("priority_rank", 1), ("enqueued_at", 1)])
             .limit(limit)
         )
@@ -55,27 +56,19 @@ class JobStore:
 
     async def active(self, model: str | None = None) -> list[Doc]:
         """Queued and running jobs (at most max_concurrent + max_waiting per model)."""
-        query: Doc = {"slot": {"$exists": True}}
+        query: Doc = dict(ACTIVE)
         if model is not None:
             query["model"] = model
         cursor = self._jobs.find(query, {"request": 0})
         return [doc async for doc in cursor]
 
-    async def running(self) -> list[Doc]:
-        cursor = self._jobs.find({"state": JobState.RUNNING.value}, {"request": 0})
-        return [doc async for doc in cursor]
+    async def expired_history(self, now: datetime, limit: int) -> list[str]:
+        cursor = self._jobs.find({"expire_at": {"$lt": now}}, {"_id": 1}).limit(limit)
+        return [doc["_id"] async for doc in cursor]
 
-    async def overdue_queued(self, now: datetime) -> list[Doc]:
-        cursor = self._jobs.find(
-            {"state": JobState.QUEUED.value, "queue_deadline": {"$lt": now}}, {"_id": 1, "queue_deadline": 1}
-        )
-        return [doc async for doc in cursor]
-
-    async def count(self, model: str, state: JobState, error_type: str | None = None) -> int:
-        query: Doc = {"model": model, "state": state.value}
-        if error_type is not None:
-            query["error.type"] = error_type
-        return await self._jobs.count_documents(query)
+    async def delete(self, job_ids: list[str]) -> int:
+        result = await self._jobs.delete_many({"_id": {"$in": job_ids}, "expire_at": {"$exists": True}})
+        return result.deleted_count
 
     async def claim(self, doc: Doc, worker: str, now: datetime, lease_until: datetime) -> bool:
         return await self._writer.update(

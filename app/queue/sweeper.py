@@ -7,7 +7,6 @@ attempt used, or fails when its retries are spent; a queued job past its deadlin
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
@@ -16,7 +15,7 @@ from collections.abc import Callable
 import psutil
 
 from app.logs import event
-from app.queue.jobs import Doc
+from app.queue.jobs import Doc, JobState
 from app.queue.retry import RetryPolicy
 from app.queue.service import JobQueue
 
@@ -52,35 +51,10 @@ class Sweeper:
         queue: JobQueue,
         retry: RetryPolicy,
         local_running: Callable[[], list[str]],
-        sweep_interval: float,
-        heartbeat_interval: float,
     ) -> None:
         self._queue = queue
         self._retry = retry
         self._local_running = local_running
-        self._sweep_interval = sweep_interval
-        self._heartbeat_interval = heartbeat_interval
-        self._tasks: list[asyncio.Task[None]] = []
-
-    def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._every(self._sweep_interval, self.sweep), name="sweeper"),
-            asyncio.create_task(self._every(self._heartbeat_interval, self.heartbeat), name="heartbeat"),
-        ]
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-
-    async def _every(self, interval: float, action: Callable[[], object]) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await action()  # type: ignore[misc]
-            except Exception as exc:
-                event(log, "sweeper.error", logging.WARNING, error=repr(exc))
 
     async def heartbeat(self) -> int:
         return await self._queue.extend_leases(self._local_running())
@@ -90,16 +64,16 @@ class Sweeper:
         now = self._queue.clock.now()
         mine = set(self._local_running())
         done = {"requeued": 0, "failed": 0, "expired": 0}
-        for doc in await self._queue.store.running():
+        for doc in await self._queue.store.active():  # one small indexed read per pass
+            if doc["state"] == JobState.QUEUED.value:
+                if doc["queue_deadline"] < now and await self._queue.expire(doc["_id"]):
+                    done["expired"] += 1
+                continue
             if doc["_id"] in mine:
                 continue
             lease_over = doc.get("lease_until") is None or doc["lease_until"] < now
-            if not (lease_over or worker_is_dead(doc.get("worker"))):
-                continue
-            await self._recover(doc, done)
-        for doc in await self._queue.store.overdue_queued(now):
-            if await self._queue.expire(doc["_id"]):
-                done["expired"] += 1
+            if lease_over or worker_is_dead(doc.get("worker")):
+                await self._recover(doc, done)
         if any(done.values()):
             event(log, "sweeper.pass", **done)
         return done

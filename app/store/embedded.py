@@ -97,10 +97,19 @@ def resolve_command(command: str) -> list[str]:
 class EmbeddedDatabase:
     """Owns one SecantusDB server process for this data directory."""
 
-    def __init__(self, data_dir: Path, command: str, startup_timeout: float, port: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        command: str,
+        startup_timeout: float,
+        port: int = 0,
+        sync_on_commit: bool = False,
+    ) -> None:
         self._storage = data_dir / "db"
         self._pid_file = data_dir / "db.pid"
         self._log_file = data_dir / "logs" / "secantusd.log"
+        self._config_file = data_dir / "secantusd.toml"
+        self._sync_on_commit = sync_on_commit
         self._command = command
         self._startup_timeout = startup_timeout
         self._port = port
@@ -136,12 +145,21 @@ class EmbeddedDatabase:
             event(log, "embedded_db.replaced", pid=left_behind.pid, reason="left behind and not answering")
             await asyncio.to_thread(terminate_group, left_behind.pid, 10.0)
         port = self._port or free_port()
+        # Our own config file (an explicit --config also stops it from picking up a stray
+        # ./secantusd.toml): TTL sweeper off, the gateway prunes history itself; fsync on
+        # commit only when asked (journaled writes already survive a kill -9 of the server).
+        self._config_file.write_text(
+            "[storage]\nttl_sweep_seconds = 0\n"
+            f"sync_on_commit = {'true' if self._sync_on_commit else 'false'}\n"
+        )
         argv = [
             *resolve_command(self._command),
             "--host",
             "127.0.0.1",
             "--port",
             str(port),
+            "--config",
+            str(self._config_file),
             "--storage-path",
             str(self._storage),
             "--log-level",

@@ -97,7 +97,7 @@ async def test_sweeper_requeues_expired_lease_and_fails_when_retries_are_spent(
     clock = ManualClock()
     store = JobStore(database.jobs, writer, timedelta(days=15))
     queue = JobQueue(store, clock, "w1", {"m": 20}, 30, 1)
-    sweeper = Sweeper(queue, RetryPolicy(max_retries=3, base_seconds=0.0), lambda: [], 1, 0.5)
+    sweeper = Sweeper(queue, RetryPolicy(max_retries=3, base_seconds=0.0), lambda: [])
     now = clock.now()
     for job_id, attempts in (("lost", 1), ("spent", 4)):
         doc = build_document(
@@ -123,7 +123,7 @@ async def test_sweeper_expires_jobs_past_their_queue_deadline(
 ) -> None:
     clock = ManualClock()
     queue = JobQueue(JobStore(database.jobs, writer, timedelta(days=15)), clock, "w1", {"m": 2}, 30, 1)
-    sweeper = Sweeper(queue, RetryPolicy(), lambda: [], 1, 0.5)
+    sweeper = Sweeper(queue, RetryPolicy(), lambda: [])
     job = await queue.admit(_submission(), None)
     await queue.admit(_submission(), None)
     clock.advance(31)
@@ -147,6 +147,8 @@ async def test_worker_death_is_seen_on_the_same_host() -> None:
 async def test_embedded_database_left_behind_is_reused_then_replaced(tmp_path: Path) -> None:
     first = EmbeddedDatabase(tmp_path, "secantusd-py", 60.0)
     uri = await first.start()
+    # the server's own TTL sweeper (a full-collection scan under its lock) is off
+    assert "ttl_sweep_seconds = 0" in (tmp_path / "secantusd.toml").read_text()
     second = EmbeddedDatabase(tmp_path, "secantusd-py", 60.0)
     assert await second.start() == uri  # the first was "left behind" by a killed gateway
     assert second.reused
@@ -161,3 +163,32 @@ async def test_embedded_database_left_behind_is_reused_then_replaced(tmp_path: P
         assert await ping(new_uri)
     finally:
         await third.stop()
+
+
+async def test_history_pruner_deletes_only_expired_history(writer: BatchWriter, database: Database) -> None:
+    from app.queue.history import HistoryPruner
+
+    clock = ManualClock()
+    store = JobStore(database.jobs, writer, timedelta(days=15))
+    now = clock.now()
+    await database.jobs.insert_many(
+        [{"_id": f"old{i}", "expire_at": now - timedelta(seconds=1)} for i in range(7)]
+        + [{"_id": "fresh", "expire_at": now + timedelta(days=1)}, {"_id": "active", "slot": "m#0"}]
+    )
+    assert await HistoryPruner(store, clock, batch=3).prune() == 7
+    assert sorted(await database.jobs.distinct("_id")) == ["active", "fresh"]
+
+
+async def test_outcome_counters_survive_flush_and_add_up(database: Database) -> None:
+    from app.queue.stats import OutcomeCounters
+
+    counters = OutcomeCounters(database.queue_stats)
+    for outcome in ("succeeded", "succeeded", "failed", "timeouts"):
+        counters.record("m", outcome)
+    assert (await counters.totals("m"))["succeeded"] == 2  # unflushed still counted
+    await counters.flush()
+    counters.record("m", "succeeded")
+    totals = await counters.totals("m")
+    assert (totals["succeeded"], totals["failed"], totals["timeouts"], totals["expired"]) == (3, 1, 1, 0)
+    again = OutcomeCounters(database.queue_stats)  # another instance sees what was flushed
+    assert (await again.totals("m"))["succeeded"] == 2

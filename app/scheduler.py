@@ -1,0 +1,55 @@
+"""Periodic upkeep on APScheduler's AsyncIOScheduler, inside the gateway's own event loop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from app.logs import event
+
+log = logging.getLogger("gateway.scheduler")
+
+
+class Scheduler:
+    def __init__(self) -> None:
+        self._scheduler = AsyncIOScheduler()
+        self._final: list[Callable[[], Awaitable[object]]] = []
+
+    def every(
+        self, seconds: float, name: str, job: Callable[[], Awaitable[object]], *, run_at_stop: bool = False
+    ) -> None:
+        """Run `job` every `seconds`; never two runs of it at once, missed runs coalesce."""
+
+        async def guarded() -> None:
+            try:
+                await job()
+            except Exception as exc:  # a failing pass is logged and tried again next period
+                event(log, "scheduler.job_failed", logging.WARNING, job=name, error=repr(exc))
+
+        self._scheduler.add_job(
+            guarded,
+            "interval",
+            seconds=seconds,
+            id=name,
+            name=name,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+        if run_at_stop:
+            self._final.append(job)
+
+    def start(self) -> None:
+        self._scheduler.start()
+
+    async def stop(self) -> None:
+        """Stop scheduling, then run the jobs that must not lose their last period (drain)."""
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        for job in self._final:
+            try:
+                await job()
+            except Exception as exc:
+                event(log, "scheduler.final_run_failed", logging.WARNING, error=repr(exc))

@@ -1,0 +1,901 @@
+"""Request-path benchmark: a stub engine called directly vs the same engine behind the gateway.
+
+Why this exists: DESIGN.md §3 promises that the durable queue (journaled writes on SecantusDB)
+costs the request path only a few milliseconds and a few database round trips, and that the
+embedded database stays fast with 15 days (here: 100k) of finished jobs in it. This script
+measures exactly that, on this machine, with real processes and real sockets:
+
+* its own SecantusDB server (EmbeddedDatabase, temporary data dir), so its CPU time and its
+  `serverStatus` opcounters belong to this run alone;
+* its own stub engines for the "direct" numbers (the floor the gateway is compared against);
+* the gateway as a subprocess (`python -m app --config FILE`), which starts its own stub
+  engines with the same latencies;
+* an aiohttp load client (one session per scenario, connector limit = concurrency).
+
+Every process it starts is stopped by pid at the end, also on errors and Ctrl-C.
+
+    .venv/bin/python scripts/bench.py                 # full run (several minutes)
+    .venv/bin/python scripts/bench.py --quick         # smoke test, under a minute
+    .venv/bin/python scripts/bench.py --skip-100k --json /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import yaml
+from pymongo import MongoClient, monitoring
+
+REPO = Path(__file__).resolve().parent.parent
+Doc = dict[str, Any]
+
+FAST_MODEL = "bench-fast"  # stub engine answering at once (0 ms): measures pure overhead
+SLOW_MODEL = "bench-slow"  # stub engine answering after 200 ms: measures overlap with work
+MODEL_BY_LATENCY = {0: FAST_MODEL, 200: SLOW_MODEL}
+CAPACITY = {"max_concurrent": 32, "max_waiting": 32}  # so the c=32 scenario is never rejected (429)
+DB_NAME = "gateway"
+PASSWORD = "bench-password-" + secrets.token_hex(8)
+OPCOUNTER_KEYS = ("insert", "query", "update", "delete", "getmore", "command")
+
+
+# -- scenarios and results ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One load shape; run once directly against a stub and once through the gateway."""
+
+    latency_ms: int
+    concurrency: int
+    requests: int
+    warmup: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.latency_ms} ms, c={self.concurrency}"
+
+
+def scenarios(quick: bool) -> list[Scenario]:
+    """Fixed request counts, so runs are comparable; --quick only shrinks the counts."""
+    if quick:
+        return [
+            Scenario(0, 1, 40, 10),
+            Scenario(0, 10, 150, 30),
+            Scenario(0, 32, 200, 64),
+            Scenario(200, 1, 15, 3),
+            Scenario(200, 10, 60, 10),
+        ]
+    return [
+        Scenario(0, 1, 300, 50),
+        Scenario(0, 10, 2000, 200),
+        Scenario(0, 32, 2000, 320),
+        Scenario(200, 1, 300, 10),
+        Scenario(200, 10, 1000, 50),
+    ]
+
+
+@dataclass
+class Batch:
+    """What the load client saw for one measured batch of requests."""
+
+    ok: int
+    errors: int
+    wall_s: float
+    latencies_ms: list[float]
+    first_error: str | None = None
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.wall_s if self.wall_s > 0 else 0.0
+
+    def percentile(self, q: float) -> float:
+        """Nearest-rank percentile: no interpolation, so p99 is a latency that really happened."""
+        if not self.latencies_ms:
+            return math.nan
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+@dataclass
+class ServerCost:
+    """Gateway and database resources spent during one measured window."""
+
+    gateway_cpu_s: float
+    db_cpu_s: float
+    db_ops: dict[str, int]
+
+    @property
+    def db_round_trips(self) -> int:
+        return sum(self.db_ops.values())
+
+
+@dataclass
+class Result:
+    """One scenario row of the report (also what --json writes)."""
+
+    history: int
+    latency_ms: int
+    concurrency: int
+    requests: int
+    direct_p50_ms: float
+    direct_p99_ms: float
+    gateway_p50_ms: float
+    gateway_p99_ms: float
+    direct_rps: float
+    gateway_rps: float
+    direct_errors: int
+    gateway_errors: int
+    gateway_cpu_ms_per_req: float
+    db_cpu_ms_per_req: float
+    db_round_trips_per_req: float
+    db_round_trips_net_per_req: float  # minus the idle background rate over the same wall time
+    db_ops_per_req: dict[str, float]
+    foreign_cores: float  # CPU used by processes outside the bench during the scenario
+    first_error: str | None = None
+
+    @property
+    def added_p50_ms(self) -> float:
+        return self.gateway_p50_ms - self.direct_p50_ms
+
+    @property
+    def added_p99_ms(self) -> float:
+        return self.gateway_p99_ms - self.direct_p99_ms
+
+    @property
+    def rps_ratio(self) -> float:
+        return self.gateway_rps / self.direct_rps if self.direct_rps else math.nan
+
+    @property
+    def label(self) -> str:
+        return f"{self.latency_ms} ms c={self.concurrency}"
+
+
+@dataclass
+class Idle:
+    """The gateway's cost with no requests: sweeper, heartbeat, dispatcher polls, driver monitor."""
+
+    history: int
+    seconds: float
+    db_ops_per_s: float
+    gateway_cpu_pct: float
+    db_cpu_pct: float
+    db_ops: dict[str, int] = field(default_factory=dict)
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_pid(pid: int, name: str, timeout_s: float = 20.0) -> None:
+    """SIGTERM one process by pid (never by name), SIGKILL it if it does not exit in time."""
+    try:
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=timeout_s)
+    except psutil.NoSuchProcess:
+        return
+    except psutil.TimeoutExpired:
+        print(f"# {name} (pid {pid}) ignored SIGTERM for {timeout_s:g} s; killing it", file=sys.stderr)
+        try:
+            proc.kill()
+            proc.wait(timeout=5)
+        except psutil.NoSuchProcess:
+            pass
+
+
+class Processes:
+    """Every child this bench starts, so that the finally block can stop each one by its pid."""
+
+    def __init__(self) -> None:
+        self._started: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.extra_pids: list[tuple[str, int]] = []  # grandchildren (the gateway's engines)
+
+    def spawn(
+        self, name: str, argv: list[str], env: dict[str, str], log_path: Path
+    ) -> subprocess.Popen[bytes]:
+        with log_path.open("ab") as log_out:
+            popen = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                env=env,
+                stdout=log_out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches the bench only
+            )
+        self._started.append((name, popen))
+        return popen
+
+    def pids(self) -> list[int]:
+        return [popen.pid for _, popen in self._started]
+
+    def stop_all(self) -> None:
+        """Newest first: the gateway stops before the stubs and the database it talks to."""
+        for name, popen in reversed(self._started):
+            if popen.poll() is None:
+                stop_pid(popen.pid, name)
+            else:
+                popen.wait()
+        for name, pid in self.extra_pids:  # only if the gateway did not stop its engines itself
+            stop_pid(pid, name, timeout_s=5.0)
+        self._started.clear()
+        self.extra_pids.clear()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (not its children: the gateway's engines are not it)."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+# -- database probes ------------------------------------------------------------------------------
+
+
+class _OwnCommands(monitoring.CommandListener):
+    """Counts the commands this bench sends, so they can be taken out of the server's opcounters."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.count += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+class DbProbe:
+    """A synchronous client for serverStatus and the history insert.
+
+    Its heartbeat is set to an hour so its own monitoring does not show up in the opcounters;
+    the remaining bench commands (serverStatus itself) are counted by a listener and subtracted.
+    SecantusDB counts opcounters per command (one `insert` of 32 documents = 1), so the sum of
+    the opcounters is the number of round trips the server answered.
+    """
+
+    def __init__(self, uri: str, pid: int) -> None:
+        self.pid = pid
+        self.own = _OwnCommands()
+        self.client: MongoClient[Doc] = MongoClient(
+            uri, heartbeatFrequencyMS=3_600_000, event_listeners=[self.own], tz_aware=True
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+    def opcounters(self) -> dict[str, int]:
+        status = self.client.admin.command("serverStatus")
+        counters = status.get("opcounters") or {}
+        return {key: int(counters.get(key, 0)) for key in OPCOUNTER_KEYS}
+
+    def version(self) -> str:
+        info = self.client.admin.command("buildInfo")
+        return str(info.get("secantusVersion") or info.get("version") or "unknown")
+
+
+class CostMeter:
+    """Gateway CPU, database CPU and database operations between start() and stop()."""
+
+    def __init__(self, gateway_pid: int, db: DbProbe) -> None:
+        self._gateway_pid = gateway_pid
+        self._db = db
+        self._start: tuple[float, float, dict[str, int], int] | None = None
+
+    def start(self) -> None:
+        ops = self._db.opcounters()
+        own = self._db.own.count  # includes the serverStatus just sent, which `ops` already counted
+        self._start = (cpu_seconds(self._gateway_pid), cpu_seconds(self._db.pid), ops, own)
+
+    def stop(self) -> ServerCost:
+        assert self._start is not None, "CostMeter.stop() before start()"
+        gw_cpu = cpu_seconds(self._gateway_pid)
+        db_cpu = cpu_seconds(self._db.pid)
+        ops = self._db.opcounters()
+        gw0, db0, ops0, own0 = self._start
+        delta = {key: ops[key] - ops0[key] for key in OPCOUNTER_KEYS}
+        delta["command"] -= self._db.own.count - own0  # our serverStatus calls are commands
+        return ServerCost(gw_cpu - gw0, db_cpu - db0, delta)
+
+
+def system_busy_s() -> float:
+    """Non-idle CPU seconds of the whole machine, all cores together."""
+    times = psutil.cpu_times()
+    fields = ("user", "nice", "system", "irq", "softirq", "steal")
+    return float(sum(getattr(times, name, 0.0) for name in fields))
+
+
+class ForeignLoad:
+    """CPU used during a window by processes that are not part of this bench, in cores.
+
+    The machine may be shared (a test suite, a build); a number measured next to a busy
+    neighbour on 2 cores is not comparable, so every row says how busy the rest was.
+    """
+
+    def __init__(self, own_pids: list[int]) -> None:
+        self._own_pids = own_pids
+        self._start: tuple[float, float, float] | None = None
+
+    def _own_cpu(self) -> float:
+        total = 0.0
+        for pid in self._own_pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += cpu_seconds(pid)
+        return total
+
+    def start(self) -> None:
+        self._start = (time.perf_counter(), system_busy_s(), self._own_cpu())
+
+    def stop(self) -> float:
+        assert self._start is not None, "ForeignLoad.stop() before start()"
+        began, busy0, own0 = self._start
+        wall = time.perf_counter() - began
+        foreign = (system_busy_s() - busy0) - (self._own_cpu() - own0)
+        return max(0.0, foreign / wall) if wall > 0 else 0.0
+
+
+def history_document(now: datetime, index: int, model: str) -> Doc:
+    """A finished job as app/queue/store.py _finish leaves it: no slot, no lease, expire_at set."""
+    finished = now - timedelta(seconds=(index * 0.864) % 86_400)  # spread over the last day
+    enqueued = finished - timedelta(milliseconds=230)
+    started = enqueued + timedelta(milliseconds=3)
+    return {
+        "_id": "job_" + secrets.token_hex(12),
+        "model": model,
+        "kind": "chat",
+        "state": "succeeded",
+        "priority": "normal",
+        "priority_rank": 1,
+        "owner": "bench",
+        "client_id": "bench-history",
+        "request": {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8},
+        "enqueued_at": enqueued,
+        "queue_deadline": enqueued + timedelta(seconds=300),
+        "attempts": 1,
+        "worker": "bench-history/0/0",
+        "started_at": started,
+        "finished_at": finished,
+        "expire_at": finished + timedelta(days=15),
+        "rev": uuid.uuid4().hex,
+        "result": {
+            "message": {"role": "assistant", "content": "stub reply to: hello"},
+            "finish_reason": "stop",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5},
+            "engine_response_id": "chatcmpl-" + uuid.uuid4().hex,
+            "system_fingerprint": "stub-engine (test double, not a model)",
+        },
+    }
+
+
+def insert_history(db: DbProbe, count: int) -> float:
+    """Put `count` finished jobs into the gateway's `jobs` collection; returns the seconds it took."""
+    jobs = db.client.get_database(DB_NAME).get_collection("jobs")
+    now = datetime.now(UTC)
+    models = [FAST_MODEL, SLOW_MODEL]
+    began = time.perf_counter()
+    for start in range(0, count, 1000):
+        docs = [history_document(now, i, models[i % 2]) for i in range(start, min(count, start + 1000))]
+        jobs.insert_many(docs, ordered=False)
+    return time.perf_counter() - began
+
+
+# -- load client ----------------------------------------------------------------------------------
+
+
+class LoadClient:
+    """One aiohttp session with `concurrency` workers pulling from a shared request budget."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> LoadClient:
+        connector = aiohttp.TCPConnector(limit=self.concurrency, keepalive_timeout=60)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def run(self, url: str, headers: dict[str, str], body: bytes, total: int) -> Batch:
+        """Send `total` POSTs with at most `concurrency` in flight; body is pre-encoded JSON so
+        the client spends the same (small) CPU per request on both paths."""
+        assert self._session is not None
+        session = self._session
+        remaining = total
+        latencies: list[float] = []
+        errors = 0
+        first_error: str | None = None
+        headers = {**headers, "Content-Type": "application/json"}
+
+        async def worker() -> None:
+            nonlocal remaining, errors, first_error
+            while remaining > 0:
+                remaining -= 1
+                began = time.perf_counter()
+                try:
+                    async with session.post(url, data=body, headers=headers) as response:
+                        payload = await response.read()
+                        status = response.status
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    status, payload = -1, repr(exc).encode()
+                elapsed_ms = (time.perf_counter() - began) * 1000
+                if status == 200:
+                    latencies.append(elapsed_ms)
+                else:
+                    errors += 1
+                    if first_error is None:
+                        first_error = f"HTTP {status}: {payload[:300].decode(errors='replace')}"
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, total))))
+        return Batch(len(latencies), errors, time.perf_counter() - began, latencies, first_error)
+
+
+# -- the environment: database, stubs, gateway ----------------------------------------------------
+
+
+@dataclass
+class Stack:
+    """Everything the scenarios need, started once per bench run."""
+
+    tmp: Path
+    procs: Processes
+    db: DbProbe
+    db_version: str
+    gateway_pid: int
+    gateway_url: str
+    token: str
+    direct_urls: dict[int, str]  # engine latency ms -> base URL of the bench's own stub
+    own_pids: list[int]  # the bench, its stubs, the database, the gateway and the gateway's engines
+
+
+def python_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {**os.environ, **extra}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def log_tail(path: Path, chars: int = 2000) -> str:
+    """The end of a child's log, for an error message that says why it died."""
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+async def wait_http(url: str, deadline_s: float, proc: subprocess.Popen[bytes], log_path: Path) -> Doc:
+    """Poll a health URL until it answers 200 with JSON; fail fast if the process died."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while loop.time() < deadline:
+            if proc.poll() is not None:
+                tail = await asyncio.to_thread(log_tail, log_path)
+                raise RuntimeError(f"{url}: process exited with {proc.returncode}\n{tail}")
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        data: Doc = await response.json()
+                        return data
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not become healthy within {deadline_s:g} s")
+
+
+async def start_stack(procs: Processes, tmp: Path) -> Stack:
+    from app.store.embedded import EmbeddedDatabase  # the repo root is on sys.path (see main)
+
+    # 1. the database, under the bench's control so its CPU and opcounters are ours to read
+    embedded = EmbeddedDatabase(tmp / "secantus", "secantusd-py", 60.0)
+    uri = await embedded.start()
+    assert embedded._pid is not None
+    procs.extra_pids.append(("secantusd", embedded._pid))  # stopped last, after the gateway
+    db = DbProbe(uri, embedded._pid)
+
+    # 2. the bench's own stub engines, the "direct" floor
+    env = python_env({})
+    direct_urls: dict[int, str] = {}
+    for latency in MODEL_BY_LATENCY:
+        port = free_port()
+        log_path = tmp / f"direct-stub-{latency}.log"
+        argv = [sys.executable, "-m", "app.engines.stub", "--port", str(port), "--latency-ms", str(latency)]
+        proc = procs.spawn(f"direct stub {latency} ms", argv, env, log_path)
+        await wait_http(f"http://127.0.0.1:{port}/health", 30, proc, log_path)
+        direct_urls[latency] = f"http://127.0.0.1:{port}"
+
+    # 3. the gateway, configured as an operator would, plus an admin user made with the CLI
+    port = free_port()
+    config = {
+        "server": {"host": "127.0.0.1", "port": port, "log_level": "WARNING"},
+        "data_dir": str(tmp / "gateway-data"),
+        "database": {"name": DB_NAME},
+        "models": {
+            name: {"kind": "stub", "args": ["--latency-ms", str(latency)], **CAPACITY}
+            for latency, name in MODEL_BY_LATENCY.items()
+        },
+    }
+    config_path = tmp / "gateway.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    gw_env = python_env({"MONGODB_URI": uri, "GATEWAY_JWT_SECRET": secrets.token_hex(32)})
+    cli = [
+        sys.executable,
+        "-m",
+        "app.cli",
+        "--config",
+        str(config_path),
+        "users",
+        "create",
+        "bench",
+        "--role",
+        "admin",
+        "--password",
+        PASSWORD,
+    ]
+    made = await asyncio.create_subprocess_exec(
+        *cli, cwd=REPO, env=gw_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await asyncio.wait_for(made.communicate(), timeout=120)
+    if made.returncode != 0:
+        raise RuntimeError(f"creating the bench user failed: {output.decode(errors='replace')}")
+    log_path = tmp / "gateway.log"
+    gateway = procs.spawn(
+        "gateway", [sys.executable, "-m", "app", "--config", str(config_path)], gw_env, log_path
+    )
+    base = f"http://127.0.0.1:{port}"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 90
+    while True:
+        health = await wait_http(f"{base}/health", 90, gateway, log_path)
+        states = {name: m.get("state") for name, m in (health.get("models") or {}).items()}
+        if states and all(state == "ready" for state in states.values()):
+            break
+        if loop.time() > deadline:
+            raise RuntimeError(f"gateway engines not ready: {health}")
+        await asyncio.sleep(0.2)
+    for child in psutil.Process(gateway.pid).children(recursive=True):
+        procs.extra_pids.insert(0, (f"gateway engine pid {child.pid}", child.pid))
+
+    async with aiohttp.ClientSession() as session:
+        form = {"username": "bench", "password": PASSWORD}
+        async with session.post(f"{base}/auth/token", data=form) as response:
+            if response.status != 200:
+                raise RuntimeError(f"/auth/token answered {response.status}: {await response.text()}")
+            token = str((await response.json())["access_token"])
+    own_pids = [os.getpid(), embedded._pid, *procs.pids(), *(pid for _, pid in procs.extra_pids)]
+    return Stack(tmp, procs, db, db.version(), gateway.pid, base, token, direct_urls, sorted(set(own_pids)))
+
+
+# -- running scenarios ----------------------------------------------------------------------------
+
+
+def request_body(model: str) -> bytes:
+    return json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
+    ).encode()
+
+
+async def run_scenario(stack: Stack, sc: Scenario, history: int, idle: Idle) -> Result:
+    """Direct first, then through the gateway, back to back so both see the same machine state."""
+    model = MODEL_BY_LATENCY[sc.latency_ms]
+    direct_url = f"{stack.direct_urls[sc.latency_ms]}/v1/chat/completions"
+    foreign = ForeignLoad(stack.own_pids)
+    foreign.start()
+    async with LoadClient(sc.concurrency) as client:
+        await client.run(direct_url, {}, request_body(model), sc.warmup)
+        direct = await client.run(direct_url, {}, request_body(model), sc.requests)
+
+    headers = {"Authorization": f"Bearer {stack.token}", "X-Client-ID": "bench"}
+    gateway_url = f"{stack.gateway_url}/api/chat"
+    meter = CostMeter(stack.gateway_pid, stack.db)
+    async with LoadClient(sc.concurrency) as client:
+        await client.run(gateway_url, headers, request_body(model), sc.warmup)
+        meter.start()
+        through = await client.run(gateway_url, headers, request_body(model), sc.requests)
+        cost = meter.stop()
+    foreign_cores = foreign.stop()
+
+    done = max(1, through.ok)
+    background = idle.db_ops_per_s * through.wall_s
+    return Result(
+        history=history,
+        latency_ms=sc.latency_ms,
+        concurrency=sc.concurrency,
+        requests=sc.requests,
+        direct_p50_ms=direct.percentile(0.50),
+        direct_p99_ms=direct.percentile(0.99),
+        gateway_p50_ms=through.percentile(0.50),
+        gateway_p99_ms=through.percentile(0.99),
+        direct_rps=direct.rps,
+        gateway_rps=through.rps,
+        direct_errors=direct.errors,
+        gateway_errors=through.errors,
+        gateway_cpu_ms_per_req=cost.gateway_cpu_s * 1000 / done,
+        db_cpu_ms_per_req=cost.db_cpu_s * 1000 / done,
+        db_round_trips_per_req=cost.db_round_trips / done,
+        db_round_trips_net_per_req=max(0.0, cost.db_round_trips - background) / done,
+        db_ops_per_req={key: value / done for key, value in cost.db_ops.items()},
+        foreign_cores=foreign_cores,
+        first_error=through.first_error or direct.first_error,
+    )
+
+
+async def measure_idle(stack: Stack, history: int, seconds: float) -> Idle:
+    """The background rate, so per-request DB numbers at low request rates can be read net of it."""
+    meter = CostMeter(stack.gateway_pid, stack.db)
+    meter.start()
+    await asyncio.sleep(seconds)
+    cost = meter.stop()
+    return Idle(
+        history=history,
+        seconds=seconds,
+        db_ops_per_s=cost.db_round_trips / seconds,
+        gateway_cpu_pct=cost.gateway_cpu_s / seconds * 100,
+        db_cpu_pct=cost.db_cpu_s / seconds * 100,
+        db_ops=cost.db_ops,
+    )
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def machine_line(db_version: str) -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram_gib = psutil.virtual_memory().total / 2**30
+    return (
+        f"Machine: {os.cpu_count()} cores, {ram_gib:.1f} GiB RAM, {model}; "
+        f"Python {platform.python_version()}; "
+        f"SecantusDB {db_version}; capacity per model max_concurrent={CAPACITY['max_concurrent']}, "
+        f"max_waiting={CAPACITY['max_waiting']}"
+    )
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def table(results: list[Result]) -> Iterator[str]:
+    yield (
+        "| history | engine | c | n | p50 direct | p50 gw | added p50 | p99 direct | p99 gw | added p99 "
+        "| rps direct | rps gw | gw/direct | errors d/g | gw CPU ms/req | DB CPU ms/req "
+        "| DB rt/req | DB rt/req net | ins/upd/qry/cmd per req | other load |"
+    )
+    yield "|" + "---|" * 20
+    for r in results:
+        ops = r.db_ops_per_req
+        mix = "/".join(fmt(ops.get(k, 0.0), 2) for k in ("insert", "update", "query", "command"))
+        yield (
+            f"| {r.history:,} | {r.latency_ms} ms | {r.concurrency} | {r.requests} "
+            f"| {fmt(r.direct_p50_ms)} | {fmt(r.gateway_p50_ms)} | {fmt(r.added_p50_ms)} "
+            f"| {fmt(r.direct_p99_ms)} | {fmt(r.gateway_p99_ms)} | {fmt(r.added_p99_ms)} "
+            f"| {fmt(r.direct_rps, 0)} | {fmt(r.gateway_rps, 0)} | {fmt(r.rps_ratio, 2)} "
+            f"| {r.direct_errors}/{r.gateway_errors} | {fmt(r.gateway_cpu_ms_per_req, 2)} "
+            f"| {fmt(r.db_cpu_ms_per_req, 2)} | {fmt(r.db_round_trips_per_req, 2)} "
+            f"| {fmt(r.db_round_trips_net_per_req, 2)} | {mix} | {fmt(r.foreign_cores, 2)} |"
+        )
+
+
+def targets(results: list[Result]) -> list[tuple[str, bool | None, str]]:
+    """The project's targets, judged on the measured numbers only (None: not measured in this run)."""
+    empty = [r for r in results if r.history == 0]
+    big = [r for r in results if r.history > 0]
+    checks: list[tuple[str, bool | None, str]] = []
+
+    c1 = [r for r in empty if r.concurrency == 1]
+    worst = max(c1, key=lambda r: r.added_p50_ms, default=None)
+    checks.append(
+        (
+            "added p50 <= 5 ms at c=1",
+            None if worst is None else worst.added_p50_ms <= 5,
+            "; ".join(f"{r.latency_ms} ms engine: +{r.added_p50_ms:.1f} ms" for r in c1),
+        )
+    )
+    slow10 = [r for r in empty if r.latency_ms == 200 and r.concurrency == 10]
+    checks.append(
+        (
+            ">= 0.95 of direct throughput, 200 ms engine, c=10",
+            None if not slow10 else all(r.rps_ratio >= 0.95 for r in slow10),
+            "; ".join(f"{r.gateway_rps:.1f} vs {r.direct_rps:.1f} req/s = {r.rps_ratio:.3f}" for r in slow10),
+        )
+    )
+    fast32 = [r for r in empty if r.latency_ms == 0 and r.concurrency == 32]
+    checks.append(
+        (
+            ">= 250 req/s at c=32, 0 ms engine",
+            None if not fast32 else all(r.gateway_rps >= 250 for r in fast32),
+            "; ".join(f"{r.gateway_rps:.0f} req/s (direct {r.direct_rps:.0f})" for r in fast32),
+        )
+    )
+    loaded = [r for r in empty if r.latency_ms == 0 and r.concurrency > 1] or empty
+    cpu = max(loaded, key=lambda r: r.gateway_cpu_ms_per_req, default=None)
+    checks.append(
+        (
+            "gateway CPU <= 2 ms/req (0 ms engine, c>1)",
+            None if cpu is None else cpu.gateway_cpu_ms_per_req <= 2,
+            "; ".join(f"{r.label}: {r.gateway_cpu_ms_per_req:.2f}" for r in empty),
+        )
+    )
+    trips = max(empty, key=lambda r: r.db_round_trips_per_req, default=None)
+    checks.append(
+        (
+            "<= 3 DB round trips per completed request",
+            None if trips is None else trips.db_round_trips_per_req <= 3,
+            "; ".join(
+                f"{r.label}: {r.db_round_trips_per_req:.2f} ({r.db_round_trips_net_per_req:.2f} net)"
+                for r in empty
+            ),
+        )
+    )
+    pairs = [(e, b) for e in empty for b in big if e.label == b.label]
+    if pairs:
+        ratios = [(b.gateway_p50_ms / e.gateway_p50_ms, e.gateway_rps / b.gateway_rps, e) for e, b in pairs]
+        ok = all(lat <= 1.5 and thr <= 1.5 for lat, thr, _ in ratios)
+        detail = "; ".join(f"{e.label}: p50 x{lat:.2f}, rps /{thr:.2f}" for lat, thr, e in ratios)
+        name = f"with {big[0].history:,} finished jobs, request path <= 1.5x the empty case"
+        checks.append((name, ok, detail))
+    else:
+        checks.append(("with 100k finished jobs, request path <= 1.5x the empty case", None, "skipped"))
+    return checks
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="small counts and a 5k history: a smoke test")
+    parser.add_argument("--skip-100k", action="store_true", help="only the empty-database phase")
+    parser.add_argument("--history", type=int, default=None, help="finished jobs for phase 2 (default 100k)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (gateway and engine logs)")
+    return parser.parse_args(argv)
+
+
+async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
+    stack = await start_stack(procs, tmp)
+    try:
+        header = machine_line(stack.db_version)
+        print(header, flush=True)
+        history_size = args.history if args.history is not None else (5_000 if args.quick else 100_000)
+        phases = [0] if args.skip_100k or history_size <= 0 else [0, history_size]
+        idle_s = 2.0 if args.quick else 5.0
+        results: list[Result] = []
+        idles: list[Idle] = []
+        inserted_s = 0.0
+        for history in phases:
+            if history:
+                print(f"# inserting {history:,} finished jobs ...", file=sys.stderr, flush=True)
+                inserted_s = await asyncio.to_thread(insert_history, stack.db, history)
+                print(f"# inserted in {inserted_s:.1f} s", file=sys.stderr, flush=True)
+            idle = await measure_idle(stack, history, idle_s)
+            idles.append(idle)
+            for sc in scenarios(args.quick):
+                print(f"# history {history:,}: {sc.label} ...", file=sys.stderr, flush=True)
+                results.append(await run_scenario(stack, sc, history, idle))
+        print()
+        for line in table(results):
+            print(line)
+        print()
+        print(
+            "Idle gateway (no requests): "
+            + "; ".join(
+                f"history {i.history:,}: {i.db_ops_per_s:.1f} DB ops/s, "
+                f"gateway CPU {i.gateway_cpu_pct:.1f}%, DB CPU {i.db_cpu_pct:.1f}%"
+                for i in idles
+            )
+        )
+        if inserted_s:
+            print(f"History insert: {phases[-1]:,} docs in {inserted_s:.1f} s (insert_many of 1000)")
+        print(
+            "DB rt = SecantusDB serverStatus opcounters (counted per command, i.e. per round trip), "
+            "minus the bench's own serverStatus calls; 'net' also subtracts the idle background rate. "
+            "'other load' = CPU cores used by processes outside the bench during the scenario "
+            "(a shared machine makes such rows unreliable)."
+        )
+        busy = [
+            f"{r.label} (history {r.history:,}): {r.foreign_cores:.2f}"
+            for r in results
+            if r.foreign_cores > 0.25
+        ]
+        if busy:
+            print("WARNING: other processes used > 0.25 cores during: " + "; ".join(busy))
+        print()
+        print("| target | met | measured |")
+        print("|---|---|---|")
+        checks = targets(results)
+        for name, met, detail in checks:
+            print(f"| {name} | {'n/a' if met is None else ('yes' if met else 'NO')} | {detail} |")
+        errors = [r for r in results if r.gateway_errors or r.direct_errors]
+        for r in errors:
+            print(f"# errors in {r.label} (history {r.history}): {r.first_error}", file=sys.stderr)
+        if args.json is not None:
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "machine": header,
+                        "results": [
+                            {
+                                **asdict(r),
+                                "added_p50_ms": r.added_p50_ms,
+                                "added_p99_ms": r.added_p99_ms,
+                                "rps_ratio": r.rps_ratio,
+                            }
+                            for r in results
+                        ],
+                        "idle": [asdict(i) for i in idles],
+                        "targets": [{"target": n, "met": m, "measured": d} for n, m, d in checks],
+                    },
+                    indent=2,
+                )
+            )
+        return 1 if errors else 0
+    finally:
+        stack.db.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # `python scripts/bench.py` puts scripts/ first, not the repo
+    procs = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    try:
+        if importlib.util.find_spec("uvloop") is not None:
+            import uvloop  # the gateway runs on uvloop too (uvicorn picks it); it keeps the client cheap
+
+            return uvloop.run(bench(args, procs, tmp))
+        return asyncio.run(bench(args, procs, tmp))
+    except KeyboardInterrupt:
+        print("# interrupted", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+        if args.keep_tmp:
+            print(f"# logs kept in {tmp}", file=sys.stderr)
+        else:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
