@@ -579,7 +579,7 @@ async def start_stack(procs: Processes, tmp: Path) -> Stack:
     deadline = loop.time() + 90
     while True:
         health = await wait_http(f"{base}/health", 90, gateway, log_path)
-        states = {name: m.get("state") for name, m in (health.get("models") or {}).items()}
+        states = {name: m.get("state") for name, m in (health.get("engines") or {}).items()}
         if states and all(state == "ready" for state in states.values()):
             break
         if loop.time() > deadline:

@@ -20,7 +20,6 @@ async def health(gw: GatewayDep) -> dict[str, Any]:
         "status": "healthy" if database_ok else "unhealthy",
         "timestamp": gw.clock.now().isoformat(),
         "database": "ok" if database_ok else "unreachable",
-        "worker": gw.worker_id,
         "engines": gw.engines.summary() if gw.engines else {},
     }
 

@@ -128,3 +128,21 @@ async def test_engines_do_not_inherit_the_gateway_secrets(gateway_factory: Gatew
     environment = psutil.Process(process.pid).environ()
     assert "GATEWAY_ADMIN_PASSWORD" not in environment
     assert "PATH" in environment
+
+
+async def test_engine_crash_mid_request_is_retried_after_restart(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory({"fragile": stub("--crash-after", "1")})
+    first = await gw.chat("fragile", "one")
+    assert first.status_code == 200
+    engines = gw.gateway.engines
+    assert engines is not None
+    old_pid = engines.get("fragile").process.pid  # type: ignore[union-attr]
+    second = await gw.chat("fragile", "two")  # kills the engine; retried on the restarted one
+    assert second.status_code == 200, second.text
+    assert second.json()["message"]["content"] == "stub reply to: two"
+    assert second.json()["attempts"] == 2
+    engine = engines.get("fragile")
+    assert len(engine.crashes) == 1
+    assert engine.process is not None and engine.process.pid != old_pid
+    job = (await gw.http.get(f"/api/jobs/{second.json()['id']}", headers=gw.headers())).json()
+    assert "connection" in job["result"]["message"]["content"] or job["attempts"] == 2
