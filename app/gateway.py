@@ -119,6 +119,7 @@ class Gateway:
                 engines.get(name).served_name,
                 retry,
                 s.queue.poll_interval_seconds,
+                engine_suspect=lambda name=name: engines.check_process(name),  # type: ignore[misc]
             )
             self.dispatchers[name] = dispatcher
             queue.on_backlog(name, dispatcher.note_backlog)

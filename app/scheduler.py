@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -16,6 +18,7 @@ class Scheduler:
     def __init__(self) -> None:
         self._scheduler = AsyncIOScheduler()
         self._final: list[Callable[[], Awaitable[object]]] = []
+        self._running: set[asyncio.Task[Any]] = set()
 
     def every(
         self, seconds: float, name: str, job: Callable[[], Awaitable[object]], *, run_at_stop: bool = False
@@ -23,10 +26,16 @@ class Scheduler:
         """Run `job` every `seconds`; never two runs of it at once, missed runs coalesce."""
 
         async def guarded() -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._running.add(task)
             try:
                 await job()
             except Exception as exc:  # a failing pass is logged and tried again next period
                 event(log, "scheduler.job_failed", logging.WARNING, job=name, error=repr(exc))
+            finally:
+                if task is not None:
+                    self._running.discard(task)
 
         self._scheduler.add_job(
             guarded,
@@ -48,6 +57,8 @@ class Scheduler:
         """Stop scheduling, then run the jobs that must not lose their last period (drain)."""
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
+        if self._running:  # let a pass in progress finish rather than cut it mid-write
+            await asyncio.wait(list(self._running), timeout=10)
         for job in self._final:
             try:
                 await job()

@@ -33,12 +33,14 @@ class ModelDispatcher:
         served_name: str,
         retry: RetryPolicy,
         poll_interval: float,
+        engine_suspect: Callable[[], None] = lambda: None,
     ) -> None:
         self.name = name
         self.settings = settings
         self._queue = queue
         self._client = client
         self._engine_url = engine_url  # callable: () -> base URL when ready, else None
+        self._engine_suspect = engine_suspect  # a call could not connect: is the engine still alive?
         self._served_name = served_name
         self._retry = retry
         self._poll_interval = poll_interval
@@ -165,6 +167,8 @@ class ModelDispatcher:
             "retryable": exc.retryable,
             "attempt": doc["attempts"],
         }
+        if exc.retryable and exc.status is None:
+            self._engine_suspect()
         if self._retry.should_retry(retryable=exc.retryable, attempts_made=doc["attempts"]):
             delay = self._retry.backoff(doc["attempts"])
             event(

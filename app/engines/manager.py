@@ -207,14 +207,20 @@ class EngineManager:
         while True:
             await asyncio.sleep(self._defaults.health_interval)
             for engine in self.engines.values():
-                if engine.state != EngineState.READY or engine.process is None:
-                    continue
-                code = engine.process.exit_code()
-                if code is not None:
-                    engine.state = EngineState.CRASHED
-                    self._start_tasks[engine.name] = asyncio.create_task(
-                        self._crashed(engine, code), name=f"engine-restart:{engine.name}"
-                    )
+                self.check_process(engine.name)
+
+    def check_process(self, name: str) -> None:
+        """Notice at once that a ready engine's process exited (also called by the dispatcher
+        when a call fails to connect, so a retry does not go to a dead engine)."""
+        engine = self.engines[name]
+        if engine.state != EngineState.READY or engine.process is None:
+            return
+        code = engine.process.exit_code()
+        if code is not None:
+            engine.state = EngineState.CRASHED
+            self._start_tasks[engine.name] = asyncio.create_task(
+                self._crashed(engine, code), name=f"engine-restart:{engine.name}"
+            )
 
     async def _crashed(self, engine: Engine, code: int) -> None:
         now = self._clock.monotonic()

@@ -49,6 +49,11 @@ class Submission:
     queue_timeout_s: float
 
 
+def idempotency_scope(owner: str, key: str) -> str:
+    """Keys are per caller: alice's key-1 and bob's key-1 are different jobs."""
+    return f"{owner}\x1f{key}"
+
+
 def request_fingerprint(model: str, request: Doc) -> str:
     """Stable hash of what was asked, so a reused Idempotency-Key with another request is caught."""
     canonical = json.dumps(
@@ -93,6 +98,7 @@ def build_document(
     }
     if sub.idempotency_key is not None:
         doc["idempotency_key"] = sub.idempotency_key
+        doc["idempotency_scope"] = idempotency_scope(sub.owner, sub.idempotency_key)
         doc["request_hash"] = request_fingerprint(sub.model, sub.request)
     if running_as is not None:
         worker, lease_until = running_as

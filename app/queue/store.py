@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 from pymongo.asynchronous.collection import AsyncCollection
 
-from app.queue.jobs import Doc, JobState
+from app.queue.jobs import Doc, JobState, idempotency_scope
 from app.store.batch import BatchWriter
 from app.store.database import ACTIVE
 
@@ -40,7 +40,7 @@ class JobStore:
         return await self._jobs.find_one({"_id": job_id})
 
     async def find_by_idempotency_key(self, owner: str, key: str) -> Doc | None:
-        return await self._jobs.find_one({"owner": owner, "idempotency_key": key})
+        return await self._jobs.find_one({"idempotency_scope": idempotency_scope(owner, key)})
 
     async def occupied_slots(self, slot_keys: list[str]) -> list[Doc]:
         cursor = self._jobs.find({"slot": {"$in": slot_keys}}, {"slot": 1, "state": 1})

@@ -140,9 +140,12 @@ async def test_engine_crash_mid_request_is_retried_after_restart(gateway_factory
     second = await gw.chat("fragile", "two")  # kills the engine; retried on the restarted one
     assert second.status_code == 200, second.text
     assert second.json()["message"]["content"] == "stub reply to: two"
-    assert second.json()["attempts"] == 2
+    # one attempt hits the dying engine; the retry waits for the restart (a second failed
+    # attempt is possible only if the retry raced the crash being noticed)
+    assert second.json()["attempts"] in (2, 3)
     engine = engines.get("fragile")
     assert len(engine.crashes) == 1
     assert engine.process is not None and engine.process.pid != old_pid
     job = (await gw.http.get(f"/api/jobs/{second.json()['id']}", headers=gw.headers())).json()
-    assert "connection" in job["result"]["message"]["content"] or job["attempts"] == 2
+    assert job["last_error"]["retryable"] is True
+    assert "engine connection failed" in job["last_error"]["message"]
