@@ -95,6 +95,7 @@ def build_document(
         "queue_deadline": now + timedelta(seconds=sub.queue_timeout_s),
         "queue_timeout_s": sub.queue_timeout_s,
         "attempts": 0,
+        "rev": secrets.token_hex(16),  # the version every later transition is conditional on
     }
     if sub.idempotency_key is not None:
         doc["idempotency_key"] = sub.idempotency_key

@@ -13,7 +13,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
 
 from app.clock import Clock
 from app.errors import JobNotFound, QueueFull
@@ -225,7 +224,7 @@ class JobQueue:
 
     async def succeed(self, doc: Doc, result: Doc) -> bool:
         now = self.clock.now()
-        if await self.store.succeed(doc, self.worker_id, now, result):
+        if await self.store.succeed(doc, now, result):
             doc.update(state=JobState.SUCCEEDED.value, finished_at=now, result=result)
             self._ended(doc, "succeeded")
             return True
@@ -236,7 +235,7 @@ class JobQueue:
 
     async def fail(self, doc: Doc, error: Doc) -> bool:
         now = self.clock.now()
-        if await self.store.fail(doc, self.worker_id, now, error):
+        if await self.store.fail(doc, now, error):
             doc.update(state=JobState.FAILED.value, finished_at=now, error=error)
             self._ended(doc, "failed")
             return True
@@ -244,9 +243,8 @@ class JobQueue:
         return False
 
     async def retry_later(self, doc: Doc, error: Doc, delay_s: float) -> bool:
-        conditions = {"state": JobState.RUNNING.value, "worker": self.worker_id, "attempts": doc["attempts"]}
         self._local.discard(doc["_id"])
-        if await self.store.requeue(doc, conditions, self.clock.now() + timedelta(seconds=delay_s), error):
+        if await self.store.requeue(doc, self.clock.now() + timedelta(seconds=delay_s), error):
             if self.counters is not None:
                 self.counters.record(doc["model"], "retries")
             self._wake(doc["model"])
@@ -276,23 +274,19 @@ class JobQueue:
     # -- recovery (sweeper) ----------------------------------------------------------------
 
     async def recover_running(self, doc: Doc, error: Doc, retry_delay_s: float | None) -> bool:
-        """Return a job whose worker is gone to the queue, or fail it when retries are spent."""
-        conditions: dict[str, Any] = {
-            "state": JobState.RUNNING.value,
-            "worker": doc.get("worker"),
-            "attempts": doc["attempts"],
-        }
+        """Return a job whose worker is gone to the queue, or fail it when retries are spent.
+
+        Conditional on the rev the sweeper read: if the worker finished after all, nothing changes.
+        """
+        now = self.clock.now()
         if retry_delay_s is None:
-            now = self.clock.now()
-            ok = await self.store.fail_running(doc, conditions, now, error)
+            ok = await self.store.fail(doc, now, error)
             if ok:
                 self._ended(
                     {**doc, "state": JobState.FAILED.value, "error": error, "finished_at": now}, "failed"
                 )
             return ok
-        ok = await self.store.requeue(
-            doc, conditions, self.clock.now() + timedelta(seconds=retry_delay_s), error
-        )
+        ok = await self.store.requeue(doc, now + timedelta(seconds=retry_delay_s), error)
         if ok:
             self._wake(doc["model"])
         return ok

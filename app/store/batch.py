@@ -37,7 +37,7 @@ class DuplicateKey(Exception):
 @dataclass
 class _Op:
     request: InsertOne[Doc] | UpdateOne
-    future: asyncio.Future[bool]
+    future: asyncio.Future[str | None]
     doc_id: Any = None
     rev: str | None = None
 
@@ -83,13 +83,16 @@ class BatchWriter:
 
     async def insert(self, doc: Doc) -> None:
         """Insert durably; raises DuplicateKey when a unique index refuses it."""
-        await self._submit(_Op(InsertOne(doc), self._new_future(), doc_id=doc["_id"]))
+        await self._submit(_Op(InsertOne(doc), self._new_future(), doc_id=doc["_id"], rev=doc.get("rev")))
 
-    async def update(self, doc_id: Any, conditions: Doc, update: Doc) -> bool:
-        """Apply `update` to the document if it still matches `conditions`; True when it did.
+    async def update(self, doc_id: Any, conditions: Doc, update: Doc) -> str | None:
+        """Apply `update` to the document if it still matches `conditions`.
 
-        Each update stamps a fresh `rev`, so when a batch matched fewer documents than it
-        carried, one read tells exactly which of its updates took effect.
+        Returns the fresh `rev` the update stamped when it took effect, None when the document
+        no longer matched. The rev is the document's version: callers make their next update
+        conditional on it (optimistic concurrency, one indexed field to match), and when a
+        batch matched fewer documents than it carried, one read of the revs tells exactly which
+        of its updates took effect.
         """
         rev = uuid.uuid4().hex
         stamped = {**update, "$set": {**update.get("$set", {}), "rev": rev}}
@@ -99,10 +102,10 @@ class BatchWriter:
         return await self._submit(op)
 
     @staticmethod
-    def _new_future() -> asyncio.Future[bool]:
+    def _new_future() -> asyncio.Future[str | None]:
         return asyncio.get_running_loop().create_future()
 
-    async def _submit(self, op: _Op) -> bool:
+    async def _submit(self, op: _Op) -> str | None:
         if self._task is None:
             raise RuntimeError("batch writer is not started")
         self._pending.append(op)
@@ -154,9 +157,9 @@ class BatchWriter:
             if index in failed:
                 op.future.set_exception(failed[index])
             elif isinstance(op.request, UpdateOne):
-                op.future.set_result(applied is None or op.rev in applied)
+                op.future.set_result(op.rev if applied is None or op.rev in applied else None)
             else:
-                op.future.set_result(True)
+                op.future.set_result(op.rev)
 
     async def _applied(self, updates: list[_Op]) -> set[Any]:
         self.stats.verify_reads += 1

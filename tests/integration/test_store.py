@@ -59,7 +59,10 @@ async def test_each_caller_learns_its_own_outcome(writer: BatchWriter, database:
     )
     assert isinstance(results[0], DuplicateKey)
     assert results[0].fields == ("slot",)
-    assert list(results[1:]) == [None, True, False]
+    assert results[1] is None  # an insert that went in
+    applied = await database.jobs.find_one({"_id": "a"})
+    assert applied is not None and results[2] == applied["rev"]  # the update reports the rev it stamped
+    assert results[3] is None  # condition failed: not applied
     assert (await database.jobs.find_one({"_id": "d"})) is not None
 
 
@@ -192,3 +195,24 @@ async def test_outcome_counters_survive_flush_and_add_up(database: Database) -> 
     assert (totals["succeeded"], totals["failed"], totals["timeouts"], totals["expired"]) == (3, 1, 1, 0)
     again = OutcomeCounters(database.queue_stats)  # another instance sees what was flushed
     assert (await again.totals("m"))["succeeded"] == 2
+
+
+async def test_a_worker_that_lost_its_lease_cannot_finish_the_job(
+    writer: BatchWriter, database: Database
+) -> None:
+    clock = ManualClock()
+    queue = JobQueue(JobStore(database.jobs, writer, timedelta(days=15)), clock, "w1", {"m": 20}, 30, 1)
+    other = JobQueue(JobStore(database.jobs, writer, timedelta(days=15)), clock, "w2", {"m": 20}, 30, 1)
+    await queue.admit(_submission(), None)
+    (mine,), _ = await queue.claim("m", 1)
+    clock.advance(31)  # w1 stalls past its lease
+    sweeper = Sweeper(other, RetryPolicy(base_seconds=0.0), lambda: [])
+    assert (await sweeper.sweep())["requeued"] == 1
+    (theirs,), _ = await other.claim("m", 1)
+    assert theirs["attempts"] == 2
+    assert not await queue.succeed(mine, {"message": {"role": "assistant", "content": "late"}})
+    assert await other.succeed(theirs, {"message": {"role": "assistant", "content": "fresh"}})
+    final = await queue.store.get(mine["_id"])
+    assert final is not None
+    assert final["state"] == "succeeded"
+    assert final["result"]["message"]["content"] == "fresh"
