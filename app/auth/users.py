@@ -49,9 +49,6 @@ class UserService:
             raise InvalidRequest(f"user {username!r} already exists", param="username") from None
         return {k: v for k, v in doc.items() if k != "password_hash"}
 
-    async def count(self) -> int:
-        return await self._users.count_documents({})
-
     async def authenticate(self, username: str, password: str) -> Principal:
         doc = await self._users.find_one({"_id": username}) if _USERNAME.match(username) else None
         stored = doc["password_hash"] if doc else self._dummy_hash

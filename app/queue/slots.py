@@ -30,9 +30,6 @@ class SlotBook:
                 return index
         return None
 
-    def mark_taken(self, index: int) -> None:
-        self._taken.add(index)
-
     def release(self, index: int) -> None:
         self._taken.discard(index)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pymongo import InsertOne, UpdateOne
@@ -44,11 +44,10 @@ class _Op:
 
 @dataclass
 class BatchStats:
+    """Counts the tests and the bench read to see that writes were really coalesced."""
+
     batches: int = 0
     operations: int = 0
-    verify_reads: int = 0
-    largest: int = 0
-    by_size: dict[int, int] = field(default_factory=dict)
 
 
 class BatchWriter:
@@ -60,7 +59,6 @@ class BatchWriter:
         self._pending: list[_Op] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._closing = False
         self.stats = BatchStats()
 
     def start(self) -> None:
@@ -74,7 +72,6 @@ class BatchWriter:
             await asyncio.wait(futures)
 
     async def stop(self) -> None:
-        self._closing = True
         await self.drain()
         if self._task is not None:
             self._task.cancel()
@@ -125,8 +122,6 @@ class BatchWriter:
     async def _write(self, batch: list[_Op]) -> None:
         self.stats.batches += 1
         self.stats.operations += len(batch)
-        self.stats.largest = max(self.stats.largest, len(batch))
-        self.stats.by_size[len(batch)] = self.stats.by_size.get(len(batch), 0) + 1
         failed: dict[int, Exception] = {}
         matched = 0
         try:
@@ -162,6 +157,5 @@ class BatchWriter:
                 op.future.set_result(op.rev)
 
     async def _applied(self, updates: list[_Op]) -> set[Any]:
-        self.stats.verify_reads += 1
         cursor = self._collection.find({"_id": {"$in": [op.doc_id for op in updates]}}, {"rev": 1})
         return {doc.get("rev") async for doc in cursor}
