@@ -136,6 +136,7 @@ class ModelDispatcher:
             event(log, "dispatch.job_error", logging.ERROR, job=job_id, error=repr(exc))
         finally:
             self._running.pop(job_id, None)
+            self._queue.left_this_process(job_id)
             self.in_flight -= 1
             self._wakeup.set()
 

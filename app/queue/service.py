@@ -61,9 +61,6 @@ class JobQueue:
         """Register the model's dispatcher, woken when a job becomes claimable."""
         self._listeners[model] = listener
 
-    def capacity(self, model: str) -> int:
-        return self._books[model].capacity
-
     async def load_slots(self) -> None:
         """Take the database's word for which slots are occupied (at start and when full)."""
         for model, book in self._books.items():
@@ -120,6 +117,10 @@ class JobQueue:
             else:
                 self._wake(sub.model)
             return doc
+
+    def left_this_process(self, job_id: str) -> None:
+        """The dispatcher is done with the job (whatever the outcome): waiters poll again."""
+        self._local.discard(job_id)
 
     def _wake(self, model: str) -> None:
         listener = self._listeners.get(model)
@@ -239,11 +240,9 @@ class JobQueue:
             doc.update(state=JobState.FAILED.value, finished_at=now, error=error)
             self._ended(doc, "failed")
             return True
-        self._local.discard(doc["_id"])
         return False
 
     async def retry_later(self, doc: Doc, error: Doc, delay_s: float) -> bool:
-        self._local.discard(doc["_id"])
         if await self.store.requeue(doc, self.clock.now() + timedelta(seconds=delay_s), error):
             if self.counters is not None:
                 self.counters.record(doc["model"], "retries")
