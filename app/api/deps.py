@@ -59,6 +59,11 @@ async def client_id(x_client_id: Annotated[str | None, Header()] = None) -> str:
     return x_client_id
 
 
+async def optional_client_id(x_client_id: Annotated[str | None, Header()] = None) -> str | None:
+    """/v1 clients (the OpenAI SDK) do not send X-Client-ID; when one is sent it is checked."""
+    return None if x_client_id is None else await client_id(x_client_id)
+
+
 async def idempotency_key(idempotency_key: Annotated[str | None, Header()] = None) -> str | None:
     if idempotency_key is None:
         return None

@@ -1,12 +1,16 @@
 """The one mapping from the domain's errors to HTTP responses.
 
-`{"detail": ...}` everywhere (FastAPI's convention, which the clients we stay compatible with
-parse); never a stack trace or an internal path in a body.
+Two body shapes, chosen by path: OpenAI's envelope `{"error": {"message", "type", "param",
+"code"}}` under /v1 (so the OpenAI SDK raises the right exception class), and
+`{"detail": ..., "code": ...}` everywhere else (FastAPI's convention, which the clients of the
+system we re-implement parse). Never a stack trace or an internal path in a body.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,10 +37,25 @@ _STATUS: list[tuple[type[errors.GatewayError], int]] = [
     (errors.ConfigError, 500),
 ]
 
-
 # Engine answers that describe the client's own request pass through; an engine 401/403/404
 # would make a client blame its token or the model name, so those become 502.
 _ENGINE_PASSTHROUGH = frozenset({400, 413, 422})
+
+# OpenAI's `error.type` for each status (the SDK picks its exception class by status).
+_OPENAI_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "server_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
 
 
 def status_of(exc: errors.GatewayError) -> int:
@@ -48,60 +67,93 @@ def status_of(exc: errors.GatewayError) -> int:
     return 500
 
 
-def error_response(exc: errors.GatewayError) -> JSONResponse:
-    status = status_of(exc)
-    body: dict[str, object] = {"detail": exc.message, "code": exc.code}
+def render(
+    request: Request,
+    status: int,
+    detail: Any,
+    code: str,
+    *,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> JSONResponse:
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if request.url.path.startswith("/v1/") or request.url.path == "/v1":
+        message = (
+            detail
+            if isinstance(detail, str)
+            else "; ".join(f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in detail)
+        )
+        envelope = {
+            "message": message,
+            "type": _OPENAI_TYPE.get(status, "server_error"),
+            "param": param,
+            "code": code,
+        }
+        return JSONResponse({"error": envelope}, status_code=status, headers=headers)
+    return JSONResponse(
+        {"detail": detail, "code": code, **(extra or {})}, status_code=status, headers=headers
+    )
+
+
+def error_response(request: Request, exc: errors.GatewayError) -> JSONResponse:
     headers: dict[str, str] = {}
+    extra: dict[str, Any] = {}
     job_id = getattr(exc, "job_id", None)
     if job_id:
-        body["request_id"] = job_id
+        extra["request_id"] = job_id
         headers["X-Request-ID"] = job_id
     if isinstance(exc, errors.QueueFull):
         headers["Retry-After"] = str(exc.retry_after_s)
-    if status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(body, status_code=status, headers=headers)
+    return render(
+        request,
+        status_of(exc),
+        exc.message,
+        exc.code,
+        param=getattr(exc, "param", None),
+        headers=headers,
+        extra=extra,
+    )
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(errors.GatewayError)
-    async def _gateway_error(_: Request, exc: errors.GatewayError) -> JSONResponse:
-        return error_response(exc)
+    async def _gateway_error(request: Request, exc: errors.GatewayError) -> JSONResponse:
+        return error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = exc.errors()
         if any(p.get("type") == "json_invalid" for p in problems):
-            return JSONResponse(
-                {"detail": "request body is not valid JSON", "code": "invalid_json"}, status_code=400
-            )
+            return render(request, 400, "request body is not valid JSON", "invalid_json")
         detail = [
             {"loc": list(p.get("loc", ())), "msg": str(p.get("msg", "")), "type": str(p.get("type", ""))}
             for p in problems
         ]
-        return JSONResponse({"detail": detail, "code": "validation_error"}, status_code=422)
+        first = detail[0]["loc"] if detail else []
+        param = ".".join(str(p) for p in first[1:]) if first[:1] == ["body"] else None
+        return render(request, 422, detail, "validation_error", param=param or None)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(
-            {"detail": exc.detail, "code": code}, status_code=exc.status_code, headers=exc.headers
-        )
+        return render(request, exc.status_code, exc.detail, code, headers=exc.headers)
 
     @app.exception_handler(PyMongoError)
-    async def _database(_: Request, exc: PyMongoError) -> JSONResponse:
+    async def _database(request: Request, exc: PyMongoError) -> JSONResponse:
         event(log, "api.database_error", logging.ERROR, error=exc.__class__.__name__)
-        return JSONResponse(
-            {
-                "detail": "database unavailable; retry with the same Idempotency-Key",
-                "code": "database_unavailable",
-            },
-            status_code=503,
+        return render(
+            request,
+            503,
+            "database unavailable; retry with the same Idempotency-Key",
+            "database_unavailable",
             headers={"Retry-After": "1"},
         )
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         event(log, "api.unhandled", logging.ERROR, error=repr(exc))
         log.exception("unhandled error")
-        return JSONResponse({"detail": "internal error", "code": "internal_error"}, status_code=500)
+        return render(request, 500, "internal error", "internal_error")
