@@ -55,6 +55,7 @@ class UnknownModel(NotFound):
     """No configured model has this name or alias."""
 
     code = "model_not_found"
+    param = "model"
 
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(f"unknown model {name!r}; known models: {', '.join(sorted(known)) or 'none'}")

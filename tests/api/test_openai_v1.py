@@ -63,8 +63,9 @@ async def test_models_list_shows_state(gw: GatewayClient) -> None:
 async def test_error_classes(gw: GatewayClient) -> None:
     client = sdk(gw)
     hello = [{"role": "user", "content": "hi"}]
-    with pytest.raises(openai.NotFoundError, match="known models"):
+    with pytest.raises(openai.NotFoundError, match="known models") as unknown:
         await client.chat.completions.create(model="nope", messages=hello)  # type: ignore[arg-type]
+    assert unknown.value.body["param"] == "model"  # type: ignore[index]
     with pytest.raises(openai.AuthenticationError):
         await sdk(gw, token="not-a-token").chat.completions.create(model="demo", messages=hello)  # type: ignore[arg-type]
     with pytest.raises(openai.UnprocessableEntityError) as bad:
