@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from app.auth.tokens import Principal
 from app.dispatch.dispatcher import ModelDispatcher
 from app.engines.manager import EngineManager
@@ -63,6 +66,34 @@ class ChatService:
                 raise
             return await self._replay(existing, model, body)
         return await self._queue.wait(doc)
+
+    async def start_stream(
+        self, principal: Principal, request: Doc, client_id: str, priority: Priority
+    ) -> tuple[Doc, asyncio.Queue[tuple[str, Any]]]:
+        """Admit a streamed job pinned to this instance; its events arrive on the returned queue."""
+        model = self._registry.resolve(str(request["model"]))
+        self._engines.check_servable(model)
+        body = {k: v for k, v in request.items() if k != "model" and v is not None}
+        sub = Submission(
+            model=model,
+            kind="chat",
+            request=body,
+            owner=principal.subject,
+            client_id=client_id,
+            priority=priority,
+            idempotency_key=None,
+            queue_timeout_s=self._registry.models[model].timeout,
+            pinned_to=self._queue.worker_id,
+        )
+        doc = await self._queue.admit(sub, self._dispatchers[model].direct_start())
+        sink = self._queue.sink(doc["_id"])
+        assert sink is not None
+        return doc, sink
+
+    async def cancel(self, doc: Doc, reason: str) -> None:
+        """The client went away: stop the engine call if it runs here, else end the queued job."""
+        if not self._dispatchers[doc["model"]].cancel(doc["_id"]):
+            await self._queue.cancel(doc["_id"], reason)
 
     async def _replay(self, existing: Doc, model: str, body: Doc) -> Doc:
         """A repeated Idempotency-Key: the same job's outcome, never a second inference."""

@@ -2,15 +2,21 @@
 
 Every completion still goes through the durable per-model queue (same admission, priority,
 retries, timeouts and idempotency as /api/chat); only the request and answer shapes differ.
-Streaming (`stream: true`) is refused with a clear 400 until it runs through the queue too.
+With `stream: true` the job is admitted like any other (429 at once when the queue is full),
+the response starts with keep-alive comments while it waits, and chunks flow once it runs; if the
+client goes away the engine call is cancelled and the slot freed at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, Header
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field
 
 from app.api.deps import GatewayDep, PrincipalDep, idempotency_key, optional_client_id
@@ -21,6 +27,7 @@ from app.queue.priority import Priority
 
 router = APIRouter(prefix="/v1")
 _DEFAULT_CLIENT = "openai-api"
+KEEPALIVE_S = 10.0
 
 
 class OpenAIChatRequest(ChatRequest):
@@ -32,6 +39,10 @@ class OpenAIChatRequest(ChatRequest):
 
     def engine_request(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True, exclude={"stream", "stream_options", "n", "user"})
+
+    def engine_stream_request(self) -> dict[str, Any]:
+        """Always ask the engine for usage, so history records it even when the client did not."""
+        return {**self.engine_request(), "stream": True, "stream_options": {"include_usage": True}}
 
 
 @router.get("/models")
@@ -61,14 +72,14 @@ async def chat_completions(
     key: Annotated[str | None, Depends(idempotency_key)],
     x_client_id: Annotated[str | None, Depends(optional_client_id)],
     x_priority: Annotated[str | None, Header()] = None,
-) -> JSONResponse:
-    if body.stream:
-        raise InvalidRequest(
-            "stream: true is not supported yet; send the request without streaming", param="stream"
-        )
+) -> Response:
     priority = Priority.parse(x_priority)
     client = x_client_id or body.user or _DEFAULT_CLIENT
     assert gw.chat is not None
+    if body.stream:
+        if key is not None:
+            raise InvalidRequest("Idempotency-Key cannot be used with stream: true", param="Idempotency-Key")
+        return await _stream(gw, user, body, client, priority)
     doc = await gw.chat.complete(user, body.engine_request(), client, priority, key)
     answer = chat_answer(doc)
     result = doc.get("result") or {}
@@ -89,3 +100,53 @@ async def chat_completions(
         "system_fingerprint": result.get("system_fingerprint"),
     }
     return JSONResponse(completion, headers={"X-Request-ID": answer["id"]})
+
+
+async def _stream(
+    gw: GatewayDep, user: PrincipalDep, body: OpenAIChatRequest, client: str, priority: Priority
+) -> StreamingResponse:
+    assert gw.chat is not None and gw.queue is not None
+    chat, queue = gw.chat, gw.queue
+    doc, sink = await chat.start_stream(user, body.engine_stream_request(), client, priority)
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+    async def events() -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            while True:
+                try:
+                    kind, data = await asyncio.wait_for(sink.get(), timeout=KEEPALIVE_S)
+                except TimeoutError:
+                    yield b": keep-alive\n\n"  # waiting in the queue: keep proxies from cutting us
+                    continue
+                if kind == "chunk":
+                    if not include_usage:
+                        if not data.get("choices"):
+                            continue  # the usage-only chunk the client did not ask for
+                        data.pop("usage", None)
+                    yield b"data: " + json.dumps({**data, "model": body.model}).encode() + b"\n\n"
+                    continue
+                finished = True
+                if kind == "done":
+                    yield b"data: [DONE]\n\n"
+                else:
+                    error = data.get("error") or {}
+                    envelope = {
+                        "message": error.get("message", "the job failed"),
+                        "type": error.get("type", "server_error"),
+                        "param": None,
+                        "code": data.get("state"),
+                    }
+                    yield b"data: " + json.dumps({"error": envelope}).encode() + b"\n\n"
+                return
+        finally:
+            queue.close_sink(doc["_id"])
+            if not finished:  # the client went away: free the slot now, not at the timeout
+                with anyio.CancelScope(shield=True):
+                    await chat.cancel(doc, "the client closed the connection")
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"X-Request-ID": doc["_id"], "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

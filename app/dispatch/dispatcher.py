@@ -48,6 +48,7 @@ class ModelDispatcher:
         self._backlog = True  # until a claim finds nothing, assume jobs may be waiting
         self._wakeup = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._cancelled: set[str] = set()  # jobs whose client went away (not a shutdown)
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -78,6 +79,15 @@ class ModelDispatcher:
         if self._loop_task is not None:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         self._loop_task = None
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop the engine call of a job running here (the client went away); False if not here."""
+        task = self._running.get(job_id)
+        if task is None:
+            return False
+        self._cancelled.add(job_id)
+        task.cancel()
+        return True
 
     def running_ids(self) -> list[str]:
         return list(self._running)
@@ -131,7 +141,10 @@ class ModelDispatcher:
         try:
             await self._attempt(doc)
         except asyncio.CancelledError:
-            raise
+            if job_id not in self._cancelled:
+                raise  # shutdown: the lease lapses and another attempt recovers the job
+            self._cancelled.discard(job_id)
+            await self._queue.cancel(job_id, "the client closed the connection")
         except Exception as exc:  # never let one job take the dispatcher down
             event(log, "dispatch.job_error", logging.ERROR, job=job_id, error=repr(exc))
         finally:
@@ -143,6 +156,9 @@ class ModelDispatcher:
     async def _attempt(self, doc: Doc) -> None:
         url = self._engine_url()
         payload = {**doc["request"], "model": self._served_name}
+        if doc.get("stream"):
+            await self._attempt_stream(doc, url, payload)
+            return
         try:
             if url is None:
                 raise EngineCallError(f"engine for {self.name!r} is not ready", retryable=True)
@@ -157,6 +173,45 @@ class ModelDispatcher:
             "usage": answer.get("usage") or {},
             "engine_response_id": answer.get("id"),
             "system_fingerprint": answer.get("system_fingerprint"),
+        }
+        await self._queue.succeed(doc, result)
+
+    async def _attempt_stream(self, doc: Doc, url: str | None, payload: Doc) -> None:
+        """Relay engine chunks to the handler holding the client; the full text goes to history.
+
+        Before the first chunk a failure is retried like any other; once a chunk reached the
+        client the job is never retried (the client already has part of an answer).
+        """
+        sink = self._queue.sink(doc["_id"])
+        if sink is None:  # the client is gone already
+            await self._queue.cancel(doc["_id"], "the client closed the connection")
+            return
+        text: list[str] = []
+        usage: Doc = {}
+        finish: str | None = None
+        fingerprint = None
+        sent = False
+        try:
+            if url is None:
+                raise EngineCallError(f"engine for {self.name!r} is not ready", retryable=True)
+            async for chunk in self._client.stream_chat(url, payload, self.settings.request_timeout):
+                for choice in chunk.get("choices") or []:
+                    text.append((choice.get("delta") or {}).get("content") or "")
+                    finish = choice.get("finish_reason") or finish
+                usage = chunk.get("usage") or usage
+                fingerprint = chunk.get("system_fingerprint") or fingerprint
+                sink.put_nowait(("chunk", chunk))
+                sent = True
+        except EngineCallError as exc:
+            if sent:
+                exc = EngineCallError(f"stream broken after the first chunk: {exc.message}", retryable=False)
+            await self._failed(doc, exc)
+            return
+        result = {
+            "message": {"role": "assistant", "content": "".join(text)},
+            "finish_reason": finish,
+            "usage": usage,
+            "system_fingerprint": fingerprint,
         }
         await self._queue.succeed(doc, result)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -90,6 +91,43 @@ class EngineClient:
         if not isinstance(data, dict) or not data.get("choices"):
             raise EngineCallError("engine answer has no choices", retryable=True)
         return data
+
+    async def stream_chat(self, base_url: str, payload: Doc, timeout_s: float) -> AsyncIterator[Doc]:
+        """POST with `stream: true` and yield each SSE `data:` chunk as a dict until [DONE].
+
+        Failures before the first chunk raise EngineCallError like chat_completion; failures
+        after it raise EngineCallError too, and the caller must not retry those.
+        """
+        url = f"{base_url}/v1/chat/completions"
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self.session.post(url, json=payload) as response:
+                    if response.status >= 400:
+                        body = await response.read()
+                        retryable = response.status >= 500 or response.status in (408, 429)
+                        raise EngineCallError(
+                            _engine_message(body), retryable=retryable, status=response.status
+                        )
+                    async for raw in response.content:
+                        line = raw.strip()
+                        if not line.startswith(b"data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == b"[DONE]":
+                            return
+                        try:
+                            chunk = json.loads(data)
+                        except ValueError:
+                            raise EngineCallError(
+                                "engine sent an invalid stream chunk", retryable=True
+                            ) from None
+                        yield chunk
+        except TimeoutError:
+            raise EngineTimeout(timeout_s) from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise EngineCallError(
+                f"engine connection failed: {exc.__class__.__name__}: {exc}", retryable=True
+            ) from None
 
     async def healthy(self, base_url: str, timeout_s: float = 2.0) -> bool:
         try:

@@ -47,6 +47,8 @@ class Submission:
     priority: Priority
     idempotency_key: str | None
     queue_timeout_s: float
+    # a streamed job runs only on the instance that holds the client's connection
+    pinned_to: str | None = None
 
 
 def idempotency_scope(owner: str, key: str) -> str:
@@ -101,6 +103,9 @@ def build_document(
         doc["idempotency_key"] = sub.idempotency_key
         doc["idempotency_scope"] = idempotency_scope(sub.owner, sub.idempotency_key)
         doc["request_hash"] = request_fingerprint(sub.model, sub.request)
+    if sub.pinned_to is not None:
+        doc["pinned_to"] = sub.pinned_to
+        doc["stream"] = True
     if running_as is not None:
         worker, lease_until = running_as
         doc.update(

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from app.clock import Clock
 from app.errors import JobNotFound, QueueFull
@@ -56,6 +57,8 @@ class JobQueue:
         self._listeners: dict[str, Callable[[], None]] = {}
         self.counters = counters
         self._local: set[str] = set()  # jobs running in this process: their waiters need no polling
+        # streamed jobs: events for the handler holding the client connection
+        self._sinks: dict[str, asyncio.Queue[tuple[str, Any]]] = {}
 
     def on_backlog(self, model: str, listener: Callable[[], None]) -> None:
         """Register the model's dispatcher, woken when a job becomes claimable."""
@@ -79,6 +82,15 @@ class JobQueue:
         """Insert the job into a free slot; raises QueueFull when every slot is taken."""
         book = self._books[sub.model]
         job_id = new_job_id()
+        if sub.pinned_to is not None:
+            self.open_sink(job_id)  # before the insert: a direct start may stream at once
+        try:
+            return await self._admit(sub, job_id, book, direct)
+        except BaseException:
+            self.close_sink(job_id)
+            raise
+
+    async def _admit(self, sub: Submission, job_id: str, book: SlotBook, direct: DirectStart | None) -> Doc:
         refreshed = False
         while True:
             index = book.reserve()
@@ -117,6 +129,28 @@ class JobQueue:
             else:
                 self._wake(sub.model)
             return doc
+
+    # -- streams -----------------------------------------------------------------------------
+
+    def open_sink(self, job_id: str) -> asyncio.Queue[tuple[str, Any]]:
+        sink: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._sinks[job_id] = sink
+        return sink
+
+    def sink(self, job_id: str) -> asyncio.Queue[tuple[str, Any]] | None:
+        return self._sinks.get(job_id)
+
+    def close_sink(self, job_id: str) -> None:
+        self._sinks.pop(job_id, None)
+
+    async def cancel(self, job_id: str, reason: str) -> bool:
+        """End a queued or running job as cancelled (its slot is freed in the same write)."""
+        doc = await self.store.get(job_id)
+        if doc is None or not await self.store.cancel(job_id, self.clock.now(), reason):
+            return False
+        doc.update(state=JobState.CANCELLED.value, error={"type": "cancelled", "message": reason})
+        self._ended(doc, "cancelled")
+        return True
 
     def left_this_process(self, job_id: str) -> None:
         """The dispatcher is done with the job (whatever the outcome): waiters poll again."""
@@ -187,6 +221,9 @@ class JobQueue:
             self.counters.record(doc["model"], outcome)
             if outcome == "failed" and (doc.get("error") or {}).get("type") == "timeout":
                 self.counters.record(doc["model"], "timeouts")
+        sink = self._sinks.get(doc["_id"])
+        if sink is not None:
+            sink.put_nowait(("done", doc) if outcome == "succeeded" else ("error", doc))
         self._resolve(doc)
 
     # -- transitions -----------------------------------------------------------------------
@@ -199,7 +236,12 @@ class JobQueue:
         """
         now = self.clock.now()
         candidates = await self.store.queued_candidates(model, limit + 10)
-        ready = [d for d in candidates if d.get("not_before") is None or d["not_before"] <= now][:limit]
+        ready = [
+            d
+            for d in candidates
+            if (d.get("not_before") is None or d["not_before"] <= now)
+            and d.get("pinned_to") in (None, self.worker_id)
+        ][:limit]
         waits = [
             (d["not_before"] - now).total_seconds()
             for d in candidates

@@ -131,6 +131,15 @@ class JobStore:
             },
         )
 
+    async def cancel(self, job_id: str, now: datetime, reason: str) -> bool:
+        """By id and state only: the client that went away holds no fresh copy of the job."""
+        rev = await self._writer.update(
+            job_id,
+            {"state": {"$in": [JobState.QUEUED.value, JobState.RUNNING.value]}},
+            self._finish(JobState.CANCELLED, now, {"error": {"type": "cancelled", "message": reason}}),
+        )
+        return rev is not None
+
     async def expire(self, job_id: str, now: datetime, error: Doc) -> bool:
         """By id and state only: the waiter that enforces the deadline holds no fresh copy."""
         rev = await self._writer.update(

@@ -85,7 +85,8 @@ class Sweeper:
             "retryable": True,
             "attempt": doc["attempts"],
         }
-        if self._retry.should_retry(retryable=True, attempts_made=doc["attempts"]):
+        # a streamed job cannot move: its client was connected to the worker that is gone
+        if not doc.get("stream") and self._retry.should_retry(retryable=True, attempts_made=doc["attempts"]):
             if await self._queue.recover_running(doc, error, self._retry.backoff(doc["attempts"])):
                 done["requeued"] += 1
                 event(log, "job.recovered", job=doc["_id"], worker=doc.get("worker"), attempt=doc["attempts"])

@@ -8,6 +8,7 @@ import httpx2
 import openai
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import GatewayClient, GatewayFactory, stub
 
@@ -62,34 +63,36 @@ async def test_models_list_shows_state(gw: GatewayClient) -> None:
 
 async def test_error_classes(gw: GatewayClient) -> None:
     client = sdk(gw)
-    hello = [{"role": "user", "content": "hi"}]
+    hello: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.NotFoundError, match="known models") as unknown:
-        await client.chat.completions.create(model="nope", messages=hello)  # type: ignore[arg-type]
+        await client.chat.completions.create(model="nope", messages=hello)
     assert unknown.value.body["param"] == "model"  # type: ignore[index]
     with pytest.raises(openai.AuthenticationError):
-        await sdk(gw, token="not-a-token").chat.completions.create(model="demo", messages=hello)  # type: ignore[arg-type]
+        await sdk(gw, token="not-a-token").chat.completions.create(model="demo", messages=hello)
     with pytest.raises(openai.UnprocessableEntityError) as bad:
         await client.chat.completions.create(model="demo", messages=[])
     assert bad.value.body["param"] == "messages"  # type: ignore[index]
-    with pytest.raises(openai.BadRequestError, match="not supported yet"):
-        await client.chat.completions.create(model="demo", messages=hello, stream=True)  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="cannot be used with stream"):
+        await client.chat.completions.create(
+            model="demo",
+            messages=hello,
+            stream=True,
+            extra_headers={"Idempotency-Key": "k1"},
+        )
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
-        await client.chat.completions.create(model="short", messages=hello * 3)  # type: ignore[arg-type]
+        await client.chat.completions.create(model="short", messages=hello * 3)
     with pytest.raises(openai.InternalServerError) as failed:
-        await client.chat.completions.create(model="broken", messages=hello)  # type: ignore[arg-type]
+        await client.chat.completions.create(model="broken", messages=hello)
     assert failed.value.status_code == 502
     with pytest.raises(openai.InternalServerError) as unavailable:
-        await client.chat.completions.create(model="gpu", messages=hello)  # type: ignore[arg-type]
+        await client.chat.completions.create(model="gpu", messages=hello)
     assert unavailable.value.status_code == 503
 
 
 async def test_queue_full_is_a_rate_limit_error_with_retry_after(gw: GatewayClient) -> None:
     client = sdk(gw)
-    hello = [{"role": "user", "content": "hi"}]
-    calls = [
-        client.chat.completions.with_raw_response.create(model="slow", messages=hello)  # type: ignore[arg-type]
-        for _ in range(3)
-    ]
+    hello: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    calls = [client.chat.completions.with_raw_response.create(model="slow", messages=hello) for _ in range(3)]
     results = await asyncio.gather(*calls, return_exceptions=True)
     limited = [r for r in results if isinstance(r, openai.RateLimitError)]
     assert len(limited) == 1, results
