@@ -38,24 +38,13 @@ class ChatService:
         idempotency_key: str | None,
     ) -> Doc:
         """Return the job's terminal document (the API turns failures into errors)."""
-        model = self._registry.resolve(str(request["model"]))
-        body = {k: v for k, v in request.items() if k != "model" and v is not None}
+        model, body = self._model_and_body(request)
         if idempotency_key is not None:
             existing = await self._queue.find_existing(principal.subject, idempotency_key)
             if existing is not None:
                 return await self._replay(existing, model, body)
         self._engines.check_servable(model)
-        cfg = self._registry.models[model]
-        sub = Submission(
-            model=model,
-            kind="chat",
-            request=body,
-            owner=principal.subject,
-            client_id=client_id,
-            priority=priority,
-            idempotency_key=idempotency_key,
-            queue_timeout_s=cfg.timeout,
-        )
+        sub = self._submission(principal, model, body, client_id, priority, idempotency_key=idempotency_key)
         try:
             doc = await self._queue.admit(sub, self._dispatchers[model].direct_start())
         except DuplicateKey:
@@ -71,24 +60,41 @@ class ChatService:
         self, principal: Principal, request: Doc, client_id: str, priority: Priority
     ) -> tuple[Doc, asyncio.Queue[tuple[str, Any]]]:
         """Admit a streamed job pinned to this instance; its events arrive on the returned queue."""
-        model = self._registry.resolve(str(request["model"]))
+        model, body = self._model_and_body(request)
         self._engines.check_servable(model)
-        body = {k: v for k, v in request.items() if k != "model" and v is not None}
-        sub = Submission(
+        sub = self._submission(principal, model, body, client_id, priority, pinned_to=self._queue.worker_id)
+        doc = await self._queue.admit(sub, self._dispatchers[model].direct_start())
+        sink = self._queue.sink(doc["_id"])
+        assert sink is not None
+        return doc, sink
+
+    def _model_and_body(self, request: Doc) -> tuple[str, Doc]:
+        """The canonical model name, and what the engine gets (the model is set per engine)."""
+        model = self._registry.resolve(str(request["model"]))
+        return model, {k: v for k, v in request.items() if k != "model" and v is not None}
+
+    def _submission(
+        self,
+        principal: Principal,
+        model: str,
+        body: Doc,
+        client_id: str,
+        priority: Priority,
+        *,
+        idempotency_key: str | None = None,
+        pinned_to: str | None = None,
+    ) -> Submission:
+        return Submission(
             model=model,
             kind="chat",
             request=body,
             owner=principal.subject,
             client_id=client_id,
             priority=priority,
-            idempotency_key=None,
+            idempotency_key=idempotency_key,
             queue_timeout_s=self._registry.models[model].timeout,
-            pinned_to=self._queue.worker_id,
+            pinned_to=pinned_to,
         )
-        doc = await self._queue.admit(sub, self._dispatchers[model].direct_start())
-        sink = self._queue.sink(doc["_id"])
-        assert sink is not None
-        return doc, sink
 
     async def cancel(self, doc: Doc, reason: str) -> None:
         """The client went away: stop the engine call if it runs here, else end the queued job."""

@@ -8,6 +8,7 @@ connections to every engine alive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,6 +45,29 @@ def _engine_message(body: bytes) -> str:
     return body.decode(errors="replace")[:500]
 
 
+def _status_error(status: int, body: bytes) -> EngineCallError:
+    """An engine's error answer: 5xx, 408 and 429 may pass on another try; other 4xx will not."""
+    if status >= 500 or status in (408, 429):
+        return EngineCallError(
+            f"engine error {status}: {_engine_message(body)}", retryable=True, status=status
+        )
+    return EngineCallError(_engine_message(body), retryable=False, status=status)
+
+
+@contextlib.asynccontextmanager
+async def _engine_call(timeout_s: float) -> AsyncIterator[None]:
+    """Turn a timeout or a broken connection inside the block into the matching EngineCallError."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except TimeoutError:
+        raise EngineTimeout(timeout_s) from None
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        raise EngineCallError(
+            f"engine connection failed: {exc.__class__.__name__}: {exc}", retryable=True
+        ) from None
+
+
 class EngineClient:
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
@@ -66,24 +90,10 @@ class EngineClient:
     async def chat_completion(self, base_url: str, payload: Doc, timeout_s: float) -> Doc:
         """POST /v1/chat/completions; raises EngineCallError saying whether a retry may help."""
         url = f"{base_url}/v1/chat/completions"
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with self.session.post(url, json=payload) as response:
-                    body = await response.read()
-        except TimeoutError:
-            raise EngineTimeout(timeout_s) from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise EngineCallError(
-                f"engine connection failed: {exc.__class__.__name__}: {exc}", retryable=True
-            ) from None
-        if response.status >= 500 or response.status in (408, 429):
-            raise EngineCallError(
-                f"engine error {response.status}: {_engine_message(body)}",
-                retryable=True,
-                status=response.status,
-            )
+        async with _engine_call(timeout_s), self.session.post(url, json=payload) as response:
+            body = await response.read()
         if response.status >= 400:
-            raise EngineCallError(_engine_message(body), retryable=False, status=response.status)
+            raise _status_error(response.status, body)
         try:
             data = json.loads(body)
         except ValueError:
@@ -99,35 +109,21 @@ class EngineClient:
         after it raise EngineCallError too, and the caller must not retry those.
         """
         url = f"{base_url}/v1/chat/completions"
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with self.session.post(url, json=payload) as response:
-                    if response.status >= 400:
-                        body = await response.read()
-                        retryable = response.status >= 500 or response.status in (408, 429)
-                        raise EngineCallError(
-                            _engine_message(body), retryable=retryable, status=response.status
-                        )
-                    async for raw in response.content:
-                        line = raw.strip()
-                        if not line.startswith(b"data:"):
-                            continue
-                        data = line[5:].strip()
-                        if data == b"[DONE]":
-                            return
-                        try:
-                            chunk = json.loads(data)
-                        except ValueError:
-                            raise EngineCallError(
-                                "engine sent an invalid stream chunk", retryable=True
-                            ) from None
-                        yield chunk
-        except TimeoutError:
-            raise EngineTimeout(timeout_s) from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise EngineCallError(
-                f"engine connection failed: {exc.__class__.__name__}: {exc}", retryable=True
-            ) from None
+        async with _engine_call(timeout_s), self.session.post(url, json=payload) as response:
+            if response.status >= 400:
+                raise _status_error(response.status, await response.read())
+            async for raw in response.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise EngineCallError("engine sent an invalid stream chunk", retryable=True) from None
+                yield chunk
 
     async def healthy(self, base_url: str, timeout_s: float = 2.0) -> bool:
         try:
