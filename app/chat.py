@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from typing import Any
 
 from app.auth.tokens import Principal
 from app.dispatch.dispatcher import ModelDispatcher
 from app.engines.manager import EngineManager
-from app.errors import IdempotencyConflict
+from app.errors import IdempotencyConflict, JobAlreadyFinished, JobNotFound
 from app.models import ModelRegistry
 from app.queue.jobs import Doc, JobState, Submission, request_fingerprint
 from app.queue.priority import Priority
@@ -56,6 +57,33 @@ class ChatService:
             return await self._replay(existing, model, body)
         return await self._queue.wait(doc)
 
+    async def submit(
+        self,
+        principal: Principal,
+        request: Doc,
+        client_id: str,
+        priority: Priority,
+        idempotency_key: str | None,
+    ) -> Doc:
+        """Admit without waiting (POST /api/jobs); a repeated key returns the job it made."""
+        model, body = self._model_and_body(request)
+        if idempotency_key is not None:
+            existing = await self._queue.find_existing(principal.subject, idempotency_key)
+            if existing is not None:
+                return self._same_request(existing, model, body)
+        self._engines.check_servable(model)
+        sub = self._submission(principal, model, body, client_id, priority, idempotency_key=idempotency_key)
+        try:
+            doc = await self._queue.admit(sub, self._dispatchers[model].direct_start())
+        except DuplicateKey:
+            assert idempotency_key is not None
+            existing = await self._queue.find_existing(principal.subject, idempotency_key)
+            if existing is None:
+                raise
+            return self._same_request(existing, model, body)
+        self._queue.detach(doc["_id"])
+        return doc
+
     async def start_stream(
         self, principal: Principal, request: Doc, client_id: str, priority: Priority
     ) -> tuple[Doc, asyncio.Queue[tuple[str, Any]]]:
@@ -97,14 +125,63 @@ class ChatService:
         )
 
     async def cancel(self, doc: Doc, reason: str) -> None:
-        """The client went away: stop the engine call if it runs here, else end the queued job."""
-        if not self._dispatchers[doc["model"]].cancel(doc["_id"]):
+        """Stop the engine call if the job runs here, else end it in the database."""
+        if not self._dispatchers[doc["model"]].cancel(doc["_id"], reason):
             await self._queue.cancel(doc["_id"], reason)
+
+    async def cancel_job(self, principal: Principal, job_id: str) -> Doc:
+        """DELETE /api/jobs/{id}: the job's document once it is cancelled.
+
+        A job that ends some other way first (it succeeded a moment before) is reported as
+        such rather than claimed cancelled. A job running on another instance is marked
+        cancelled here; that instance's result write then loses (it is conditional on the
+        job's revision), although its engine call runs to its end.
+        """
+        doc = await self.job(principal, job_id)
+        if doc is None:
+            raise JobNotFound(job_id)
+        state = JobState(doc["state"])
+        if state.terminal:
+            raise JobAlreadyFinished(job_id, state.value)
+        reason = f"cancelled by {principal.subject}"
+        if self._dispatchers[doc["model"]].cancel(job_id, reason):
+            final = await self._queue.wait(doc)  # the engine call stops, then the job is written
+        else:
+            await self._queue.cancel(job_id, reason)
+            final = await self._queue.store.get(job_id) or doc
+        if final["state"] != JobState.CANCELLED.value:
+            raise JobAlreadyFinished(job_id, final["state"])
+        return final
+
+    async def jobs(
+        self,
+        principal: Principal,
+        *,
+        state: JobState | None,
+        model: str | None,
+        before: datetime | None,
+        limit: int,
+    ) -> list[Doc]:
+        """The caller's own jobs, newest first; admins see everyone's."""
+        return await self._queue.store.listing(
+            owner=None if principal.is_admin else principal.subject,
+            state=state.value if state else None,
+            model=self._registry.resolve(model) if model else None,
+            before=before,
+            limit=limit,
+        )
+
+    async def position(self, doc: Doc) -> int | None:
+        return await self._queue.position(doc)
+
+    def _same_request(self, existing: Doc, model: str, body: Doc) -> Doc:
+        if existing.get("request_hash") != request_fingerprint(model, body):
+            raise IdempotencyConflict(existing["_id"])
+        return existing
 
     async def _replay(self, existing: Doc, model: str, body: Doc) -> Doc:
         """A repeated Idempotency-Key: the same job's outcome, never a second inference."""
-        if existing.get("request_hash") != request_fingerprint(model, body):
-            raise IdempotencyConflict(existing["_id"])
+        self._same_request(existing, model, body)
         return existing if JobState(existing["state"]).terminal else await self._queue.wait(existing)
 
     async def job(self, principal: Principal, job_id: str) -> Doc | None:

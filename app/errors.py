@@ -72,6 +72,19 @@ class JobNotFound(NotFound):
         super().__init__(f"no job with id {job_id!r}")
 
 
+class JobAlreadyFinished(GatewayError):
+    """The job reached a terminal state before it could be cancelled."""
+
+    code = "job_already_finished"
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__(
+            f"job {job_id} already ended ({state}); only queued or running jobs can be cancelled"
+        )
+        self.job_id = job_id
+        self.state = state
+
+
 class IdempotencyConflict(GatewayError):
     """The Idempotency-Key was already used for a different request by the same caller."""
 

@@ -82,10 +82,29 @@ class EngineDefaults(_Strict):
     health_interval: float = Field(0.2, gt=0)
 
 
+class GpuNeeds(_Strict):
+    """What a GPU engine needs to start; placement refuses a start that cannot get it."""
+
+    count: int = Field(1, ge=0, le=16)
+    memory_gib: float | None = Field(None, gt=0, description="free GiB needed on each GPU")
+    memory_fraction: float = Field(
+        0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization (share of each GPU)"
+    )
+    devices: list[int] | None = Field(None, description="pin to these GPU indices")
+
+
 class ModelSettings(_Strict):
     kind: EngineKind
     aliases: list[str] = []
     served_name: str | None = None
+    path: str | None = Field(
+        None, description="weights: local path or hub id passed to `vllm serve`; default the name"
+    )
+    gpu: GpuNeeds = GpuNeeds()
+    max_model_len: int | None = Field(None, ge=16)
+    max_num_seqs: int | None = Field(None, ge=1)
+    on_demand: bool = False
+    startup_timeout: float | None = Field(None, gt=0, description="overrides engines.startup_timeout")
     max_concurrent: int = Field(10, ge=1, le=1024)
     max_waiting: int = Field(10, ge=0, le=10000)
     timeout: float = Field(300.0, gt=0, description="seconds a request may wait in the queue")

@@ -34,6 +34,7 @@ _STATUS: list[tuple[type[errors.GatewayError], int]] = [
     (errors.JobTimedOut, 504),
     (errors.JobCancelled, 409),
     (errors.IdempotencyConflict, 409),
+    (errors.JobAlreadyFinished, 409),
     (errors.ConfigError, 500),
 ]
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Header, Query, Response
 
 from app.api.deps import GatewayDep, PrincipalDep, client_id, idempotency_key
-from app.api.schemas import ChatRequest
+from app.api.schemas import ChatRequest, JobRequest
 from app.api.views import chat_answer, job_view
 from app.errors import InvalidRequest, JobNotFound
+from app.queue.jobs import JobState
 from app.queue.priority import Priority
 
 router = APIRouter()
@@ -34,10 +36,56 @@ async def chat(
     return chat_answer(doc)
 
 
+@router.post("/api/jobs", status_code=202)
+async def submit_job(
+    body: JobRequest,
+    response: Response,
+    gw: GatewayDep,
+    user: PrincipalDep,
+    client: Annotated[str, Depends(client_id)],
+    key: Annotated[str | None, Depends(idempotency_key)],
+    x_priority: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    """Admit and answer at once; the client polls `location` (or repeats its Idempotency-Key)."""
+    priority = Priority.parse(x_priority)
+    assert gw.chat is not None
+    doc = await gw.chat.submit(user, body.engine_request(), client, priority, key)
+    location = f"/api/jobs/{doc['_id']}"
+    response.headers["Location"] = location
+    return {**job_view(doc), "location": location, "position": await gw.chat.position(doc)}
+
+
+@router.get("/api/jobs")
+async def list_jobs(
+    gw: GatewayDep,
+    user: PrincipalDep,
+    state: str | None = None,
+    model: Annotated[str | None, Query(max_length=128)] = None,
+    before: Annotated[datetime | None, Query(description="only jobs created before this time")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> dict[str, Any]:
+    """Own jobs newest first (admins: everyone's); page back with `before` = last `created_at`."""
+    assert gw.chat is not None
+    wanted = JobState.parse(state) if state else None
+    docs = await gw.chat.jobs(user, state=wanted, model=model, before=before, limit=limit + 1)
+    return {
+        "object": "list",
+        "data": [job_view(doc) for doc in docs[:limit]],
+        "has_more": len(docs) > limit,
+    }
+
+
 @router.get("/api/jobs/{job_id}")
 async def get_job(job_id: str, gw: GatewayDep, user: PrincipalDep) -> dict[str, Any]:
     assert gw.chat is not None
     doc = await gw.chat.job(user, job_id[:64])
     if doc is None:
         raise JobNotFound(job_id[:64])
-    return job_view(doc)
+    return {**job_view(doc), "position": await gw.chat.position(doc)}
+
+
+@router.delete("/api/jobs/{job_id}")
+async def cancel_job(job_id: str, gw: GatewayDep, user: PrincipalDep) -> dict[str, Any]:
+    """Cancel a queued or running job (a running one's engine call is stopped); 409 if it ended."""
+    assert gw.chat is not None
+    return job_view(await gw.chat.cancel_job(user, job_id[:64]))

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.errors import InvalidRequest
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -40,3 +42,16 @@ class ChatRequest(_Body):
 
     def engine_request(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True, exclude={"stream"})
+
+
+class JobRequest(ChatRequest):
+    """POST /api/jobs: a chat request run in the background (OCR documents join with OCR)."""
+
+    type: Literal["chat"] = "chat"
+
+    def engine_request(self) -> dict[str, Any]:
+        if self.stream:
+            raise InvalidRequest(
+                "stream is not supported for background jobs; poll the job instead", param="stream"
+            )
+        return self.model_dump(exclude_none=True, exclude={"stream", "type"})

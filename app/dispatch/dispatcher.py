@@ -48,7 +48,7 @@ class ModelDispatcher:
         self._backlog = True  # until a claim finds nothing, assume jobs may be waiting
         self._wakeup = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._cancelled: set[str] = set()  # jobs whose client went away (not a shutdown)
+        self._cancelled: dict[str, str] = {}  # job -> why it was cancelled (not a shutdown)
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -80,12 +80,12 @@ class ModelDispatcher:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         self._loop_task = None
 
-    def cancel(self, job_id: str) -> bool:
-        """Stop the engine call of a job running here (the client went away); False if not here."""
+    def cancel(self, job_id: str, reason: str) -> bool:
+        """Stop the engine call of a job running here; False if it does not run here."""
         task = self._running.get(job_id)
         if task is None:
             return False
-        self._cancelled.add(job_id)
+        self._cancelled[job_id] = reason
         task.cancel()
         return True
 
@@ -141,10 +141,10 @@ class ModelDispatcher:
         try:
             await self._attempt(doc)
         except asyncio.CancelledError:
-            if job_id not in self._cancelled:
+            reason = self._cancelled.pop(job_id, None)
+            if reason is None:
                 raise  # shutdown: the lease lapses and another attempt recovers the job
-            self._cancelled.discard(job_id)
-            await self._queue.cancel(job_id, "the client closed the connection")
+            await self._queue.cancel(job_id, reason)
         except Exception as exc:  # never let one job take the dispatcher down
             event(log, "dispatch.job_error", logging.ERROR, job=job_id, error=repr(exc))
         finally:

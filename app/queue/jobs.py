@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from app.errors import InvalidRequest
 from app.queue.priority import Priority
 
 Doc = dict[str, Any]
@@ -27,7 +28,20 @@ class JobState(StrEnum):
     def terminal(self) -> bool:
         return self in _TERMINAL
 
+    @classmethod
+    def parse(cls, value: str) -> JobState:
+        """Our names, or the ones clients of the system we re-implement use (`completed`, ...)."""
+        name = _COMPAT_NAMES.get(value.strip().lower(), value.strip().lower())
+        try:
+            return cls(name)
+        except ValueError:
+            valid = ", ".join(s.value for s in cls)
+            raise InvalidRequest(
+                f"unknown job state {value[:40]!r}; valid states: {valid}", param="state"
+            ) from None
 
+
+_COMPAT_NAMES = {"completed": "succeeded", "processing": "running", "timeout": "expired"}
 _TERMINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}
 
 

@@ -152,6 +152,24 @@ class JobQueue:
         self._ended(doc, "cancelled")
         return True
 
+    def detach(self, job_id: str) -> None:
+        """Nobody will wait on this job here (an async submission): drop its future now."""
+        if not self._waiting.get(job_id):
+            self._waiters.pop(job_id, None)
+
+    async def position(self, doc: Doc) -> int | None:
+        """1-based place of a queued job among its model's queued jobs (claim order); None if not queued.
+
+        At most max_concurrent + max_waiting jobs are active per model, so this reads a handful.
+        """
+        if doc.get("state") != JobState.QUEUED.value:
+            return None
+        mine = (doc["priority_rank"], doc["enqueued_at"])
+        queued = [d for d in await self.store.active(doc["model"]) if d["state"] == JobState.QUEUED.value]
+        return 1 + sum(
+            1 for d in queued if d["_id"] != doc["_id"] and (d["priority_rank"], d["enqueued_at"]) < mine
+        )
+
     def left_this_process(self, job_id: str) -> None:
         """The dispatcher is done with the job (whatever the outcome): waiters poll again."""
         self._local.discard(job_id)

@@ -63,6 +63,28 @@ class JobStore:
         cursor = self._jobs.find(query, {"request": 0})
         return [doc async for doc in cursor]
 
+    async def listing(
+        self,
+        *,
+        owner: str | None,
+        state: str | None,
+        model: str | None,
+        before: datetime | None,
+        limit: int,
+    ) -> list[Doc]:
+        """Newest first, without the request body (prompts can be large); `before` pages back."""
+        query: Doc = {}
+        if owner is not None:
+            query["owner"] = owner
+        if state is not None:
+            query["state"] = state
+        if model is not None:
+            query["model"] = model
+        if before is not None:
+            query["enqueued_at"] = {"$lt": before}
+        cursor = self._jobs.find(query, {"request": 0}).sort("enqueued_at", -1).limit(limit)
+        return [doc async for doc in cursor]
+
     async def expired_history(self, now: datetime, limit: int) -> list[str]:
         cursor = self._jobs.find({"expire_at": {"$lt": now}}, {"_id": 1}).limit(limit)
         return [doc["_id"] async for doc in cursor]

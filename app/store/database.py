@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pymongo import ASCENDING, AsyncMongoClient
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.write_concern import WriteConcern
@@ -81,6 +81,9 @@ JOB_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
         ],
         {"partialFilterExpression": ACTIVE},
     ),
+    # GET /api/jobs: a client's own jobs newest first, and everyone's for admins
+    "owner_recent": ([("owner", ASCENDING), ("enqueued_at", DESCENDING)], {}),
+    "recent": ([("enqueued_at", DESCENDING)], {}),
 }
 
 
