@@ -44,7 +44,7 @@ class ChatService:
             existing = await self._queue.find_existing(principal.subject, idempotency_key)
             if existing is not None:
                 return await self._replay(existing, model, body)
-        self._engines.check_servable(model)
+        self._engines.ensure_servable(model)
         sub = self._submission(principal, model, body, client_id, priority, idempotency_key=idempotency_key)
         try:
             doc = await self._queue.admit(sub, self._dispatchers[model].direct_start())
@@ -71,7 +71,7 @@ class ChatService:
             existing = await self._queue.find_existing(principal.subject, idempotency_key)
             if existing is not None:
                 return self._same_request(existing, model, body)
-        self._engines.check_servable(model)
+        self._engines.ensure_servable(model)
         sub = self._submission(principal, model, body, client_id, priority, idempotency_key=idempotency_key)
         try:
             doc = await self._queue.admit(sub, self._dispatchers[model].direct_start())
@@ -89,7 +89,7 @@ class ChatService:
     ) -> tuple[Doc, asyncio.Queue[tuple[str, Any]]]:
         """Admit a streamed job pinned to this instance; its events arrive on the returned queue."""
         model, body = self._model_and_body(request)
-        self._engines.check_servable(model)
+        self._engines.ensure_servable(model)
         sub = self._submission(principal, model, body, client_id, priority, pinned_to=self._queue.worker_id)
         doc = await self._queue.admit(sub, self._dispatchers[model].direct_start())
         sink = self._queue.sink(doc["_id"])

@@ -116,6 +116,12 @@ class ModelUnavailable(GatewayError):
     code = "model_unavailable"
 
 
+class ModelBusy(GatewayError):
+    """The model has work in flight and the operation would cut it; repeat with force."""
+
+    code = "model_busy"
+
+
 class JobTimedOut(GatewayError):
     """The job waited in the queue, or ran at the engine, longer than allowed."""
 
@@ -162,3 +168,29 @@ class DatabaseUnavailable(GatewayError):
     """The database cannot be reached; nothing was admitted."""
 
     code = "database_unavailable"
+
+
+class PlacementFailed(ModelUnavailable):
+    """No GPU set can hold the engine now; the message names what is missing and who holds it,
+    so an operator can free or add exactly that instead of guessing from a vLLM traceback."""
+
+    code = "insufficient_gpu"
+
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+class InvalidDocument(InvalidRequest):
+    """An uploaded file has a supported type but cannot be read (empty, corrupt, encrypted)."""
+
+    code = "invalid_document"
+
+    def __init__(self, message: str, param: str | None = "file") -> None:
+        super().__init__(message, param)
+
+
+class DocumentTooLarge(GatewayError):
+    """A document exceeds a size limit (pixels, pages); refused before it costs memory or time."""
+
+    code = "document_too_large"

@@ -12,6 +12,9 @@ from app.auth.users import UserService
 from app.chat import ChatService
 from app.clock import Clock
 from app.dispatch.dispatcher import ModelDispatcher
+from app.dispatch.workload import DispatchWorkload
+from app.engines.crashes import CrashLog
+from app.engines.gpus import GIB, GpuInfo, GpuInventory, NvmlInventory, StaticInventory
 from app.engines.manager import EngineManager
 from app.logs import event
 from app.models import ModelRegistry
@@ -23,7 +26,7 @@ from app.queue.stats import OutcomeCounters
 from app.queue.store import JobStore
 from app.queue.sweeper import Sweeper, make_worker_id
 from app.scheduler import Scheduler
-from app.settings import Settings, check_secret, redact_uri
+from app.settings import EngineDefaults, Settings, check_secret, redact_uri
 from app.store.batch import BatchWriter
 from app.store.database import Database, connect, ensure_indexes
 from app.store.embedded import EmbeddedDatabase
@@ -103,8 +106,17 @@ class Gateway:
         await queue.load_slots()
         self.users = UserService(db.users, self.clock)
         await self.engine_client.start()
+        crash_log = CrashLog(db.crash_logs, self.clock, s.history.retention_days)
+        await crash_log.ensure_indexes()
         self.engines = engines = EngineManager(
-            s.models, s.engines, db.engines, self.engine_client, self.clock, s.log_dir
+            s.models,
+            s.engines,
+            db.engines,
+            crash_log,
+            self.engine_client,
+            self.clock,
+            s.log_dir,
+            gpu_inventory(s.engines),
         )
         retry = RetryPolicy(
             s.queue.max_retries, s.queue.retry_backoff_seconds, s.queue.retry_backoff_max_seconds
@@ -124,6 +136,7 @@ class Gateway:
             self.dispatchers[name] = dispatcher
             queue.on_backlog(name, dispatcher.note_backlog)
         engines.on_ready(lambda name: self.dispatchers[name].wake())
+        engines.attach(DispatchWorkload(queue, self.dispatchers))
         self.sweeper = sweeper = Sweeper(queue, retry, self._local_running)
         await sweeper.sweep()  # recover what a crashed predecessor left running
         scheduler = self.scheduler
@@ -132,6 +145,7 @@ class Gateway:
         scheduler.every(2.0, "outcome-counters", self.counters.flush, run_at_stop=True)
         if self.embedded is not None:  # its own TTL monitor is off (see app/queue/history.py)
             scheduler.every(60.0, "history-prune", HistoryPruner(store, self.clock).prune)
+            scheduler.every(3600.0, "crash-log-prune", crash_log.prune)
         scheduler.start()
         for dispatcher in self.dispatchers.values():
             dispatcher.start()
@@ -170,3 +184,20 @@ class Gateway:
         if self.embedded:
             await self.embedded.stop()
         event(log, "gateway.stopped", worker=self.worker_id)
+
+
+def gpu_inventory(engines: EngineDefaults) -> GpuInventory:
+    """NVML on a real machine; a configured fake list where tests exercise placement."""
+    if engines.fake_gpus is None:
+        return NvmlInventory()
+    gpus = [
+        GpuInfo(
+            index=i,
+            name=gpu.name,
+            total_bytes=int(gpu.total_gib * GIB),
+            free_bytes=int(gpu.free_gib * GIB),
+            used_bytes=int((gpu.total_gib - gpu.free_gib) * GIB),
+        )
+        for i, gpu in enumerate(engines.fake_gpus)
+    ]
+    return StaticInventory(gpus)

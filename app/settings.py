@@ -76,10 +76,30 @@ class HistorySettings(_Strict):
     store_outputs: bool = True
 
 
+class FakeGpu(_Strict):
+    """A GPU that exists only in configuration: exercises placement on machines without one."""
+
+    name: str = "fake-gpu"
+    total_gib: float = Field(..., gt=0)
+    free_gib: float = Field(..., ge=0)
+
+
 class EngineDefaults(_Strict):
-    startup_timeout: float = Field(120.0, gt=0)
-    stop_timeout: float = Field(10.0, gt=0)
-    health_interval: float = Field(0.2, gt=0)
+    startup_timeout: float = Field(120.0, gt=0, description="seconds an engine may take to get healthy")
+    stop_timeout: float = Field(10.0, gt=0, description="SIGTERM to SIGKILL, seconds")
+    stop_grace_seconds: float = Field(30.0, ge=0, description="drain of in-flight requests at stop")
+    health_interval: float = Field(0.2, gt=0, description="process-exit and startup health polling")
+    health_check_interval: float = Field(5.0, gt=0, description="HTTP health of ready engines")
+    health_check_timeout: float = Field(3.0, gt=0)
+    health_check_failures: int = Field(3, ge=1, description="failed checks in a row = hung")
+    max_crashes: int = Field(5, ge=1, description="crashes inside crash_window_seconds before failed")
+    crash_window_seconds: float = Field(300.0, gt=0)
+    restart_backoff_max_seconds: float = Field(30.0, ge=0)
+    gpu_release_timeout: float = Field(30.0, ge=0, description="wait for GPU memory to be freed")
+    log_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    log_backups: int = Field(3, ge=0, le=100)
+    python: str | None = Field(None, description="interpreter with vLLM installed; default ours")
+    fake_gpus: list[FakeGpu] | None = Field(None, description="tests and demos only: replaces NVML")
 
 
 class GpuNeeds(_Strict):
@@ -100,7 +120,7 @@ class ModelSettings(_Strict):
     path: str | None = Field(
         None, description="weights: local path or hub id passed to `vllm serve`; default the name"
     )
-    gpu: GpuNeeds = GpuNeeds()
+    gpu: GpuNeeds = GpuNeeds()  # applies to GPU kinds, and to any kind that sets it explicitly
     max_model_len: int | None = Field(None, ge=16)
     max_num_seqs: int | None = Field(None, ge=1)
     on_demand: bool = False

@@ -35,6 +35,7 @@ _STATUS: list[tuple[type[errors.GatewayError], int]] = [
     (errors.JobCancelled, 409),
     (errors.IdempotencyConflict, 409),
     (errors.JobAlreadyFinished, 409),
+    (errors.ModelBusy, 409),
     (errors.ConfigError, 500),
 ]
 

@@ -1,43 +1,164 @@
-"""Admin endpoints (role admin): models and queues."""
+"""Admin endpoints (role admin): engines (start, stop, logs, crashes, GPUs) and queues."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from datetime import datetime
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from app.api.deps import AdminDep, GatewayDep
+from app.engines.lifecycle import EngineRecord, EngineState
+from app.engines.process import log_tail
+from app.gateway import Gateway
 from app.queue.jobs import JobState
 
 router = APIRouter(prefix="/admin")
 
 
-@router.get("/models")
-async def models(gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
+def _model_view(gw: Gateway, engine: EngineRecord, processing: int, waiting: int) -> dict[str, Any]:
     assert gw.engines is not None
     now = gw.clock.now()
-    answer: dict[str, Any] = {}
-    for name, engine in gw.engines.engines.items():
-        ready = engine.state.value == "ready"
-        answer[name] = {
-            "name": name,
-            "kind": engine.settings.kind,
-            "status": engine.state.value,
-            "reason": engine.reason or None,
-            "aliases": engine.settings.aliases,
-            "served_name": engine.served_name,
-            "port": engine.port or None,
-            "pid": engine.process.pid if engine.process else None,
-            "started_at": engine.started_at.isoformat() if engine.started_at else None,
-            "uptime_seconds": round((now - engine.ready_at).total_seconds(), 1)
-            if ready and engine.ready_at
-            else 0,
-            "is_healthy": ready,
-            "resolution": None,  # OCR models report their default resolution (OCR issue)
-            "max_concurrent": engine.settings.max_concurrent,
-            "max_waiting": engine.settings.max_waiting,
+    ready = engine.state == EngineState.READY
+    return {
+        "name": engine.name,
+        "kind": engine.settings.kind,
+        "status": engine.state.value,
+        "state": engine.state.value,
+        "reason": engine.reason or None,
+        "last_error": engine.last_error,
+        "aliases": engine.settings.aliases,
+        "served_name": engine.served_name,
+        "port": engine.port or None,
+        "pid": engine.pid,
+        "gpus": engine.gpus,
+        "adopted": engine.adopted,
+        "on_demand": engine.settings.on_demand,
+        "started_at": engine.started_at.isoformat() if engine.started_at else None,
+        "uptime_seconds": round((now - engine.ready_at).total_seconds(), 1)
+        if ready and engine.ready_at
+        else 0,
+        "load_seconds": engine.load_seconds,
+        "loading_seconds": gw.engines.loading_seconds(engine),
+        "is_healthy": ready,
+        "processing": processing,
+        "waiting": waiting,
+        "resolution": None,  # OCR models report their default resolution (OCR issue)
+        "max_concurrent": engine.settings.max_concurrent,
+        "max_waiting": engine.settings.max_waiting,
+    }
+
+
+async def _occupancy(gw: Gateway) -> dict[str, tuple[int, int]]:
+    assert gw.queue is not None
+    counts: dict[str, tuple[int, int]] = {}
+    for doc in await gw.queue.store.active():
+        running, queued = counts.get(doc["model"], (0, 0))
+        if doc["state"] == JobState.RUNNING.value:
+            running += 1
+        else:
+            queued += 1
+        counts[doc["model"]] = (running, queued)
+    return counts
+
+
+@router.get("/models")
+async def models(gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
+    """Keyed by model name (the shape clients of the system we re-implement read)."""
+    assert gw.engines is not None
+    counts = await _occupancy(gw)
+    return {
+        name: _model_view(gw, engine, *counts.get(name, (0, 0)))
+        for name, engine in gw.engines.engines.items()
+    }
+
+
+@router.get("/models/{model}")
+async def model(model: str, gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
+    assert gw.engines is not None
+    name = gw.registry.resolve(model)
+    return _model_view(gw, gw.engines.get(name), *(await _occupancy(gw)).get(name, (0, 0)))
+
+
+@router.post("/models/{model}/start", status_code=202)
+async def start_model(model: str, gw: GatewayDep, _: AdminDep, wait: bool = False) -> dict[str, Any]:
+    """202 at once (a vLLM load takes minutes; poll GET /admin/models/{m}); `wait=true` blocks
+    until ready or failed. A start of a loading model joins it; of a ready one is a no-op."""
+    assert gw.engines is not None
+    name = gw.registry.resolve(model)
+    engine = await gw.engines.start(name, wait=wait)
+    return {
+        "status": "started",
+        "model": name,
+        "state": engine.state.value,
+        "reason": engine.reason or None,
+        "gpus": engine.gpus,
+        "port": engine.port or None,
+    }
+
+
+@router.post("/models/{model}/stop")
+async def stop_model(
+    model: str,
+    gw: GatewayDep,
+    user: AdminDep,
+    force: bool = False,
+    graceful: bool | None = None,
+) -> dict[str, Any]:
+    """`graceful=false` (the older clients' word) means force."""
+    assert gw.engines is not None
+    name = gw.registry.resolve(model)
+    forced = force or graceful is False
+    outcome = await gw.engines.stop(name, force=forced, reason=f"stopped by {user.subject}")
+    return {"status": "stopped", "model": name, "force": forced, **outcome}
+
+
+@router.get("/models/{model}/logs")
+async def model_logs(
+    model: str, gw: GatewayDep, _: AdminDep, lines: Annotated[int, Query(ge=1, le=5000)] = 100
+) -> dict[str, Any]:
+    assert gw.engines is not None
+    name = gw.registry.resolve(model)
+    path = gw.engines.log_path(name)
+    text = await asyncio.to_thread(log_tail, path, lines, 4 * 1024 * 1024)
+    return {"model": name, "lines": text.splitlines(), "path": str(path)}
+
+
+@router.get("/crashes")
+async def crashes(
+    gw: GatewayDep,
+    _: AdminDep,
+    model: str | None = None,
+    since: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[dict[str, Any]]:
+    """Newest first; `timestamp`, `error`, `request_id`, `stack_trace` are the older clients' names."""
+    assert gw.engines is not None
+    name = gw.registry.resolve(model) if model else None
+    docs = await gw.engines.crash_log.recent(name, since, limit)
+    return [
+        {
+            "id": str(doc["_id"]),
+            "timestamp": doc["at"].isoformat(),
+            "model": doc["model"],
+            "error": doc["reason"],
+            "exit_code": doc.get("exit_code"),
+            "signal": doc.get("signal"),
+            "pid": doc.get("pid"),
+            "jobs_affected": doc.get("jobs_affected", []),
+            "request_id": (doc.get("jobs_affected") or [None])[0],
+            "restart": doc.get("restart"),
+            "stack_trace": doc.get("log_tail", ""),
         }
-    return answer
+        for doc in docs
+    ]
+
+
+@router.get("/gpus")
+async def gpus(gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
+    assert gw.engines is not None
+    return await asyncio.to_thread(gw.engines.gpus_view)
 
 
 @router.get("/queue/{model}")

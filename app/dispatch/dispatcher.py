@@ -71,6 +71,12 @@ class ModelDispatcher:
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
 
+    async def settle(self, timeout_s: float) -> None:
+        """Wait for the jobs running now to end (after cancelling them) without stopping."""
+        tasks = list(self._running.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
     async def stop(self) -> None:
         self._stopping = True
         for task in [*self._running.values(), *([self._loop_task] if self._loop_task else [])]:

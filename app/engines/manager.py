@@ -1,27 +1,36 @@
-"""Engine lifecycle for the walking skeleton: start configured stub engines at boot, watch
-them, restart them when they crash, stop them for sure at shutdown.
+"""The engine supervisor: the one owner of every engine's lifecycle (DESIGN.md §5).
 
-GPU kinds (vllm, deepseek_ocr) are reported as unavailable with the reason until the
-supervisor with GPU placement lands; requests for them get a clear 503 instead of waiting.
+It places engines on GPUs, starts them in their own process groups, waits for health, watches
+them (process exit at once, HTTP health every few seconds for hangs), records crashes and
+restarts with capped backoff, stops them with a drain and for sure (group SIGTERM → SIGKILL,
+port closed, GPU memory released), and adopts engines a killed gateway left running.
+
+Why the supervisor and not the dispatchers own this: a model's state decides admission
+(503 now, or queue while it loads), dispatch (only to a ready engine) and the admin API, and
+each of those must see one consistent answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime
-from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pymongo.asynchronous.collection import AsyncCollection
 
 from app.clock import Clock
 from app.engines import process as proc
-from app.errors import ModelUnavailable
+from app.engines.commands import build_command, build_environment, engine_needs_gpu
+from app.engines.crashes import CrashLog
+from app.engines.gpus import GIB, GpuInfo, GpuInventory, memory_released
+from app.engines.lifecycle import EngineRecord, EngineState
+from app.engines.placement import place, required_bytes
+from app.errors import GatewayError, ModelBusy, ModelUnavailable
 from app.logs import event
 from app.proxy.client import EngineClient
 from app.settings import EngineDefaults, ModelSettings
@@ -29,37 +38,39 @@ from app.store.embedded import free_port
 
 log = logging.getLogger("gateway.engines")
 Doc = dict[str, Any]
-STARTABLE_KINDS = frozenset({"stub"})
 
 
-class EngineState(StrEnum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    CRASHED = "crashed"
-    FAILED = "failed"
-    UNAVAILABLE = "unavailable"
+class Workload(Protocol):
+    """What the supervisor needs to know about a model's requests (the dispatchers know)."""
+
+    def running(self, model: str) -> list[str]: ...
+
+    async def queued(self, model: str) -> int: ...
+
+    async def cancel_all(self, model: str, reason: str) -> int: ...
+
+    async def settle(self, model: str, timeout_s: float) -> None: ...
 
 
-@dataclass
-class Engine:
-    name: str
-    settings: ModelSettings
-    state: EngineState = EngineState.STOPPED
-    reason: str = ""
-    port: int = 0
-    process: proc.SpawnedProcess | None = None
-    started_at: datetime | None = None
-    ready_at: datetime | None = None
-    crashes: list[float] = field(default_factory=list)
+class _NoWorkload:
+    def running(self, model: str) -> list[str]:
+        return []
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    async def queued(self, model: str) -> int:
+        return 0
 
-    @property
-    def served_name(self) -> str:
-        return self.settings.served_name or self.name
+    async def cancel_all(self, model: str, reason: str) -> int:
+        return 0
+
+    async def settle(self, model: str, timeout_s: float) -> None:
+        return None
+
+
+def uses_gpu(settings: ModelSettings) -> bool:
+    """GPU kinds always; any other kind only if its config asks for GPUs (tests emulate that)."""
+    if engine_needs_gpu(settings.kind):
+        return settings.gpu.count > 0
+    return "gpu" in settings.model_fields_set and settings.gpu.count > 0
 
 
 class EngineManager:
@@ -68,78 +79,199 @@ class EngineManager:
         models: dict[str, ModelSettings],
         defaults: EngineDefaults,
         records: AsyncCollection[Doc],
+        crashes: CrashLog,
         client: EngineClient,
         clock: Clock,
         log_dir: Path,
-        max_crashes: int = 5,
-        crash_window_s: float = 300.0,
+        inventory: GpuInventory,
     ) -> None:
-        self.engines = {name: Engine(name, cfg) for name, cfg in models.items()}
+        self.engines = {name: EngineRecord(name, cfg) for name, cfg in models.items()}
+        self.crash_log = crashes
+        self.inventory = inventory
         self._defaults = defaults
         self._records = records
         self._client = client
         self._clock = clock
         self._log_dir = log_dir
+        self._python = defaults.python or sys.executable
         self._host = socket.gethostname()
-        self._max_crashes = max_crashes
-        self._crash_window_s = crash_window_s
+        self._workload: Workload = _NoWorkload()
         self._listeners: list[Callable[[str], None]] = []
         self._watch_task: asyncio.Task[None] | None = None
-        self._start_tasks: dict[str, asyncio.Task[None]] = {}
-        for engine in self.engines.values():
-            if engine.settings.kind not in STARTABLE_KINDS:
-                engine.state = EngineState.UNAVAILABLE
-                engine.reason = (
-                    f"engine kind {engine.settings.kind!r} needs the GPU engine supervisor, "
-                    "which this build does not have yet"
-                )
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # the load or restart in progress per model
+        self._last_health_round = 0.0
+
+    def attach(self, workload: Workload) -> None:
+        self._workload = workload
 
     def on_ready(self, listener: Callable[[str], None]) -> None:
         self._listeners.append(listener)
 
-    def get(self, name: str) -> Engine:
+    def get(self, name: str) -> EngineRecord:
         return self.engines[name]
+
+    def log_path(self, name: str) -> Path:
+        return self._log_dir / f"{name}.log"
 
     def ready_url(self, name: str) -> str | None:
         engine = self.engines[name]
         return engine.base_url if engine.state == EngineState.READY else None
 
-    def check_servable(self, name: str) -> None:
-        """Admission asks this first: queued work for a model nobody will start would only time out."""
+    # -- admission ---------------------------------------------------------------------------
+
+    def ensure_servable(self, name: str) -> None:
+        """Admission asks this first: queue for a model that is (or will be) loading, else 503.
+
+        A stopped or failed model with `on_demand` starts here; placement runs now, so a model
+        that cannot fit is refused at once with the reason instead of timing out in the queue.
+        """
         engine = self.engines[name]
-        if engine.state in (EngineState.UNAVAILABLE, EngineState.FAILED):
-            raise ModelUnavailable(f"model {name!r} cannot be served now: {engine.reason}")
-        if engine.state == EngineState.STOPPED:
-            raise ModelUnavailable(f"model {name!r} is stopped")
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    async def start_all(self) -> None:
-        await self._kill_left_behind()
-        names = [
-            n for n, e in self.engines.items() if e.settings.autostart and e.settings.kind in STARTABLE_KINDS
-        ]
-        await asyncio.gather(*(self.start(name) for name in names))
-        self._watch_task = asyncio.create_task(self._watch(), name="engine-watch")
-
-    async def start(self, name: str) -> None:
-        """Start the engine, or join the start already in progress."""
-        engine = self.engines[name]
-        if engine.state == EngineState.READY:
+        if engine.state in (EngineState.READY, EngineState.STARTING, EngineState.CRASHED):
             return
-        task = self._start_tasks.get(name)
-        if task is None or task.done():
-            task = asyncio.create_task(self._start(engine), name=f"engine-start:{name}")
-            self._start_tasks[name] = task
-        await asyncio.shield(task)
+        if engine.state == EngineState.STOPPING:
+            raise ModelUnavailable(f"model {name!r} is stopping")
+        if engine.settings.on_demand:
+            self.begin_start(name)
+            return
+        if engine.state == EngineState.FAILED:
+            raise ModelUnavailable(f"model {name!r} cannot be served now: {engine.reason}")
+        raise ModelUnavailable(
+            f"model {name!r} is stopped; an admin can start it (POST /admin/models/{name}/start)"
+        )
 
-    async def _start(self, engine: Engine) -> None:
-        engine.port = engine.settings.port or free_port()
-        argv = proc.stub_command(engine.port, engine.served_name, engine.settings.args)
-        engine.state, engine.reason = EngineState.STARTING, ""
-        engine.started_at = self._clock.now()
-        log_path = self._log_dir / f"{engine.name}.log"
-        engine.process = proc.spawn(argv, engine.settings, log_path)
+    # -- start -------------------------------------------------------------------------------
+
+    def begin_start(self, name: str) -> EngineRecord:
+        """Start the engine (or join the load in progress) and return without waiting for it.
+
+        Placement and the command line are checked before anything is spawned, so a start
+        that cannot work fails now with the reason (PlacementFailed / ConfigError).
+        """
+        engine = self.engines[name]
+        if engine.state in (EngineState.READY, EngineState.STARTING):
+            return engine
+        if engine.state == EngineState.STOPPING:
+            raise ModelUnavailable(f"model {name!r} is stopping; start it again once it is stopped")
+        task = self._tasks.get(name)
+        if engine.state == EngineState.CRASHED and task is not None and not task.done():
+            task.cancel()  # an operator start overrides the pending backoff
+        try:
+            gpus = self._place(engine)
+            port = engine.settings.port or free_port()
+            argv = build_command(name, engine.settings, port=port, python=self._python)
+        except GatewayError as exc:
+            if engine.state != EngineState.FAILED:
+                engine.move(EngineState.FAILED, exc.message)
+            engine.reason = engine.last_error = exc.message
+            raise
+        engine.move(EngineState.STARTING)
+        engine.port, engine.gpus, engine.adopted = port, gpus, False
+        engine.started_at, engine.ready_at, engine.load_seconds = self._clock.now(), None, None
+        self._tasks[name] = asyncio.create_task(self._load(engine, argv), name=f"engine-start:{name}")
+        return engine
+
+    async def start(self, name: str, *, wait: bool) -> EngineRecord:
+        engine = self.begin_start(name)
+        task = self._tasks.get(name)
+        if wait and task is not None and engine.state == EngineState.STARTING:
+            await asyncio.shield(task)
+        return engine
+
+    def _place(self, engine: EngineRecord) -> list[int]:
+        if not uses_gpu(engine.settings):
+            return []
+        snapshot = self._effective_inventory(exclude=engine.name)
+        owners = self._gpu_owners(exclude=engine.name)
+        placement = place(
+            engine.name,
+            engine.settings.gpu,
+            engine.settings.kind,
+            snapshot,
+            owners,
+            unusable_reason="" if self.inventory.available else self.inventory.reason,
+        )
+        return list(placement.gpus)
+
+    def _gpu_owners(self, exclude: str | None = None) -> dict[int, list[str]]:
+        owners: dict[int, list[str]] = {}
+        for other in self.engines.values():
+            if other.name != exclude and other.gpus and other.process is not None:
+                for index in other.gpus:
+                    owners.setdefault(index, []).append(other.name)
+        return owners
+
+    def _effective_inventory(self, exclude: str | None = None) -> list[GpuInfo]:
+        """NVML's free memory, less what our own engines have reserved but not yet allocated.
+
+        A vLLM engine that is still loading holds little memory yet; without this, two
+        starts a second apart would both see the GPU free and the second would fail to load.
+        """
+        snapshot = self.inventory.snapshot()
+        reserved: dict[int, int] = {}
+        for other in self.engines.values():
+            if other.name == exclude or not other.gpus or other.process is None:
+                continue
+            for gpu in snapshot:
+                if gpu.index in other.gpus:
+                    need = required_bytes(other.settings.gpu, other.settings.kind, gpu)
+                    reserved[gpu.index] = reserved.get(gpu.index, 0) + need
+        adjusted = []
+        for gpu in snapshot:
+            free = min(gpu.free_bytes, max(0, gpu.total_bytes - reserved.get(gpu.index, 0)))
+            adjusted.append(
+                GpuInfo(gpu.index, gpu.name, gpu.total_bytes, free, gpu.total_bytes - free, gpu.processes)
+            )
+        return adjusted
+
+    async def _load(self, engine: EngineRecord, argv: list[str]) -> None:
+        log_path = self.log_path(engine.name)
+        try:
+            proc.rotate_log(log_path, self._defaults.log_max_bytes, self._defaults.log_backups)
+            engine.process = proc.spawn(argv, build_environment(engine.settings, engine.gpus), log_path)
+        except OSError as exc:
+            self._fail(engine, f"could not run {argv[0]}: {exc.strerror or exc}")
+            return
+        await self._remember(engine, argv)
+        event(log, "engine.starting", model=engine.name, pid=engine.pid, port=engine.port, gpus=engine.gpus)
+        timeout = engine.settings.startup_timeout or self._defaults.startup_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            code = engine.process.exit_code()
+            if code is not None:
+                tail = proc.log_tail(log_path, 5)
+                await self._forget(engine)
+                self._fail(engine, f"exited with code {code} while starting; log: {tail}")
+                return
+            if await self._client.healthy(engine.base_url, timeout_s=1.0):
+                self._ready(engine)
+                return
+            await asyncio.sleep(self._defaults.health_interval)
+        await self._kill(engine)
+        self._fail(
+            engine,
+            f"not healthy within {timeout:g} s (startup_timeout); log: {proc.log_tail(log_path, 5)}",
+        )
+
+    def _ready(self, engine: EngineRecord) -> None:
+        engine.move(EngineState.READY)
+        engine.ready_at = self._clock.now()
+        engine.health_failures = 0
+        if engine.started_at is not None:
+            engine.load_seconds = round((engine.ready_at - engine.started_at).total_seconds(), 3)
+        event(log, "engine.ready", model=engine.name, port=engine.port, load_s=engine.load_seconds)
+        for listener in self._listeners:
+            listener(engine.name)
+
+    def _fail(self, engine: EngineRecord, reason: str) -> None:
+        engine.move(EngineState.FAILED, reason)
+        engine.last_error = reason
+        engine.process = None
+        event(log, "engine.failed", logging.ERROR, model=engine.name, reason=reason)
+
+    async def _remember(self, engine: EngineRecord, argv: list[str]) -> None:
+        """Persist what a restarted gateway needs to adopt this engine or kill it."""
+        assert engine.process is not None
         await self._records.replace_one(
             {"_id": engine.name},
             {
@@ -148,66 +280,210 @@ class EngineManager:
                 "pid": engine.process.pid,
                 "create_time": engine.process.create_time,
                 "port": engine.port,
+                "gpus": engine.gpus,
                 "argv": argv,
+                "kind": engine.settings.kind,
                 "started_at": engine.started_at,
             },
             upsert=True,
         )
-        event(log, "engine.starting", model=engine.name, pid=engine.process.pid, port=engine.port)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._defaults.startup_timeout
-        while loop.time() < deadline:
-            code = engine.process.exit_code()
-            if code is not None:
-                engine.state = EngineState.FAILED
-                engine.reason = f"exited with code {code} while starting: {proc.log_tail(log_path, 5)}"
-                event(log, "engine.failed", logging.ERROR, model=engine.name, code=code)
-                return
-            if await self._client.healthy(engine.base_url, timeout_s=1.0):
-                engine.state = EngineState.READY
-                engine.ready_at = self._clock.now()
-                event(log, "engine.ready", model=engine.name, port=engine.port)
-                for listener in self._listeners:
-                    listener(engine.name)
-                return
-            await asyncio.sleep(self._defaults.health_interval)
-        await asyncio.to_thread(proc.stop, engine.process, self._defaults.stop_timeout)
-        engine.state = EngineState.FAILED
-        engine.reason = f"not healthy within {self._defaults.startup_timeout:g} s"
 
-    async def stop(self, name: str) -> None:
+    async def _forget(self, engine: EngineRecord) -> None:
+        await self._records.delete_one({"_id": engine.name, "host": self._host})
+
+    # -- stop --------------------------------------------------------------------------------
+
+    async def stop(self, name: str, *, force: bool, reason: str = "stopped by an operator") -> Doc:
+        """Stop admitting, drain (or with force cancel) the model's work, stop the process tree.
+
+        Without force a model with running or queued jobs is refused (409): an operator who
+        means it says so. Jobs admitted between that check and STOPPING are drained for up
+        to `stop_grace_seconds`. Returns what was confirmed (port closed, GPU memory freed).
+        """
         engine = self.engines[name]
-        if engine.process is not None:
-            await asyncio.to_thread(proc.stop, engine.process, self._defaults.stop_timeout)
-            event(log, "engine.stopped", model=name, pid=engine.process.pid)
-            engine.process = None
-            await self._records.delete_one({"_id": name, "host": self._host})
-        if engine.state != EngineState.UNAVAILABLE:
-            engine.state = EngineState.STOPPED
+        if engine.state in (EngineState.STOPPED, EngineState.FAILED) and engine.process is None:
+            if engine.state == EngineState.FAILED:
+                engine.move(EngineState.STOPPED, reason)
+            return {"stopped": False, "already": True}
+        if engine.state == EngineState.STOPPING:
+            raise ModelBusy(f"model {name!r} is already stopping")
+        running = self._workload.running(name)
+        queued = await self._workload.queued(name)
+        if not force and (running or queued):
+            raise ModelBusy(
+                f"model {name!r} is busy ({len(running)} running, {queued} queued); "
+                "stop it with force=true to cancel them"
+            )
+        task = self._tasks.pop(name, None)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if engine.state == EngineState.FAILED:  # a failed start that still holds a process
+            engine.move(EngineState.STOPPED, reason)
+            await self._kill(engine)
+            return {"stopped": True}
+        engine.move(EngineState.STOPPING, reason)
+        event(log, "engine.stopping", model=name, force=force, running=len(running), queued=queued)
+        if force:
+            await self._workload.cancel_all(name, f"model {name!r} was stopped (force): {reason}")
+        else:
+            await self._drain(name)
+        confirmed = await self._kill(engine)
+        engine.move(EngineState.STOPPED, reason)
+        engine.ready_at = None
+        return {"stopped": True, **confirmed}
+
+    async def _drain(self, name: str) -> None:
+        """Let running calls finish (up to the grace period); end whatever is left as cancelled."""
+        grace = self._defaults.stop_grace_seconds
+        await self._workload.settle(name, grace)
+        await self._workload.cancel_all(
+            name, f"model {name!r} was stopped (after a drain of up to {grace:g} s)"
+        )
+
+    async def _kill(self, engine: EngineRecord) -> Doc:
+        """Stop the process tree for sure, then confirm the port closed and GPU memory freed."""
+        process, engine.process = engine.process, None
+        confirmed: Doc = {"pid": process.pid if process else None}
+        if process is not None:
+            pids = await asyncio.to_thread(proc.stop, process, self._defaults.stop_timeout)
+            event(log, "engine.stopped", model=engine.name, pid=process.pid)
+            confirmed["port_closed"] = await self._port_closed(engine.port)
+            if engine.gpus and self.inventory.available:
+                released = await self._gpu_released(engine.gpus, pids or [process.pid])
+                confirmed["gpu_memory_released"] = released
+                if not released:
+                    engine.last_error = (
+                        f"GPU memory on GPU(s) {engine.gpus} still held by pids {pids} "
+                        f"{self._defaults.gpu_release_timeout:g} s after the stop"
+                    )
+                    event(log, "engine.gpu_not_released", logging.ERROR, model=engine.name, pids=pids)
+        await self._forget(engine)
+        engine.gpus = []
+        return confirmed
+
+    async def _port_closed(self, port: int, timeout_s: float = 5.0) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+            except (OSError, TimeoutError):
+                return True
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+
+    async def _gpu_released(self, gpus: list[int], pids: list[int]) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._defaults.gpu_release_timeout
+        while True:
+            if await asyncio.to_thread(memory_released, self.inventory, gpus, pids):
+                return True
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.5)
+
+    # -- whole-gateway start and stop -------------------------------------------------------
+
+    async def start_all(self) -> None:
+        """Adopt or kill what a killed gateway left, start autostart models, begin watching.
+
+        Loads are not awaited: a vLLM model takes minutes, and requests for it queue meanwhile.
+        """
+        await self._adopt_or_kill()
+        for name, engine in self.engines.items():
+            if engine.settings.autostart and engine.state == EngineState.STOPPED:
+                with contextlib.suppress(GatewayError):  # the reason is on the record
+                    self.begin_start(name)
+        self._watch_task = asyncio.create_task(self._watch(), name="engine-watch")
+
+    async def wait_loads(self, timeout_s: float) -> None:
+        """For callers that want engines ready before they go on (quick start, tests)."""
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
 
     async def stop_all(self) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
             self._watch_task = None
-        for task in self._start_tasks.values():
+        for task in self._tasks.values():
             task.cancel()
-        await asyncio.gather(*(self.stop(name) for name in self.engines), return_exceptions=True)
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
+        await asyncio.gather(
+            *(self._kill(e) for e in self.engines.values() if e.process is not None), return_exceptions=True
+        )
 
-    async def _kill_left_behind(self) -> None:
-        """Engines recorded by a gateway on this host that was killed: stop them, never leak them."""
+    async def _adopt_or_kill(self) -> None:
+        """Engines recorded on this host by a gateway that did not stop them.
+
+        Adopted: still the same process (pid and start time), still configured with the same
+        command line, and healthy. Everything else is an orphan holding memory: killed.
+        """
         async for doc in self._records.find({"host": self._host}):
-            if proc.is_same_process(int(doc["pid"]), float(doc["create_time"])):
-                event(log, "engine.orphan_stopped", model=doc["_id"], pid=doc["pid"])
-                left = proc.SpawnedProcess(int(doc["pid"]), float(doc["create_time"]), None)
+            name = str(doc["_id"])
+            left = proc.SpawnedProcess(int(doc["pid"]), float(doc["create_time"]), None)
+            alive = proc.is_same_process(left.pid, left.create_time)
+            engine = self.engines.get(name)
+            reason = await self._adoption_refusal(engine, doc, alive)
+            if reason is None and engine is not None:
+                engine.move(EngineState.STARTING)
+                engine.process, engine.port, engine.gpus = left, int(doc["port"]), list(doc.get("gpus") or [])
+                engine.started_at, engine.adopted = doc.get("started_at"), True
+                self._ready(engine)
+                event(log, "engine.adopted", model=name, pid=left.pid, port=engine.port)
+                continue
+            if alive:
+                event(log, "engine.orphan_stopped", logging.WARNING, model=name, pid=left.pid, reason=reason)
                 await asyncio.to_thread(proc.stop, left, self._defaults.stop_timeout)
-            await self._records.delete_one({"_id": doc["_id"]})
+            await self._records.delete_one({"_id": name})
+
+    async def _adoption_refusal(self, engine: EngineRecord | None, doc: Doc, alive: bool) -> str | None:
+        if not alive:
+            return "process is gone"
+        if engine is None:
+            return "model is no longer configured"
+        try:
+            wanted = build_command(engine.name, engine.settings, port=int(doc["port"]), python=self._python)
+        except GatewayError as exc:
+            return exc.message
+        if wanted != doc.get("argv"):
+            return "configuration changed since it was started"
+        if not await self._client.healthy(f"http://127.0.0.1:{int(doc['port'])}", timeout_s=2.0):
+            return "not healthy"
+        return None
+
+    # -- watching ----------------------------------------------------------------------------
 
     async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self._defaults.health_interval)
             for engine in self.engines.values():
                 self.check_process(engine.name)
+            if loop.time() - self._last_health_round >= self._defaults.health_check_interval:
+                self._last_health_round = loop.time()
+                ready = [e for e in self.engines.values() if e.state == EngineState.READY]
+                await asyncio.gather(*(self._check_health(e) for e in ready))
+
+    async def _check_health(self, engine: EngineRecord) -> None:
+        healthy = await self._client.healthy(engine.base_url, timeout_s=self._defaults.health_check_timeout)
+        if engine.state != EngineState.READY:
+            return
+        if healthy:
+            engine.health_failures = 0
+            return
+        engine.health_failures += 1
+        event(log, "engine.unhealthy", logging.WARNING, model=engine.name, failures=engine.health_failures)
+        if engine.health_failures >= self._defaults.health_check_failures:
+            reason = f"health check failed {engine.health_failures} times in a row (hung)"
+            self._crashed(engine, None, reason)
 
     def check_process(self, name: str) -> None:
         """Notice at once that a ready engine's process exited (also called by the dispatcher
@@ -217,27 +493,105 @@ class EngineManager:
             return
         code = engine.process.exit_code()
         if code is not None:
-            engine.state = EngineState.CRASHED
-            self._start_tasks[engine.name] = asyncio.create_task(
-                self._crashed(engine, code), name=f"engine-restart:{engine.name}"
-            )
+            self._crashed(engine, code, f"exited with code {code}")
 
-    async def _crashed(self, engine: Engine, code: int) -> None:
+    def _crashed(self, engine: EngineRecord, code: int | None, reason: str) -> None:
+        engine.move(EngineState.CRASHED, reason)
+        engine.last_error = reason
+        self._tasks[engine.name] = asyncio.create_task(
+            self._recover(engine, code, reason), name=f"engine-restart:{engine.name}"
+        )
+
+    async def _recover(self, engine: EngineRecord, code: int | None, reason: str) -> None:
+        """Record the crash, kill what is left (a hung engine still runs), restart with backoff."""
+        affected = self._workload.running(engine.name)
+        tail = proc.log_tail(self.log_path(engine.name), 30)
+        pid = engine.pid
+        await self._kill(engine)  # a hung engine: its in-flight calls fail now and are retried
         now = self._clock.monotonic()
-        engine.crashes = [t for t in engine.crashes if now - t < self._crash_window_s] + [now]
-        engine.state = EngineState.CRASHED
-        engine.reason = f"exited with code {code}"
-        event(log, "engine.crashed", logging.ERROR, model=engine.name, code=code, crashes=len(engine.crashes))
-        if len(engine.crashes) >= self._max_crashes:
-            engine.state = EngineState.FAILED
-            engine.reason = (
-                f"crashed {len(engine.crashes)} times in {self._crash_window_s:g} s; last exit code {code}"
+        window = self._defaults.crash_window_seconds
+        engine.crashes = [t for t in engine.crashes if now - t < window] + [now]
+        gave_up = len(engine.crashes) >= self._defaults.max_crashes
+        backoff = min(self._defaults.restart_backoff_max_seconds, 0.5 * 2 ** (len(engine.crashes) - 1))
+        restart = "gave up" if gave_up else f"restart in {backoff:g} s"
+        event(
+            log,
+            "engine.crashed",
+            logging.ERROR,
+            model=engine.name,
+            code=code,
+            reason=reason,
+            crashes=len(engine.crashes),
+            jobs=len(affected),
+            restart=restart,
+        )
+        with contextlib.suppress(Exception):  # the database being down must not stop a restart
+            await self.crash_log.record(
+                engine.name,
+                exit_code=code,
+                reason=reason,
+                log_tail=tail,
+                jobs_affected=affected,
+                pid=pid,
+                restart=restart,
+            )
+        if gave_up:
+            engine.move(
+                EngineState.FAILED, f"crashed {len(engine.crashes)} times in {window:g} s; last: {reason}"
             )
             return
-        backoff = min(30.0, 0.5 * 2 ** (len(engine.crashes) - 1))
         await asyncio.sleep(backoff)
-        await self._start(engine)
+        if engine.state != EngineState.CRASHED:
+            return
+        try:
+            gpus = self._place(engine)
+            argv = build_command(engine.name, engine.settings, port=engine.port, python=self._python)
+        except GatewayError as exc:
+            engine.move(EngineState.FAILED, exc.message)
+            return
+        engine.move(EngineState.STARTING)
+        engine.gpus, engine.started_at = gpus, self._clock.now()
+        await self._load(engine, argv)
+
+    # -- views -------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Doc]:
         """Public view (unauthenticated /health): states only, no log lines or pids."""
-        return {name: {"state": e.state.value, "kind": e.settings.kind} for name, e in self.engines.items()}
+        return {
+            name: {
+                "state": e.state.value,
+                "kind": e.settings.kind,
+                **({"loading_seconds": self.loading_seconds(e)} if e.state == EngineState.STARTING else {}),
+            }
+            for name, e in self.engines.items()
+        }
+
+    def loading_seconds(self, engine: EngineRecord) -> float | None:
+        if engine.state != EngineState.STARTING or engine.started_at is None:
+            return None
+        return round((self._clock.now() - engine.started_at).total_seconds(), 1)
+
+    def gpus_view(self) -> Doc:
+        owners = self._gpu_owners()
+        pids = {e.pid: e.name for e in self.engines.values() if e.pid is not None}
+        gpus = []
+        for gpu in self.inventory.snapshot():
+            gpus.append(
+                {
+                    "index": gpu.index,
+                    "name": gpu.name,
+                    "total_gib": round(gpu.total_bytes / GIB, 2),
+                    "free_gib": round(gpu.free_bytes / GIB, 2),
+                    "used_gib": round(gpu.used_bytes / GIB, 2),
+                    "models": owners.get(gpu.index, []),
+                    "processes": [
+                        {
+                            "pid": p.pid,
+                            "used_gib": None if p.used_bytes is None else round(p.used_bytes / GIB, 2),
+                            "model": pids.get(p.pid),
+                        }
+                        for p in gpu.processes
+                    ],
+                }
+            )
+        return {"available": self.inventory.available, "reason": self.inventory.reason or None, "gpus": gpus}

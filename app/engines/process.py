@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from app.settings import ModelSettings, child_environment
-from app.store.embedded import terminate_group
-
-
-def stub_command(port: int, served_name: str, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "app.engines.stub", "--port", str(port), "--model-name", served_name, *args]
+from app.settings import child_environment
 
 
 @dataclass
@@ -42,9 +37,10 @@ class SpawnedProcess:
         return -1
 
 
-def spawn(argv: list[str], model: ModelSettings, log_path: Path) -> SpawnedProcess:
+def spawn(argv: list[str], extra_env: dict[str, str], log_path: Path) -> SpawnedProcess:
+    """Start the engine in its own session, so its whole tree can be signalled as one group."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = child_environment(model.env)
+    env = child_environment(extra_env)
     with log_path.open("ab") as log_out:
         popen = subprocess.Popen(
             argv,
@@ -58,11 +54,61 @@ def spawn(argv: list[str], model: ModelSettings, log_path: Path) -> SpawnedProce
     return SpawnedProcess(popen.pid, psutil.Process(popen.pid).create_time(), popen)
 
 
-def stop(process: SpawnedProcess, timeout_s: float) -> None:
-    terminate_group(process.pid, timeout_s)
+def tree_pids(pid: int) -> list[int]:
+    """The process and all its descendants now (vLLM's GPU memory is held by its children)."""
+    try:
+        root = psutil.Process(pid)
+        return [pid, *(child.pid for child in root.children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop(process: SpawnedProcess, timeout_s: float) -> list[int]:
+    """SIGTERM the group, SIGKILL whatever is left of the tree after `timeout_s`.
+
+    Waits for every member of the tree, not only the leader: a leader that exits on SIGTERM
+    while its EngineCore child ignores it would otherwise leave the child holding the GPU.
+    Returns the pids that made up the tree, for the GPU-memory check.
+    """
+    pids = tree_pids(process.pid) if process.exit_code() is None else []
+    members: list[psutil.Process] = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            members.append(psutil.Process(pid))
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGTERM)
+    for member in members:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()  # a child that left the group still gets the signal
+    _, alive = psutil.wait_procs(members, timeout=timeout_s)
+    if alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        for member in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        psutil.wait_procs(alive, timeout=timeout_s)
     if process.popen is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.popen.wait(timeout=1)  # reap it, so no zombie is left
+    return pids
+
+
+def rotate_log(path: Path, max_bytes: int, backups: int) -> None:
+    """Rotate at each (re)start: the engine holds its log open, so it cannot be cut while it runs."""
+    try:
+        if path.stat().st_size < max_bytes:
+            return
+    except FileNotFoundError:
+        return
+    if backups == 0:
+        path.unlink(missing_ok=True)
+        return
+    for index in range(backups - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{index}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{index + 1}"))
+    path.replace(path.with_name(f"{path.name}.1"))
 
 
 def is_same_process(pid: int, create_time: float) -> bool:
@@ -72,11 +118,12 @@ def is_same_process(pid: int, create_time: float) -> bool:
         return False
 
 
-def log_tail(path: Path, lines: int = 20) -> str:
+def log_tail(path: Path, lines: int = 20, max_bytes: int = 8192) -> str:
+    """The last `lines` lines of the log, reading at most `max_bytes` from its end."""
     try:
         with path.open("rb") as fh:
             fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 8192))
+            fh.seek(max(0, fh.tell() - max_bytes))
             return "\n".join(fh.read().decode(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""

@@ -24,6 +24,8 @@ class Database:
     jobs: AsyncCollection[Doc]
     users: AsyncCollection[Doc]
     engines: AsyncCollection[Doc]
+    crash_logs: AsyncCollection[Doc]
+    runtime_settings: AsyncCollection[Doc]  # what admins change at run time (OCR resolution, ...)
     queue_stats: AsyncCollection[Doc]
 
     async def ping(self) -> bool:
@@ -55,6 +57,8 @@ async def connect(uri: str, name: str, write_concern: str) -> Database:
         jobs=durable.get_collection("jobs"),
         users=durable.get_collection("users"),
         engines=durable.get_collection("engines"),
+        crash_logs=durable.get_collection("crash_logs"),
+        runtime_settings=durable.get_collection("runtime_settings"),
         queue_stats=db.get_collection("queue_stats"),
     )
 

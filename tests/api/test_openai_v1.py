@@ -58,7 +58,7 @@ async def test_models_list_shows_state(gw: GatewayClient) -> None:
     models = {m.id: m for m in (await sdk(gw).models.list()).data}
     assert set(models) == {"demo", "slow", "broken", "short", "gpu"}
     assert models["demo"].model_extra == {"aliases": ["demo-chat"], "state": "ready", "kind": "stub"}
-    assert models["gpu"].model_extra["state"] == "unavailable"  # type: ignore[index]
+    assert models["gpu"].model_extra["state"] == "failed"  # type: ignore[index]
 
 
 async def test_error_classes(gw: GatewayClient) -> None:
@@ -87,6 +87,7 @@ async def test_error_classes(gw: GatewayClient) -> None:
     with pytest.raises(openai.InternalServerError) as unavailable:
         await client.chat.completions.create(model="gpu", messages=hello)
     assert unavailable.value.status_code == 503
+    assert "needs a GPU but none is usable" in str(unavailable.value)
 
 
 async def test_queue_full_is_a_rate_limit_error_with_retry_after(gw: GatewayClient) -> None:

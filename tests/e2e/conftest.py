@@ -52,6 +52,7 @@ class Daemon:
             "models": models,
         }
         config.update(sections)
+        self._config = config
         self.config = tmp / "config.yaml"
         self.config.write_text(yaml.safe_dump(config))
         self.log = tmp / "gateway.log"
@@ -63,6 +64,11 @@ class Daemon:
         )
         self.token = tokens.issue("alice", "client")
         self.admin_token = tokens.issue("root", "admin")
+
+    def reconfigure(self, models: dict[str, Any]) -> None:
+        """Change the configured models for the next start (as an operator editing the file)."""
+        self._config["models"] = models
+        self.config.write_text(yaml.safe_dump(self._config))
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "MONGODB_"))}

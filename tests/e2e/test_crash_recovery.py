@@ -78,9 +78,9 @@ async def _crash_and_recover(tmp_path: Path, daemons: list[Daemon], kill_databas
             assert daemon.db_pid() != db_pid
         else:
             assert daemon.db_pid() == db_pid  # the healthy database left behind was reused
-        assert not any(
-            psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in engine_pids
-        ), "the old engine process was left running"
+        # the engine outlived the gateway and is healthy: adopted (same pid), not restarted
+        engine = await _admin_model(client, daemon, "slow")
+        assert engine["pid"] == engine_pids[0] and engine["adopted"] is True, engine
         again = await asyncio.gather(*(_chat(client, daemon, i) for i in range(N)))
 
     assert [r.status_code for r in again] == [200] * N, [r.text for r in again]
@@ -93,6 +93,20 @@ async def _crash_and_recover(tmp_path: Path, daemons: list[Daemon], kill_databas
     assert attempts == [1] * 5 + [2] * 5, attempts  # the five that were running ran once more, once
     assert {r.json()["id"] for r in again} == {d["_id"] for d in docs}
     assert daemon.terminate() in (0, -signal.SIGTERM)
+    assert not _alive(engine_pids), "the adopted engine outlived the gateway's SIGTERM"
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+async def _admin_model(client: httpx.AsyncClient, daemon: Daemon, name: str) -> dict[str, object]:
+    response = await client.get(
+        f"{daemon.url}/admin/models/{name}", headers={"Authorization": f"Bearer {daemon.admin_token}"}
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, object] = response.json()
+    return body
 
 
 async def test_kill9_gateway_recovers_every_job(tmp_path: Path, daemons: list[Daemon]) -> None:
@@ -127,3 +141,32 @@ async def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path, daemons:
     assert daemon.proc is not None
     assert daemon.proc.wait(timeout=30) == 2
     assert "models.demo.max_concurrent: Input should be greater than or equal to 1" in daemon.log.read_text()
+
+
+async def test_restart_adopts_healthy_engines_and_kills_orphans(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """After kill -9: a still-configured healthy engine is adopted; one whose model was removed
+    from the config, and one that hangs, are killed (their GPU memory would leak otherwise)."""
+    models = {"keep": {"kind": "stub"}, "removed": {"kind": "stub"}, "hung": {"kind": "stub"}}
+    daemon = Daemon(tmp_path, models)
+    daemons.append(daemon)
+    daemon.start()
+    await daemon.wait_healthy()
+    async with httpx.AsyncClient() as client:
+        pids = {name: (await _admin_model(client, daemon, name))["pid"] for name in models}
+        daemon.kill9()
+        psutil.Process(int(str(pids["hung"]))).suspend()  # alive but never answers /health
+        daemon.reconfigure({"keep": models["keep"], "hung": models["hung"]})
+        daemon.start()
+        await daemon.wait_healthy()
+        keep = await _admin_model(client, daemon, "keep")
+        assert keep["pid"] == pids["keep"] and keep["adopted"] is True
+        hung = await _admin_model(client, daemon, "hung")
+        assert hung["pid"] != pids["hung"] and hung["adopted"] is False
+        assert _alive([int(str(pids["removed"])), int(str(pids["hung"]))]) == []
+        log = daemon.log.read_text()
+        assert "engine.orphan_stopped" in log and "model is no longer configured" in log
+        assert "reason='not healthy'" in log or 'reason="not healthy"' in log or "reason=not healthy" in log
+    assert daemon.terminate() in (0, -signal.SIGTERM)
+    assert _alive([int(str(pids["keep"]))]) == []

@@ -1,0 +1,40 @@
+"""A model's requests as the engine supervisor sees them: what runs, what waits, cancel all.
+
+The supervisor must not stop a busy model without force, and with force it must end that
+model's jobs cleanly (cancelled, slots freed) rather than let them retry against an engine
+that is gone; the dispatchers and the queue hold those facts, so this adapter joins them.
+"""
+
+from __future__ import annotations
+
+from app.dispatch.dispatcher import ModelDispatcher
+from app.queue.jobs import JobState
+from app.queue.service import JobQueue
+
+
+class DispatchWorkload:
+    def __init__(self, queue: JobQueue, dispatchers: dict[str, ModelDispatcher]) -> None:
+        self._queue = queue
+        self._dispatchers = dispatchers
+
+    def running(self, model: str) -> list[str]:
+        return self._dispatchers[model].running_ids()
+
+    async def queued(self, model: str) -> int:
+        active = await self._queue.store.active(model)
+        return sum(1 for doc in active if doc["state"] == JobState.QUEUED.value)
+
+    async def cancel_all(self, model: str, reason: str) -> int:
+        """Cancel the model's queued jobs and stop its running calls; returns how many."""
+        count = 0
+        for job_id in self.running(model):
+            count += self._dispatchers[model].cancel(job_id, reason)
+        for doc in await self._queue.store.active(model):
+            if doc["state"] == JobState.QUEUED.value:
+                count += await self._queue.cancel(doc["_id"], reason)
+        await self.settle(model, 10.0)
+        return count
+
+    async def settle(self, model: str, timeout_s: float) -> None:
+        """Wait until the model's running calls have ended (or the timeout)."""
+        await self._dispatchers[model].settle(timeout_s)

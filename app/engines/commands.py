@@ -1,0 +1,171 @@
+"""The command line and environment of each engine kind, from config alone (pure: no I/O).
+
+Kept apart from spawning so every flag can be asserted in a unit test without a GPU, and so
+the argv stored for adoption is exactly the one a test checked.
+
+vLLM is started as `<python> -m vllm.entrypoints.cli.main serve MODEL ...`: that module is
+what the `vllm` console script runs (`vllm = "vllm.entrypoints.cli.main:main"`), so this *is*
+`vllm serve`, the documented interface whose flags we rely on, but it needs no console script
+on PATH and always runs under the interpreter (venv) the operator named. The older
+`python -m vllm.entrypoints.openai.api_server` is avoided: it is an internal module that vLLM
+reorganises (current `vllm serve` runs its server from elsewhere), while `vllm serve` is the
+documented entry point. Flags checked against vLLM's
+`vllm serve` CLI and the DeepSeek-OCR recipe (vLLM 0.11.1+/0.12; see DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+from app.errors import ConfigError
+from app.settings import EngineKind, ModelSettings
+
+VLLM_MODULE = "vllm.entrypoints.cli.main"
+DEEPSEEK_OCR_DEFAULT_PATH = "deepseek-ai/DeepSeek-OCR"
+# From vLLM's DeepSeek-OCR recipe (vllm-project/recipes DeepSeek/DeepSeek-OCR.md, "Online OCR
+# serving"): the n-gram logits processor stops repetition loops; prefix and image caches only
+# cost hashing for one-shot OCR. The recipe has no --trust-remote-code (vLLM implements the
+# model natively); DESIGN.md §5 asks for it, and it lets the hub repo's Python run, so keep
+# `path` pointing at a repo you trust.
+DEEPSEEK_OCR_FLAGS = (
+    "--logits-processors",
+    "vllm.model_executor.models.deepseek_ocr:NGramPerReqLogitsProcessor",
+    "--no-enable-prefix-caching",
+    "--mm-processor-cache-gb",
+    "0",
+    "--trust-remote-code",
+)
+_GPU_KINDS: frozenset[EngineKind] = frozenset({"vllm", "deepseek_ocr"})
+_SERVER_MODULES: dict[EngineKind, str] = {"stub": "app.engines.stub", "cpu_ocr": "app.engines.cpu_ocr"}
+
+# Flags the gateway owns, with where their value comes from. A user arg that sets one of them
+# would either be silently overridden or fight placement (a bigger tensor-parallel size than
+# the GPUs placed, a public --host that bypasses the gateway's auth), so it is refused.
+_VLLM_OWNED = {
+    "--model": "models.{name}.path",
+    "--host": "the gateway (engines listen on 127.0.0.1 only)",
+    "--port": "the gateway (models.{name}.port or a free port)",
+    "--served-model-name": "models.{name}.served_name",
+    "--gpu-memory-utilization": "models.{name}.gpu.memory_fraction",
+    "--max-model-len": "models.{name}.max_model_len",
+    "--max-num-seqs": "models.{name}.max_num_seqs",
+    "--tensor-parallel-size": "models.{name}.gpu.count",
+    "--pipeline-parallel-size": "GPU placement (the engine gets exactly gpu.count GPUs)",
+    "--data-parallel-size": "GPU placement (the engine gets exactly gpu.count GPUs)",
+}
+_DEEPSEEK_OCR_OWNED = {
+    "--logits-processors": "the deepseek_ocr kind",
+    "--enable-prefix-caching": "the deepseek_ocr kind",
+    "--mm-processor-cache-gb": "the deepseek_ocr kind",
+    "--trust-remote-code": "the deepseek_ocr kind",
+}
+_SERVER_OWNED = {
+    "--port": "the gateway (models.{name}.port or a free port)",
+    "--model-name": "models.{name}.served_name",
+}
+# vLLM's short aliases for owned flags.
+_ALIASES = {"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size", "-dp": "--data-parallel-size"}
+# Placement decides which GPUs an engine sees; an env entry overriding these would make the
+# engine land on GPUs that placement counts as free.
+RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
+
+
+def engine_needs_gpu(kind: EngineKind) -> bool:
+    """True for kinds that cannot run without an NVIDIA GPU (without NVML only the others start)."""
+    return kind in _GPU_KINDS
+
+
+def served_name(name: str, model: ModelSettings) -> str:
+    """The name the engine answers to; the gateway name unless the model says otherwise."""
+    return model.served_name or name
+
+
+def model_path(name: str, model: ModelSettings) -> str:
+    """What `vllm serve` loads: the configured path, else the kind's default, else the name."""
+    if model.path:
+        return model.path
+    return DEEPSEEK_OCR_DEFAULT_PATH if model.kind == "deepseek_ocr" else name
+
+
+def build_command(name: str, model: ModelSettings, *, port: int, python: str) -> list[str]:
+    """The argv that starts the engine for `name` on 127.0.0.1:`port`.
+
+    `python` is the interpreter whose environment holds the engine (for vLLM, often a
+    separate venv from the gateway's). Raises ConfigError when `model.args` or `model.env`
+    set something the gateway owns, naming the model and the flag.
+    """
+    check_environment(name, model)
+    if model.kind in _SERVER_MODULES:
+        _check_args(name, model.args, _SERVER_OWNED)
+        module = _SERVER_MODULES[model.kind]
+        served = served_name(name, model)
+        return [python, "-m", module, "--port", str(port), "--model-name", served, *model.args]
+    owned = dict(_VLLM_OWNED)
+    if model.kind == "deepseek_ocr":
+        owned.update(_DEEPSEEK_OCR_OWNED)
+    _check_args(name, model.args, owned)
+    argv = [python, "-m", VLLM_MODULE, "serve", model_path(name, model)]
+    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--served-model-name", served_name(name, model)]
+    argv += ["--gpu-memory-utilization", str(model.gpu.memory_fraction)]
+    if model.max_model_len is not None:
+        argv += ["--max-model-len", str(model.max_model_len)]
+    if model.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(model.max_num_seqs)]
+    if model.gpu.count > 1:
+        argv += ["--tensor-parallel-size", str(model.gpu.count)]
+    if model.kind == "deepseek_ocr":
+        argv += DEEPSEEK_OCR_FLAGS
+    return [*argv, *model.args]
+
+
+def build_environment(model: ModelSettings, gpus: list[int]) -> dict[str, str]:
+    """The variables to add to the engine's environment: model.env plus the placed GPUs.
+
+    CUDA_VISIBLE_DEVICES is set for every kind, to "" when nothing was placed: a CPU kind
+    (RapidOCR on onnxruntime-gpu, a torch import) would otherwise grab memory on GPU 0
+    behind placement's back and break the free-memory accounting of the next start.
+    CUDA_DEVICE_ORDER=PCI_BUS_ID makes CUDA number GPUs as NVML does (CUDA's default
+    "fastest first" order can differ), so index N is the GPU placement chose. Placement
+    wins over model.env; build_command refuses a model.env that tries to set these.
+    """
+    env = dict(model.env)
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(index) for index in gpus)
+    return env
+
+
+def check_environment(name: str, model: ModelSettings) -> None:
+    """Refuse a model.env that would override placement, naming the model and the variable."""
+    for key in RESERVED_ENV:
+        if key in model.env:
+            raise ConfigError(
+                f"model {name!r}: env sets {key}, which the gateway sets from GPU placement; "
+                f"pin GPUs with models.{name}.gpu.devices instead"
+            )
+
+
+def option_name(arg: str) -> str | None:
+    """The canonical long flag an argument sets, or None for a value.
+
+    vLLM's parser accepts `--max_model_len` for `--max-model-len`, `--flag=value`, short
+    aliases like `-tp`, and `--no-X` for boolean `--X`; all of them count as the same flag.
+    """
+    if not arg.startswith("-") or arg in ("-", "--"):
+        return None
+    flag = arg.split("=", 1)[0]
+    if flag in _ALIASES:
+        return _ALIASES[flag]
+    if not flag.startswith("--"):
+        return None  # a negative number or an unknown short flag
+    flag = "--" + flag[2:].replace("_", "-")
+    return "--" + flag.removeprefix("--no-") if flag.startswith("--no-") else flag
+
+
+def _check_args(name: str, args: list[str], owned: dict[str, str]) -> None:
+    for arg in args:
+        flag = option_name(arg)
+        if flag in owned:
+            source = owned[flag].format(name=name)
+            raise ConfigError(
+                f"model {name!r}: args contain {arg.split('=', 1)[0]}, which the gateway already "
+                f"sets (from {source}); remove it from models.{name}.args"
+            )
