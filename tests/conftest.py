@@ -95,7 +95,7 @@ class GatewayClient:
         deadline = asyncio.get_running_loop().time() + timeout_s
         while asyncio.get_running_loop().time() < deadline:
             summary = (await self.http.get("/health")).json()["engines"]
-            if all(m["state"] in ("ready", "failed") for m in summary.values()):
+            if all(m["state"] in ("ready", "failed", "stopped") for m in summary.values()):
                 return
             await asyncio.sleep(0.05)
         raise AssertionError(f"engines not ready: {summary}")

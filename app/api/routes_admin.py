@@ -95,6 +95,7 @@ async def start_model(model: str, gw: GatewayDep, _: AdminDep, wait: bool = Fals
         "reason": engine.reason or None,
         "gpus": engine.gpus,
         "port": engine.port or None,
+        "pid": engine.pid,
     }
 
 
@@ -106,11 +107,14 @@ async def stop_model(
     force: bool = False,
     graceful: bool | None = None,
 ) -> dict[str, Any]:
-    """`graceful=false` (the older clients' word) means force."""
+    """A busy model is refused (409) unless `graceful=true` (let its jobs finish, up to the
+    grace period) or `force=true` / `graceful=false` (cancel them now)."""
     assert gw.engines is not None
     name = gw.registry.resolve(model)
     forced = force or graceful is False
-    outcome = await gw.engines.stop(name, force=forced, reason=f"stopped by {user.subject}")
+    outcome = await gw.engines.stop(
+        name, force=forced, drain=graceful is True, reason=f"stopped by {user.subject}"
+    )
     return {"status": "stopped", "model": name, "force": forced, **outcome}
 
 

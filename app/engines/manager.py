@@ -114,8 +114,13 @@ class EngineManager:
         return self._log_dir / f"{name}.log"
 
     def ready_url(self, name: str) -> str | None:
+        """Where to send work: a ready engine, or one draining its admitted jobs before a stop."""
         engine = self.engines[name]
-        return engine.base_url if engine.state == EngineState.READY else None
+        if engine.state == EngineState.READY or (
+            engine.state == EngineState.STOPPING and engine.process is not None
+        ):
+            return engine.base_url
+        return None
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -167,7 +172,10 @@ class EngineManager:
         engine.move(EngineState.STARTING)
         engine.port, engine.gpus, engine.adopted = port, gpus, False
         engine.started_at, engine.ready_at, engine.load_seconds = self._clock.now(), None, None
-        self._tasks[name] = asyncio.create_task(self._load(engine, argv), name=f"engine-start:{name}")
+        if self._spawn(engine, argv):  # now, so the caller sees the pid and a second start joins
+            self._tasks[name] = asyncio.create_task(
+                self._until_ready(engine, argv), name=f"engine-start:{name}"
+            )
         return engine
 
     async def start(self, name: str, *, wait: bool) -> EngineRecord:
@@ -201,38 +209,52 @@ class EngineManager:
         return owners
 
     def _effective_inventory(self, exclude: str | None = None) -> list[GpuInfo]:
-        """NVML's free memory, less what our own engines have reserved but not yet allocated.
+        """The inventory's free memory, less what our engines reserved but do not hold yet.
 
-        A vLLM engine that is still loading holds little memory yet; without this, two
-        starts a second apart would both see the GPU free and the second would fail to load.
+        A vLLM engine that is still loading holds little memory yet; without this, two starts
+        a second apart would both see the GPU free and the second would fail to load. Memory
+        the engine's processes already hold is in the inventory's numbers, so only the rest
+        of its reservation is taken off.
         """
         snapshot = self.inventory.snapshot()
-        reserved: dict[int, int] = {}
+        pending: dict[int, int] = {}
         for other in self.engines.values():
-            if other.name == exclude or not other.gpus or other.process is None:
+            if other.name == exclude or not other.gpus or other.pid is None:
                 continue
+            tree = set(proc.tree_pids(other.pid))
             for gpu in snapshot:
                 if gpu.index in other.gpus:
+                    held = sum(p.used_bytes or 0 for p in gpu.processes if p.pid in tree)
                     need = required_bytes(other.settings.gpu, other.settings.kind, gpu)
-                    reserved[gpu.index] = reserved.get(gpu.index, 0) + need
+                    pending[gpu.index] = pending.get(gpu.index, 0) + max(0, need - held)
         adjusted = []
         for gpu in snapshot:
-            free = min(gpu.free_bytes, max(0, gpu.total_bytes - reserved.get(gpu.index, 0)))
+            free = max(0, gpu.free_bytes - pending.get(gpu.index, 0))
             adjusted.append(
                 GpuInfo(gpu.index, gpu.name, gpu.total_bytes, free, gpu.total_bytes - free, gpu.processes)
             )
         return adjusted
 
-    async def _load(self, engine: EngineRecord, argv: list[str]) -> None:
+    def _spawn(self, engine: EngineRecord, argv: list[str]) -> bool:
         log_path = self.log_path(engine.name)
         try:
             proc.rotate_log(log_path, self._defaults.log_max_bytes, self._defaults.log_backups)
             engine.process = proc.spawn(argv, build_environment(engine.settings, engine.gpus), log_path)
         except OSError as exc:
             self._fail(engine, f"could not run {argv[0]}: {exc.strerror or exc}")
-            return
-        await self._remember(engine, argv)
+            return False
         event(log, "engine.starting", model=engine.name, pid=engine.pid, port=engine.port, gpus=engine.gpus)
+        return True
+
+    async def _load(self, engine: EngineRecord, argv: list[str]) -> None:
+        if self._spawn(engine, argv):
+            await self._until_ready(engine, argv)
+
+    async def _until_ready(self, engine: EngineRecord, argv: list[str]) -> None:
+        """Poll health until ready, the process exits, or the startup timeout (then kill it)."""
+        assert engine.process is not None
+        log_path = self.log_path(engine.name)
+        await self._remember(engine, argv)
         timeout = engine.settings.startup_timeout or self._defaults.startup_timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -293,12 +315,15 @@ class EngineManager:
 
     # -- stop --------------------------------------------------------------------------------
 
-    async def stop(self, name: str, *, force: bool, reason: str = "stopped by an operator") -> Doc:
-        """Stop admitting, drain (or with force cancel) the model's work, stop the process tree.
+    async def stop(
+        self, name: str, *, force: bool, drain: bool = False, reason: str = "stopped by an operator"
+    ) -> Doc:
+        """Stop admitting, deal with the model's work, stop the process tree for sure.
 
-        Without force a model with running or queued jobs is refused (409): an operator who
-        means it says so. Jobs admitted between that check and STOPPING are drained for up
-        to `stop_grace_seconds`. Returns what was confirmed (port closed, GPU memory freed).
+        Three ways, because stopping a busy model is a decision an operator must make:
+        neither flag refuses a busy model (409); `drain` lets running and queued jobs finish
+        for up to `stop_grace_seconds` (what is left then is cancelled); `force` cancels them
+        now. Returns what was confirmed (port closed, GPU memory freed).
         """
         engine = self.engines[name]
         if engine.state in (EngineState.STOPPED, EngineState.FAILED) and engine.process is None:
@@ -309,10 +334,10 @@ class EngineManager:
             raise ModelBusy(f"model {name!r} is already stopping")
         running = self._workload.running(name)
         queued = await self._workload.queued(name)
-        if not force and (running or queued):
+        if not (force or drain) and (running or queued):
             raise ModelBusy(
-                f"model {name!r} is busy ({len(running)} running, {queued} queued); "
-                "stop it with force=true to cancel them"
+                f"model {name!r} is busy ({len(running)} running, {queued} queued); stop it with "
+                "graceful=true to let them finish, or force=true to cancel them"
             )
         task = self._tasks.pop(name, None)
         if task is not None and not task.done():
@@ -325,21 +350,26 @@ class EngineManager:
         engine.move(EngineState.STOPPING, reason)
         event(log, "engine.stopping", model=name, force=force, running=len(running), queued=queued)
         if force:
-            await self._workload.cancel_all(name, f"model {name!r} was stopped (force): {reason}")
+            cancelled = await self._workload.cancel_all(name, f"model {name!r} was stopped (force): {reason}")
         else:
-            await self._drain(name)
+            cancelled = await self._drain(name)
         confirmed = await self._kill(engine)
         engine.move(EngineState.STOPPED, reason)
         engine.ready_at = None
-        return {"stopped": True, **confirmed}
+        return {"stopped": True, "cancelled_jobs": cancelled, **confirmed}
 
-    async def _drain(self, name: str) -> None:
-        """Let running calls finish (up to the grace period); end whatever is left as cancelled."""
+    async def _drain(self, name: str) -> int:
+        """Let running and queued jobs finish (up to the grace period); cancel what is left."""
         grace = self._defaults.stop_grace_seconds
-        await self._workload.settle(name, grace)
-        await self._workload.cancel_all(
-            name, f"model {name!r} was stopped (after a drain of up to {grace:g} s)"
-        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while True:
+            await self._workload.settle(name, max(0.0, deadline - loop.time()))
+            busy = self._workload.running(name) or await self._workload.queued(name)
+            if not busy or loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)  # queued jobs are being claimed
+        return await self._workload.cancel_all(name, f"model {name!r} was stopped after a {grace:g} s drain")
 
     async def _kill(self, engine: EngineRecord) -> Doc:
         """Stop the process tree for sure, then confirm the port closed and GPU memory freed."""

@@ -197,6 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    print(f"stub engine (test double) {args.model_name} listening on {args.host}:{args.port}", flush=True)
     web.run_app(build_app(args), host=args.host, port=args.port, print=None, access_log=None)
 
 

@@ -1,0 +1,257 @@
+"""The engine supervisor through the admin API: real stub engine processes, real database."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import psutil
+
+from tests.conftest import GatewayClient, GatewayFactory, stub
+
+FAST_HEALTH = {
+    "health_interval": 0.05,
+    "health_check_interval": 0.2,
+    "health_check_timeout": 0.3,
+    "health_check_failures": 2,
+    "stop_timeout": 2,
+}
+
+
+async def _admin(gw: GatewayClient, method: str, path: str, **params: Any) -> Any:
+    response = await gw.http.request(method, path, params=params, headers=gw.headers(gw.admin_token))
+    return response
+
+
+async def _model(gw: GatewayClient, name: str) -> dict[str, Any]:
+    response = await _admin(gw, "GET", f"/admin/models/{name}")
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def _until_model(gw: GatewayClient, name: str, check: Any, timeout_s: float = 20.0) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    seen: dict[str, Any] = {}
+    while loop.time() < deadline:
+        seen = await _model(gw, name)
+        if check(seen):
+            return seen
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"model {name} never matched; last {seen}")
+
+
+def _alive(pid: int) -> bool:
+    return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+
+async def test_on_demand_start_queues_requests_while_loading(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(
+        {"lazy": stub("--startup-s", "1.5", autostart=False, on_demand=True)}, engines=FAST_HEALTH
+    )
+    assert (await _model(gw, "lazy"))["state"] == "stopped"
+    requests = [asyncio.create_task(gw.chat("lazy", f"q{i}")) for i in range(3)]
+    loading = await _until_model(gw, "lazy", lambda m: m["state"] == "starting")
+    assert loading["loading_seconds"] is not None
+    health = (await gw.http.get("/health")).json()["engines"]["lazy"]
+    assert health["state"] == "starting" and "loading_seconds" in health
+    answers = await asyncio.gather(*requests)
+    assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+    assert answers[2].json()["message"]["content"] == "stub reply to: q2"
+    ready = await _model(gw, "lazy")
+    assert ready["state"] == "ready" and ready["load_seconds"] >= 1.4
+
+
+async def test_stopped_model_without_on_demand_is_503_with_how_to_start(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory({"manual": stub(autostart=False)})
+    response = await gw.chat("manual")
+    assert response.status_code == 503
+    assert "POST /admin/models/manual/start" in response.json()["detail"]
+
+
+async def test_start_timeout_fails_with_reason_and_log(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(
+        {"slowload": stub("--startup-s", "60", autostart=False, startup_timeout=1)}, engines=FAST_HEALTH
+    )
+    response = await _admin(gw, "POST", "/admin/models/slowload/start", wait="true")
+    assert response.status_code == 202
+    assert response.json()["state"] == "failed"
+    assert "not healthy within 1 s (startup_timeout)" in response.json()["reason"]
+    model = await _model(gw, "slowload")
+    assert model["state"] == "failed" and model["pid"] is None
+    chat = await gw.chat("slowload")
+    assert chat.status_code == 503 and "not healthy within 1 s" in chat.json()["detail"]
+
+
+async def test_concurrent_starts_join_one_load(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory({"m": stub("--startup-s", "0.5", autostart=False)}, engines=FAST_HEALTH)
+    answers = await asyncio.gather(*(_admin(gw, "POST", "/admin/models/m/start") for _ in range(5)))
+    assert {a.status_code for a in answers} == {202}
+    pids = {a.json()["pid"] for a in answers}
+    assert len(pids) == 1 and None not in pids, pids
+    ready = await _until_model(gw, "m", lambda m: m["state"] == "ready")
+    assert ready["pid"] in pids
+    children = [
+        c for c in psutil.Process().children(recursive=True) if "app.engines.stub" in " ".join(c.cmdline())
+    ]
+    assert [c.pid for c in children] == [ready["pid"]]
+    again = await _admin(gw, "POST", "/admin/models/m/start")
+    assert again.json()["state"] == "ready" and again.json()["pid"] == ready["pid"]  # no-op
+
+
+async def test_engine_kill9_while_serving_is_logged_restarted_and_jobs_succeed(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory({"crashy": stub("--latency-ms", "1500")}, engines=FAST_HEALTH)
+    before = await _model(gw, "crashy")
+    requests = [asyncio.create_task(gw.chat("crashy", f"r{i}")) for i in range(3)]
+    await gw.until_count("crashy", "running", 3)
+    os.kill(before["pid"], signal.SIGKILL)
+    answers = await asyncio.gather(*requests)
+    assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
+    assert {a.json()["attempts"] for a in answers} == {2}
+    after = await _model(gw, "crashy")
+    assert after["state"] == "ready" and after["pid"] != before["pid"]
+    crashes = (await _admin(gw, "GET", "/admin/crashes", model="crashy")).json()
+    assert len(crashes) == 1
+    crash = crashes[0]
+    assert crash["exit_code"] == -9 and crash["signal"] == 9
+    assert sorted(crash["jobs_affected"]) == sorted(a.json()["id"] for a in answers)
+    assert "listening on" in crash["stack_trace"]
+    assert crash["restart"].startswith("restart in")
+
+
+async def test_hung_engine_is_detected_by_health_checks_and_replaced(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory({"hangs": stub()}, engines=FAST_HEALTH)
+    before = await _model(gw, "hangs")
+    psutil.Process(before["pid"]).suspend()
+    try:
+        after = await _until_model(
+            gw, "hangs", lambda m: m["state"] == "ready" and m["pid"] != before["pid"], timeout_s=20
+        )
+    finally:
+        if _alive(before["pid"]):
+            psutil.Process(before["pid"]).kill()
+    assert not _alive(before["pid"])
+    crash = (await _admin(gw, "GET", "/admin/crashes")).json()[0]
+    assert "health check failed 2 times in a row" in crash["error"]
+    assert crash["exit_code"] is None
+    assert (await gw.chat("hangs", "after")).json()["message"]["content"] == "stub reply to: after"
+    assert after["last_error"].startswith("health check failed")
+
+
+async def test_stop_busy_model_needs_graceful_or_force(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory({"busy": stub("--latency-ms", "1000")}, engines=FAST_HEALTH)
+    pid = (await _model(gw, "busy"))["pid"]
+    running = asyncio.create_task(gw.chat("busy", "finish me"))
+    await gw.until_count("busy", "running", 1)
+    refused = await _admin(gw, "POST", "/admin/models/busy/stop")
+    assert refused.status_code == 409
+    assert "busy (1 running, 0 queued)" in refused.json()["detail"]
+
+    drained = await _admin(gw, "POST", "/admin/models/busy/stop", graceful="true")
+    assert drained.status_code == 200, drained.text
+    assert drained.json()["port_closed"] is True and drained.json()["cancelled_jobs"] == 0
+    answer = await running
+    assert answer.status_code == 200 and answer.json()["message"]["content"] == "stub reply to: finish me"
+    assert not _alive(pid)
+    assert (await _model(gw, "busy"))["state"] == "stopped"
+    assert (await gw.chat("busy")).status_code == 503
+    again = await _admin(gw, "POST", "/admin/models/busy/stop")
+    assert again.status_code == 200 and again.json()["already"] is True
+
+
+async def test_force_stop_cancels_running_and_queued(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(
+        {"busy": stub("--latency-ms", "30000", max_concurrent=1, max_waiting=2)}, engines=FAST_HEALTH
+    )
+    pid = (await _model(gw, "busy"))["pid"]
+    running = asyncio.create_task(gw.chat("busy", "long"))
+    await gw.until_count("busy", "running", 1)
+    waiting = asyncio.create_task(gw.chat("busy", "waits"))
+    await gw.until_count("busy", "queued", 1)
+    stopped = await _admin(gw, "POST", "/admin/models/busy/stop", force="true")
+    assert stopped.status_code == 200, stopped.text
+    assert stopped.json()["cancelled_jobs"] == 2
+    for task in (running, waiting):
+        answer = await task
+        assert answer.status_code == 409 and "was cancelled" in answer.json()["detail"]
+    assert not _alive(pid)
+    jobs = (await gw.http.get("/api/jobs", headers=gw.headers())).json()["data"]
+    assert {j["state"] for j in jobs} == {"cancelled"}
+    assert all("stopped (force)" in j["error"]["message"] for j in jobs)
+    restarted = await _admin(gw, "POST", "/admin/models/busy/start", wait="true")
+    assert restarted.json()["state"] == "ready" and restarted.json()["pid"] != pid
+
+
+async def test_placement_on_fake_gpus(gateway_factory: GatewayFactory) -> None:
+    engines = {**FAST_HEALTH, "fake_gpus": [{"name": "fake-a", "total_gib": 24, "free_gib": 20}]}
+    gpu = {"count": 1}
+    gw = await gateway_factory(
+        {
+            "small": stub(autostart=False, gpu={**gpu, "memory_gib": 12}),
+            "second": stub(autostart=False, gpu={**gpu, "memory_gib": 12}),
+            "huge": stub(autostart=False, gpu={**gpu, "memory_gib": 40}),
+            "cpu": stub(),
+        },
+        engines=engines,
+    )
+    started = await _admin(gw, "POST", "/admin/models/small/start", wait="true")
+    assert started.json()["state"] == "ready" and started.json()["gpus"] == [0]
+    env = psutil.Process(started.json()["pid"]).environ()
+    assert env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert psutil.Process((await _model(gw, "cpu"))["pid"]).environ()["CUDA_VISIBLE_DEVICES"] == ""
+
+    refused = await _admin(gw, "POST", "/admin/models/second/start")
+    assert refused.status_code == 503
+    detail = refused.json()["detail"]
+    assert "'second' needs" in detail and "12" in detail and "small" in detail, detail
+    assert refused.json()["code"] == "insufficient_gpu"
+    huge = await _admin(gw, "POST", "/admin/models/huge/start")
+    assert huge.status_code == 503 and "40" in huge.json()["detail"]
+
+    gpus = (await _admin(gw, "GET", "/admin/gpus")).json()
+    assert gpus["available"] is True
+    assert gpus["gpus"][0]["models"] == ["small"] and gpus["gpus"][0]["total_gib"] == 24
+
+    stopped = await _admin(gw, "POST", "/admin/models/small/stop")
+    assert stopped.json()["gpu_memory_released"] is True
+    second = await _admin(gw, "POST", "/admin/models/second/start", wait="true")
+    assert second.json()["state"] == "ready" and second.json()["gpus"] == [0]
+
+
+async def test_gpus_without_a_driver_and_logs_and_unknown_models(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory({"demo": stub(), "gpu": {"kind": "vllm", "autostart": False}})
+    gpus = (await _admin(gw, "GET", "/admin/gpus")).json()
+    assert gpus["available"] is False and "NVML not available" in gpus["reason"]
+    refused = await _admin(gw, "POST", "/admin/models/gpu/start")
+    assert refused.status_code == 503
+    assert "needs a GPU but none is usable: NVML not available" in refused.json()["detail"]
+    assert (await _model(gw, "gpu"))["state"] == "failed"
+
+    logs = await _admin(gw, "GET", "/admin/models/demo/logs", lines=5)
+    assert logs.status_code == 200
+    assert any("listening on" in line for line in logs.json()["lines"])
+    assert len(logs.json()["lines"]) <= 5
+    assert (await _admin(gw, "GET", "/admin/models/demo/logs", lines=0)).status_code == 422
+    for method, path in [
+        ("POST", "/admin/models/nope/start"),
+        ("POST", "/admin/models/nope/stop"),
+        ("GET", "/admin/models/nope/logs"),
+        ("GET", "/admin/models/nope"),
+    ]:
+        response = await _admin(gw, method, path)
+        assert response.status_code == 404, (path, response.text)
+        assert "unknown model 'nope'" in response.json()["detail"]
+    for method, path, params in [("GET", "/admin/crashes", {"model": "nope"})]:
+        response = await _admin(gw, method, path, **params)
+        assert response.status_code == 404, (path, response.text)
+        assert "unknown model 'nope'" in response.json()["detail"]
+    client = await gw.http.post("/admin/models/demo/stop", headers=gw.headers())
+    assert client.status_code == 403
+    assert (await _admin(gw, "GET", "/admin/crashes", since="not-a-time")).status_code == 422
