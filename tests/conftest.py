@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from asgi_lifespan import LifespanManager
 
@@ -21,6 +24,37 @@ from app.store.embedded import EmbeddedDatabase
 JWT_SECRET = secrets.token_hex(32)
 ADMIN_PASSWORD = "admin-password-for-tests"
 CLIENT_PASSWORD = "client-password-for-tests"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """After the whole session (torn down last): no engine, database or gateway child survives.
+
+    Each test stops what it started; this catches the one that does not (a leaked engine is
+    leaked GPU memory in production), kills it by pid and fails the session.
+    """
+    yield
+    me = psutil.Process()
+    deadline = time.monotonic() + 15
+    left: list[psutil.Process] = []
+    while time.monotonic() < deadline:
+        left = [c for c in me.children(recursive=True) if _alive(c)]
+        if not left:
+            return
+        time.sleep(0.1)
+    described = [f"{c.pid}: {' '.join(c.cmdline())[:120]}" for c in left if _alive(c)]
+    for child in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    if described:
+        pytest.fail("processes left behind by the tests: " + "; ".join(described))
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.fixture(scope="session")
