@@ -47,12 +47,11 @@ if [ ! -x .venv/bin/python ]; then
   say "creating .venv with $("$PYTHON" --version 2>&1)"
   "$PYTHON" -m venv .venv
 fi
-req_hash=$(sha256sum requirements.txt | cut -d' ' -f1)
+req_hash=$(cat requirements.txt requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
 stamp=.venv/.quickstart-requirements.sha256
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$req_hash" ]; then
   say "installing requirements.txt into .venv"
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -r requirements.txt
+  ./scripts/install_deps.sh
   echo "$req_hash" >"$stamp"
 else
   say "reusing .venv (requirements.txt unchanged)"

@@ -18,6 +18,10 @@ from app.engines.gpus import GIB, GpuInfo, GpuInventory, NvmlInventory, StaticIn
 from app.engines.manager import EngineManager
 from app.logs import event
 from app.models import ModelRegistry
+from app.ocr.pages import PageStore
+from app.ocr.resolution import DefaultResolution
+from app.ocr.runner import OcrRunner
+from app.ocr.service import OcrService
 from app.proxy.client import EngineClient
 from app.queue.history import HistoryPruner
 from app.queue.retry import RetryPolicy
@@ -55,6 +59,7 @@ class Gateway:
     scheduler: Scheduler = field(default_factory=Scheduler)
     users: UserService | None = None
     chat: ChatService | None = None
+    ocr: OcrService | None = None
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock) -> Gateway:
@@ -121,6 +126,9 @@ class Gateway:
         retry = RetryPolicy(
             s.queue.max_retries, s.queue.retry_backoff_seconds, s.queue.retry_backoff_max_seconds
         )
+        pages = PageStore(db.ocr_pages)
+        await pages.ensure_indexes()
+        ocr_runner = OcrRunner(pages, self.engine_client, retry)
         for name, cfg in s.models.items():
             dispatcher = ModelDispatcher(
                 name,
@@ -132,6 +140,7 @@ class Gateway:
                 retry,
                 s.queue.poll_interval_seconds,
                 engine_suspect=lambda name=name: engines.check_process(name),  # type: ignore[misc]
+                ocr=ocr_runner,
             )
             self.dispatchers[name] = dispatcher
             queue.on_backlog(name, dispatcher.note_backlog)
@@ -146,11 +155,14 @@ class Gateway:
         if self.embedded is not None:  # its own TTL monitor is off (see app/queue/history.py)
             scheduler.every(60.0, "history-prune", HistoryPruner(store, self.clock).prune)
             scheduler.every(3600.0, "crash-log-prune", crash_log.prune)
+            scheduler.every(3600.0, "ocr-pages-prune", lambda: pages.prune(self.clock.now()))
         scheduler.start()
         for dispatcher in self.dispatchers.values():
             dispatcher.start()
         await engines.start_all()
         self.chat = ChatService(self.registry, engines, queue, self.dispatchers)
+        resolution = DefaultResolution(db.runtime_settings, s.ocr.default_resolution)
+        self.ocr = OcrService(self.registry, engines, queue, self.dispatchers, pages, resolution, s.ocr)
         event(
             log,
             "gateway.started",

@@ -143,6 +143,15 @@ class ModelSettings(_Strict):
         return aliases
 
 
+class OcrSettings(_Strict):
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="413 beyond this")
+    max_pages: int = Field(20, ge=1, le=1000, description="pages per document (413 beyond)")
+    max_pixels: int = Field(50_000_000, ge=10_000, description="per page; decompression bombs are 413")
+    pdf_dpi: int = Field(144, ge=36, le=600)
+    default_resolution: Literal["tiny", "small", "base", "large", "gundam"] = "large"
+    default_model: str | None = Field(None, description="used when a request names none")
+
+
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     data_dir: Path = Path("data")
@@ -151,6 +160,7 @@ class Settings(_Strict):
     queue: QueueSettings = QueueSettings()
     history: HistorySettings = HistorySettings()
     engines: EngineDefaults = EngineDefaults()
+    ocr: OcrSettings = OcrSettings()
     models: dict[str, ModelSettings] = {}
 
     @model_validator(mode="after")

@@ -8,8 +8,7 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
-.venv/bin/python -m pip install --quiet -r requirements-dev.txt
+./scripts/install_deps.sh dev
 
 # Debian tools the shell API scripts use (curl, jq); install only what is missing.
 missing=()

@@ -16,6 +16,7 @@ import psutil
 import pytest
 from asgi_lifespan import LifespanManager
 
+from app.errors import InvalidRequest
 from app.gateway import Gateway
 from app.main import create_app
 from app.settings import Settings, parse_settings
@@ -154,8 +155,12 @@ async def gateway_factory(mongo_uri: str, tmp_path: Path) -> AsyncIterator[Gatew
         gw: Gateway = app.state.gateway
         client = GatewayClient(http, gw)
         assert gw.users is not None
-        await gw.users.create("admin", ADMIN_PASSWORD, "admin")
-        await gw.users.create("alice", CLIENT_PASSWORD, "client")
+        for name, password, role in [
+            ("admin", ADMIN_PASSWORD, "admin"),
+            ("alice", CLIENT_PASSWORD, "client"),
+        ]:
+            with contextlib.suppress(InvalidRequest):  # a second gateway on the same database
+                await gw.users.create(name, password, role)
         client.admin_token = gw.tokens.issue("admin", "admin")
         client.client_token = gw.tokens.issue("alice", "client")
         await client.wait_ready()

@@ -24,6 +24,7 @@ from app.logs import event
 log = logging.getLogger("gateway.api")
 
 _STATUS: list[tuple[type[errors.GatewayError], int]] = [
+    (errors.DocumentTooLarge, 413),
     (errors.InvalidRequest, 400),
     (errors.AuthenticationFailed, 401),
     (errors.PermissionDenied, 403),

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import errors, routes_admin, routes_chat, routes_public, routes_v1
+from app.api import errors, routes_admin, routes_chat, routes_ocr, routes_public, routes_v1
 from app.gateway import Gateway
 
 
@@ -26,6 +26,7 @@ def build_http_app(gateway: Gateway) -> FastAPI:
     errors.install(app)
     app.include_router(routes_public.router)
     app.include_router(routes_chat.router)
+    app.include_router(routes_ocr.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_v1.router)
     return app

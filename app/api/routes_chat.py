@@ -5,9 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from app.api.deps import GatewayDep, PrincipalDep, client_id, idempotency_key
+from app.api.routes_ocr import read_ocr_request
 from app.api.schemas import ChatRequest, JobRequest
 from app.api.views import chat_answer, job_view
 from app.errors import InvalidRequest, JobNotFound
@@ -38,18 +41,31 @@ async def chat(
 
 @router.post("/api/jobs", status_code=202)
 async def submit_job(
-    body: JobRequest,
+    request: Request,
     response: Response,
     gw: GatewayDep,
     user: PrincipalDep,
     client: Annotated[str, Depends(client_id)],
     key: Annotated[str | None, Depends(idempotency_key)],
     x_priority: Annotated[str | None, Header()] = None,
+    x_resolution: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
-    """Admit and answer at once; the client polls `location` (or repeats its Idempotency-Key)."""
+    """Admit and answer at once; the client polls `location` (or repeats its Idempotency-Key).
+
+    A JSON chat body (`"type": "chat"`, the rest as for /api/chat), or an OCR document as
+    multipart exactly as for /api/ocr.
+    """
     priority = Priority.parse(x_priority)
-    assert gw.chat is not None
-    doc = await gw.chat.submit(user, body.engine_request(), client, priority, key)
+    assert gw.chat is not None and gw.ocr is not None
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        ask = await read_ocr_request(request, gw.settings.ocr.max_upload_bytes, x_resolution)
+        doc = await gw.ocr.submit(user, ask, client, priority, key, wait=False)
+    else:
+        try:
+            body = JobRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        doc = await gw.chat.submit(user, body.engine_request(), client, priority, key)
     location = f"/api/jobs/{doc['_id']}"
     response.headers["Location"] = location
     return {**job_view(doc), "location": location, "position": await gw.chat.position(doc)}

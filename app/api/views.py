@@ -50,6 +50,52 @@ def job_view(doc: Doc) -> dict[str, Any]:
 
 def chat_answer(doc: Doc) -> dict[str, Any]:
     """The body of a successful /api/chat, or raises the error the job ended with."""
+    raise_unless_succeeded(doc)
+    job_id = doc["_id"]
+    result = doc.get("result") or {}
+    reply: dict[str, Any] = result.get("message") or {"role": "assistant", "content": None}
+    return {
+        "id": job_id,
+        "request_id": job_id,
+        "status": "completed",
+        "model": doc["model"],
+        "message": reply,
+        "response": reply.get("content"),
+        "finish_reason": result.get("finish_reason"),
+        "output_redacted": bool(result.get("output_redacted")),
+        "usage": result.get("usage") or {},
+        "attempts": doc.get("attempts", 1),
+        "priority": doc.get("priority"),
+        "timings": timings(doc),
+    }
+
+
+def ocr_answer(doc: Doc) -> dict[str, Any]:
+    """The body of a successful /api/ocr (`response` and `resolution` for older clients)."""
+    raise_unless_succeeded(doc)
+    result = doc.get("result") or {}
+    return {
+        "id": doc["_id"],
+        "request_id": doc["_id"],
+        "status": "completed",
+        "model": doc["model"],
+        "mode": result.get("mode"),
+        "resolution": result.get("mode"),
+        "output": result.get("output"),
+        "text": result.get("text"),
+        "response": result.get("text"),
+        "pages": result.get("pages", []),
+        "truncated": bool(result.get("truncated")),
+        "output_redacted": bool(result.get("output_redacted")),
+        "usage": result.get("usage") or {},
+        "attempts": doc.get("attempts", 1),
+        "priority": doc.get("priority"),
+        "timings": timings(doc),
+    }
+
+
+def raise_unless_succeeded(doc: Doc) -> None:
+    """Turn a job that did not succeed into the error it ended with."""
     state = JobState(doc["state"])
     job_id = doc["_id"]
     error = doc.get("error") or {}
@@ -71,19 +117,3 @@ def chat_answer(doc: Doc) -> dict[str, Any]:
         raise errors.JobFailed(f"{prefix}: {message}", job_id, status)
     if state != JobState.SUCCEEDED:
         raise errors.JobTimedOut(f"job {job_id} is still {state.value}", job_id)
-    result = doc.get("result") or {}
-    reply: dict[str, Any] = result.get("message") or {"role": "assistant", "content": None}
-    return {
-        "id": job_id,
-        "request_id": job_id,
-        "status": "completed",
-        "model": doc["model"],
-        "message": reply,
-        "response": reply.get("content"),
-        "finish_reason": result.get("finish_reason"),
-        "output_redacted": bool(result.get("output_redacted")),
-        "usage": result.get("usage") or {},
-        "attempts": doc.get("attempts", 1),
-        "priority": doc.get("priority"),
-        "timings": timings(doc),
-    }

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from app.errors import EngineCallError
 from app.logs import event
+from app.ocr.runner import OcrRunner
 from app.proxy.client import EngineClient, EngineTimeout
 from app.queue.jobs import Doc
 from app.queue.retry import RetryPolicy
@@ -34,6 +35,7 @@ class ModelDispatcher:
         retry: RetryPolicy,
         poll_interval: float,
         engine_suspect: Callable[[], None] = lambda: None,
+        ocr: OcrRunner | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -42,6 +44,7 @@ class ModelDispatcher:
         self._engine_url = engine_url  # callable: () -> base URL when ready, else None
         self._engine_suspect = engine_suspect  # a call could not connect: is the engine still alive?
         self._served_name = served_name
+        self._ocr = ocr  # documents: page by page (app/ocr/runner.py)
         self._retry = retry
         self._poll_interval = poll_interval
         self.in_flight = 0
@@ -160,6 +163,9 @@ class ModelDispatcher:
             self._wakeup.set()
 
     async def _attempt(self, doc: Doc) -> None:
+        if doc.get("kind") == "ocr":
+            await self._attempt_ocr(doc)
+            return
         url = self._engine_url()
         payload = {**doc["request"], "model": self._served_name}
         if doc.get("stream"):
@@ -181,6 +187,22 @@ class ModelDispatcher:
             "system_fingerprint": answer.get("system_fingerprint"),
         }
         await self._queue.succeed(doc, result)
+
+    async def _attempt_ocr(self, doc: Doc) -> None:
+        if self._ocr is None:
+            await self._failed(
+                doc, EngineCallError(f"model {self.name!r} does not read documents", retryable=False)
+            )
+            return
+        try:
+            result = await self._ocr.run(
+                doc, self._engine_url, self._served_name, self.settings.request_timeout
+            )
+        except EngineCallError as exc:
+            await self._failed(doc, exc)
+            return
+        if await self._queue.succeed(doc, result):
+            await self._ocr.pages.delete(doc["_id"])
 
     async def _attempt_stream(self, doc: Doc, url: str | None, payload: Doc) -> None:
         """Relay engine chunks to the handler holding the client; the full text goes to history.

@@ -78,10 +78,13 @@ class JobQueue:
     async def find_existing(self, owner: str, key: str) -> Doc | None:
         return await self.store.find_by_idempotency_key(owner, key)
 
-    async def admit(self, sub: Submission, direct: DirectStart | None) -> Doc:
-        """Insert the job into a free slot; raises QueueFull when every slot is taken."""
+    async def admit(self, sub: Submission, direct: DirectStart | None, job_id: str | None = None) -> Doc:
+        """Insert the job into a free slot; raises QueueFull when every slot is taken.
+
+        `job_id` is given when something keyed by it (an OCR document's pages) was stored first.
+        """
         book = self._books[sub.model]
-        job_id = new_job_id()
+        job_id = job_id or new_job_id()
         if sub.pinned_to is not None:
             self.open_sink(job_id)  # before the insert: a direct start may stream at once
         try:

@@ -17,6 +17,9 @@ from app.queue.jobs import Doc, JobState, idempotency_scope
 from app.store.batch import BatchWriter
 from app.store.database import ACTIVE
 
+# what an engine produced (chat message, OCR text and per-page text): dropped when outputs are not kept
+_OUTPUT_FIELDS = frozenset({"message", "text", "pages"})
+
 
 class JobStore:
     def __init__(
@@ -130,7 +133,8 @@ class JobStore:
 
     async def succeed(self, doc: Doc, now: datetime, result: Doc) -> bool:
         if not self._store_outputs:
-            result = {**{k: v for k, v in result.items() if k != "message"}, "output_redacted": True}
+            kept = {k: v for k, v in result.items() if k not in _OUTPUT_FIELDS}
+            result = {**kept, "output_redacted": True}
         return await self._transition(doc, self._finish(JobState.SUCCEEDED, now, {"result": result}))
 
     async def fail(self, doc: Doc, now: datetime, error: Doc) -> bool:

@@ -25,6 +25,7 @@ class Database:
     users: AsyncCollection[Doc]
     engines: AsyncCollection[Doc]
     crash_logs: AsyncCollection[Doc]
+    ocr_pages: AsyncCollection[Doc]
     runtime_settings: AsyncCollection[Doc]  # what admins change at run time (OCR resolution, ...)
     queue_stats: AsyncCollection[Doc]
 
@@ -58,6 +59,7 @@ async def connect(uri: str, name: str, write_concern: str) -> Database:
         users=durable.get_collection("users"),
         engines=durable.get_collection("engines"),
         crash_logs=durable.get_collection("crash_logs"),
+        ocr_pages=durable.get_collection("ocr_pages"),
         runtime_settings=durable.get_collection("runtime_settings"),
         queue_stats=db.get_collection("queue_stats"),
     )
