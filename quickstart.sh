@@ -142,6 +142,9 @@ Gateway starting on $URL (config $GATEWAY_CONFIG, data $GATEWAY_DATA_DIR). Try:
        -H 'Content-Type: application/json' \\
        -d '{"model": "$MODEL", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}' | jq
   curl -s $URL/admin/queue/$MODEL -H "Authorization: Bearer \$TOKEN" | jq
+  # real OCR on the CPU (RapidOCR): any image or PDF of yours
+  curl -s $URL/api/ocr -H "Authorization: Bearer \$TOKEN" -H 'X-Client-ID: quickstart' \
+       -F file=@/path/to/scan.png | jq '.text'
 
 Ctrl-C (or SIGTERM to pid $$) stops the gateway, its engines and its database.
 

@@ -16,7 +16,10 @@ PASSWORD = "shell-script-admin-password"
 
 
 async def test_curl_scripts_pass_against_a_running_gateway(tmp_path: Path, daemons: list[Daemon]) -> None:
-    daemon = Daemon(tmp_path, {"demo": {"kind": "stub", "aliases": ["demo-chat"]}})
+    daemon = Daemon(
+        tmp_path,
+        {"demo": {"kind": "stub", "aliases": ["demo-chat"]}, "ocr": {"kind": "cpu_ocr", "max_concurrent": 2}},
+    )
     daemons.append(daemon)
     create = subprocess.run(
         [
@@ -50,8 +53,9 @@ async def test_curl_scripts_pass_against_a_running_gateway(tmp_path: Path, daemo
         "GATEWAY_PASSWORD": PASSWORD,
         "GATEWAY_MODEL": "demo",
         "GATEWAY_MODEL_ALIAS": "demo-chat",
+        "PYTHON": sys.executable,
     }
-    for script in ("scripts/test_gateway.sh", "scripts/test_complete_api.sh"):
+    for script in ("scripts/test_gateway.sh", "scripts/test_complete_api.sh", "scripts/test_ocr.sh"):
         run = subprocess.run(
             ["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
         )
