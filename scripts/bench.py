@@ -12,11 +12,17 @@ measures exactly that, on this machine, with real processes and real sockets:
   engines with the same latencies;
 * an aiohttp load client (one session per scenario, connector limit = concurrency).
 
+A streaming phase (on the empty database) does the same for `stream: true` on
+/v1/chat/completions: a stub that paces its tokens (20 ms apart, like a GPU decoding), read as
+SSE line by line, so time to first token and tokens/s show what the durable queue adds to a
+stream: the admission write before the engine is called and the outcome write before [DONE].
+
 Every process it starts is stopped by pid at the end, also on errors and Ctrl-C.
 
     .venv/bin/python scripts/bench.py                 # full run (several minutes)
     .venv/bin/python scripts/bench.py --quick         # smoke test, under a minute
     .venv/bin/python scripts/bench.py --skip-100k --json /tmp/bench.json
+    .venv/bin/python scripts/bench.py --only-streaming    # streaming phase only, about a minute
 """
 
 from __future__ import annotations
@@ -54,6 +60,12 @@ Doc = dict[str, Any]
 FAST_MODEL = "bench-fast"  # stub engine answering at once (0 ms): measures pure overhead
 SLOW_MODEL = "bench-slow"  # stub engine answering after 200 ms: measures overlap with work
 MODEL_BY_LATENCY = {0: FAST_MODEL, 200: SLOW_MODEL}
+STREAM_MODEL = "bench-stream"  # stub engine pacing its streamed tokens like a decoding GPU
+STREAM_TOKEN_LATENCY_MS = 20  # between tokens: 50 tokens/s per stream, a typical decode pace
+STREAM_MAX_TOKENS = 32
+# The stub answers "stub reply to: <prompt words>" cut at max_tokens, so a prompt of at least
+# max_tokens words makes every stream exactly STREAM_MAX_TOKENS content chunks long.
+STREAM_PROMPT = " ".join(f"word{i}" for i in range(STREAM_MAX_TOKENS))
 CAPACITY = {"max_concurrent": 32, "max_waiting": 32}  # so the c=32 scenario is never rejected (429)
 DB_NAME = "gateway"
 PASSWORD = "bench-password-" + secrets.token_hex(8)
@@ -96,6 +108,37 @@ def scenarios(quick: bool) -> list[Scenario]:
     ]
 
 
+@dataclass(frozen=True)
+class StreamScenario:
+    """One streaming load shape (the 20 ms/token stub, 32 tokens a stream), direct then gateway."""
+
+    concurrency: int
+    streams: int
+    warmup: int
+
+    @property
+    def label(self) -> str:
+        return f"stream c={self.concurrency}"
+
+
+def stream_scenarios(quick: bool) -> list[StreamScenario]:
+    """c=1 for time to first token, c=10 for throughput: the two the streaming targets name.
+
+    A stream lasts ~0.7 s whatever the machine, so the counts set the run time directly.
+    """
+    if quick:
+        return [StreamScenario(1, 10, 2), StreamScenario(10, 30, 10)]
+    return [StreamScenario(1, 40, 5), StreamScenario(10, 100, 10)]
+
+
+def nearest_rank(values: list[float], q: float) -> float:
+    """Nearest-rank percentile: no interpolation, so p99 is a latency that really happened."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
 @dataclass
 class Batch:
     """What the load client saw for one measured batch of requests."""
@@ -111,11 +154,33 @@ class Batch:
         return self.ok / self.wall_s if self.wall_s > 0 else 0.0
 
     def percentile(self, q: float) -> float:
-        """Nearest-rank percentile: no interpolation, so p99 is a latency that really happened."""
-        if not self.latencies_ms:
-            return math.nan
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+        return nearest_rank(self.latencies_ms, q)
+
+
+@dataclass
+class StreamBatch:
+    """What the load client saw for one measured batch of streams (only complete ones count)."""
+
+    ok: int
+    errors: int
+    wall_s: float
+    ttfts_ms: list[float]  # send -> first chunk with non-empty delta.content
+    tokens: list[int]  # usage.completion_tokens of each stream (checked against its content chunks)
+    decode_rates: list[float]  # per stream: tokens after the first / (last token - first token)
+    done_lags_ms: list[float]  # per stream: last token -> [DONE] (the gateway's outcome write)
+    first_error: str | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Aggregate: every token of the batch over its wall time (what a GPU's users get)."""
+        return self.total_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def ttft(self, q: float) -> float:
+        return nearest_rank(self.ttfts_ms, q)
 
 
 @dataclass
@@ -170,6 +235,49 @@ class Result:
     @property
     def label(self) -> str:
         return f"{self.latency_ms} ms c={self.concurrency}"
+
+
+@dataclass
+class StreamResult:
+    """One streaming row of the report (also what --json writes under "streaming")."""
+
+    history: int
+    concurrency: int
+    streams: int
+    tokens_per_stream: float
+    direct_ttft_p50_ms: float
+    direct_ttft_p99_ms: float
+    gateway_ttft_p50_ms: float
+    gateway_ttft_p99_ms: float
+    direct_tokens_per_s: float
+    gateway_tokens_per_s: float
+    direct_decode_p50: float  # tokens/s of one stream after its first token
+    gateway_decode_p50: float
+    direct_done_lag_p50_ms: float  # last token -> [DONE]; the client starts its next stream after it
+    gateway_done_lag_p50_ms: float
+    direct_errors: int
+    gateway_errors: int
+    gateway_cpu_ms_per_stream: float
+    db_round_trips_per_stream: float
+    db_round_trips_net_per_stream: float  # minus the idle background rate over the same wall time
+    foreign_cores: float
+    first_error: str | None = None
+
+    @property
+    def added_ttft_p50_ms(self) -> float:
+        return self.gateway_ttft_p50_ms - self.direct_ttft_p50_ms
+
+    @property
+    def added_ttft_p99_ms(self) -> float:
+        return self.gateway_ttft_p99_ms - self.direct_ttft_p99_ms
+
+    @property
+    def tokens_ratio(self) -> float:
+        return self.gateway_tokens_per_s / self.direct_tokens_per_s if self.direct_tokens_per_s else math.nan
+
+    @property
+    def label(self) -> str:
+        return f"stream c={self.concurrency}"
 
 
 @dataclass
@@ -467,6 +575,97 @@ class LoadClient:
         await asyncio.gather(*(worker() for _ in range(min(self.concurrency, total))))
         return Batch(len(latencies), errors, time.perf_counter() - began, latencies, first_error)
 
+    async def stream(self, url: str, headers: dict[str, str], body: bytes, total: int) -> StreamBatch:
+        """Like run(), for SSE streams: each is read line by line as it arrives, so the first
+        token is timed when its line comes off the socket, not when the stream ends."""
+        assert self._session is not None
+        session = self._session
+        remaining = total
+        ttfts: list[float] = []
+        tokens: list[int] = []
+        rates: list[float] = []
+        lags: list[float] = []
+        errors = 0
+        first_error: str | None = None
+        headers = {**headers, "Content-Type": "application/json", "Accept": "text/event-stream"}
+
+        async def worker() -> None:
+            nonlocal remaining, errors, first_error
+            while remaining > 0:
+                remaining -= 1
+                try:
+                    ttft_ms, count, rate, lag_ms = await read_stream(session, url, headers, body)
+                except (StreamBroken, aiohttp.ClientError, TimeoutError, ValueError, LookupError) as exc:
+                    errors += 1
+                    if first_error is None:
+                        first_error = str(exc) if isinstance(exc, StreamBroken) else repr(exc)
+                    continue
+                ttfts.append(ttft_ms)
+                tokens.append(count)
+                rates.append(rate)
+                lags.append(lag_ms)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, total))))
+        wall_s = time.perf_counter() - began
+        return StreamBatch(len(ttfts), errors, wall_s, ttfts, tokens, rates, lags, first_error)
+
+
+class StreamBroken(Exception):
+    """A stream that did not end as the OpenAI protocol says (status, error event, no [DONE])."""
+
+
+async def read_stream(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: bytes
+) -> tuple[float, int, float, float]:
+    """One streamed completion: (time to first token ms, tokens, decode tokens/s, last token ->
+    [DONE] ms).
+
+    Comment lines (`: keep-alive`, sent by the gateway while the job is queued) and the role
+    chunk with empty content are not tokens. The count comes from the final usage chunk and must
+    match the content chunks seen, so a chunk lost on the way is an error, not a faster stream.
+    """
+    began = time.perf_counter()
+    first: float | None = None
+    last = began
+    chunks = 0
+    usage_tokens: int | None = None
+    done_at: float | None = None
+    async with session.post(url, data=body, headers=headers) as response:
+        if response.status != 200:
+            text = (await response.read())[:300].decode(errors="replace")
+            raise StreamBroken(f"HTTP {response.status}: {text}")
+        async for raw in response.content:
+            arrived = time.perf_counter()
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue  # blank separators, `: keep-alive` comments, other SSE fields
+            data = line[5:].strip()
+            if done_at is not None:
+                raise StreamBroken(f"data after [DONE]: {data[:200].decode(errors='replace')}")
+            if data == b"[DONE]":
+                done_at = arrived
+                continue
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise StreamBroken(f"error event: {json.dumps(chunk['error'])[:300]}")
+            choices = chunk.get("choices") or []
+            if choices and (choices[0].get("delta") or {}).get("content"):
+                first = arrived if first is None else first
+                last = arrived
+                chunks += 1
+            usage = chunk.get("usage")
+            if usage:
+                usage_tokens = int(usage["completion_tokens"])
+    if done_at is None:
+        raise StreamBroken(f"stream ended without data: [DONE] after {chunks} content chunks")
+    if first is None:
+        raise StreamBroken("stream had no content chunk")
+    if usage_tokens is not None and usage_tokens != chunks:
+        raise StreamBroken(f"usage says {usage_tokens} completion tokens, {chunks} content chunks arrived")
+    rate = (chunks - 1) / (last - first) if chunks > 1 and last > first else math.nan
+    return (first - began) * 1000, chunks, rate, (done_at - last) * 1000
+
 
 # -- the environment: database, stubs, gateway ----------------------------------------------------
 
@@ -483,6 +682,7 @@ class Stack:
     gateway_url: str
     token: str
     direct_urls: dict[int, str]  # engine latency ms -> base URL of the bench's own stub
+    stream_url: str | None  # the bench's own token-paced stub; None when streaming is skipped
     own_pids: list[int]  # the bench, its stubs, the database, the gateway and the gateway's engines
 
 
@@ -520,7 +720,17 @@ async def wait_http(url: str, deadline_s: float, proc: subprocess.Popen[bytes], 
     raise RuntimeError(f"{url} did not become healthy within {deadline_s:g} s")
 
 
-async def start_stack(procs: Processes, tmp: Path) -> Stack:
+async def start_stub(procs: Processes, tmp: Path, name: str, args: list[str]) -> str:
+    """One of the bench's own stub engines (the "direct" floor); returns its base URL."""
+    port = free_port()
+    log_path = tmp / f"direct-{name}.log"
+    argv = [sys.executable, "-m", "app.engines.stub", "--port", str(port), *args]
+    proc = procs.spawn(f"direct {name}", argv, python_env({}), log_path)
+    await wait_http(f"http://127.0.0.1:{port}/health", 30, proc, log_path)
+    return f"http://127.0.0.1:{port}"
+
+
+async def start_stack(procs: Processes, tmp: Path, streaming: bool) -> Stack:
     from app.store.embedded import EmbeddedDatabase  # the repo root is on sys.path (see main)
 
     # 1. the database, under the bench's control so its CPU and opcounters are ours to read
@@ -531,19 +741,17 @@ async def start_stack(procs: Processes, tmp: Path) -> Stack:
     db = DbProbe(uri, embedded._pid)
 
     # 2. the bench's own stub engines, the "direct" floor
-    env = python_env({})
     direct_urls: dict[int, str] = {}
     for latency in MODEL_BY_LATENCY:
-        port = free_port()
-        log_path = tmp / f"direct-stub-{latency}.log"
-        argv = [sys.executable, "-m", "app.engines.stub", "--port", str(port), "--latency-ms", str(latency)]
-        proc = procs.spawn(f"direct stub {latency} ms", argv, env, log_path)
-        await wait_http(f"http://127.0.0.1:{port}/health", 30, proc, log_path)
-        direct_urls[latency] = f"http://127.0.0.1:{port}"
+        direct_urls[latency] = await start_stub(
+            procs, tmp, f"stub-{latency}ms", ["--latency-ms", str(latency)]
+        )
+    stream_args = ["--token-latency-ms", str(STREAM_TOKEN_LATENCY_MS)]
+    stream_url = await start_stub(procs, tmp, "stub-stream", stream_args) if streaming else None
 
     # 3. the gateway, configured as an operator would, plus an admin user made with the CLI
     port = free_port()
-    config = {
+    config: Doc = {
         "server": {"host": "127.0.0.1", "port": port, "log_level": "WARNING"},
         "data_dir": str(tmp / "gateway-data"),
         "database": {"name": DB_NAME},
@@ -552,6 +760,8 @@ async def start_stack(procs: Processes, tmp: Path) -> Stack:
             for latency, name in MODEL_BY_LATENCY.items()
         },
     }
+    if streaming:  # only then: a third model's dispatcher would add to the idle DB rate of the others
+        config["models"][STREAM_MODEL] = {"kind": "stub", "args": stream_args, **CAPACITY}
     config_path = tmp / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     gw_env = python_env({"MONGODB_URI": uri, "GATEWAY_JWT_SECRET": secrets.token_hex(32)})
@@ -600,7 +810,9 @@ async def start_stack(procs: Processes, tmp: Path) -> Stack:
                 raise RuntimeError(f"/auth/token answered {response.status}: {await response.text()}")
             token = str((await response.json())["access_token"])
     own_pids = [os.getpid(), embedded._pid, *procs.pids(), *(pid for _, pid in procs.extra_pids)]
-    return Stack(tmp, procs, db, db.version(), gateway.pid, base, token, direct_urls, sorted(set(own_pids)))
+    return Stack(
+        tmp, procs, db, db.version(), gateway.pid, base, token, direct_urls, stream_url, sorted(set(own_pids))
+    )
 
 
 # -- running scenarios ----------------------------------------------------------------------------
@@ -652,6 +864,67 @@ async def run_scenario(stack: Stack, sc: Scenario, history: int, idle: Idle) -> 
         db_round_trips_per_req=cost.db_round_trips / done,
         db_round_trips_net_per_req=max(0.0, cost.db_round_trips - background) / done,
         db_ops_per_req={key: value / done for key, value in cost.db_ops.items()},
+        foreign_cores=foreign_cores,
+        first_error=through.first_error or direct.first_error,
+    )
+
+
+def stream_body() -> bytes:
+    return json.dumps(
+        {
+            "model": STREAM_MODEL,
+            "messages": [{"role": "user", "content": STREAM_PROMPT}],
+            "max_tokens": STREAM_MAX_TOKENS,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+
+
+async def run_stream_scenario(stack: Stack, sc: StreamScenario, history: int, idle: Idle) -> StreamResult:
+    """Direct first, then through /v1 on the gateway, back to back like run_scenario."""
+    assert stack.stream_url is not None, "the stack was started without the streaming stub"
+    body = stream_body()
+    direct_url = f"{stack.stream_url}/v1/chat/completions"
+    foreign = ForeignLoad(stack.own_pids)
+    foreign.start()
+    async with LoadClient(sc.concurrency) as client:
+        await client.stream(direct_url, {}, body, sc.warmup)
+        direct = await client.stream(direct_url, {}, body, sc.streams)
+
+    headers = {"Authorization": f"Bearer {stack.token}", "X-Client-ID": "bench"}
+    gateway_url = f"{stack.gateway_url}/v1/chat/completions"
+    meter = CostMeter(stack.gateway_pid, stack.db)
+    async with LoadClient(sc.concurrency) as client:
+        await client.stream(gateway_url, headers, body, sc.warmup)
+        meter.start()
+        through = await client.stream(gateway_url, headers, body, sc.streams)
+        cost = meter.stop()
+    foreign_cores = foreign.stop()
+
+    done = max(1, through.ok)
+    background = idle.db_ops_per_s * through.wall_s
+    all_tokens = direct.tokens + through.tokens
+    return StreamResult(
+        history=history,
+        concurrency=sc.concurrency,
+        streams=sc.streams,
+        tokens_per_stream=sum(all_tokens) / len(all_tokens) if all_tokens else math.nan,
+        direct_ttft_p50_ms=direct.ttft(0.50),
+        direct_ttft_p99_ms=direct.ttft(0.99),
+        gateway_ttft_p50_ms=through.ttft(0.50),
+        gateway_ttft_p99_ms=through.ttft(0.99),
+        direct_tokens_per_s=direct.tokens_per_s,
+        gateway_tokens_per_s=through.tokens_per_s,
+        direct_decode_p50=nearest_rank(direct.decode_rates, 0.50),
+        gateway_decode_p50=nearest_rank(through.decode_rates, 0.50),
+        direct_done_lag_p50_ms=nearest_rank(direct.done_lags_ms, 0.50),
+        gateway_done_lag_p50_ms=nearest_rank(through.done_lags_ms, 0.50),
+        direct_errors=direct.errors,
+        gateway_errors=through.errors,
+        gateway_cpu_ms_per_stream=cost.gateway_cpu_s * 1000 / done,
+        db_round_trips_per_stream=cost.db_round_trips / done,
+        db_round_trips_net_per_stream=max(0.0, cost.db_round_trips - background) / done,
         foreign_cores=foreign_cores,
         first_error=through.first_error or direct.first_error,
     )
@@ -717,6 +990,55 @@ def table(results: list[Result]) -> Iterator[str]:
             f"| {fmt(r.db_cpu_ms_per_req, 2)} | {fmt(r.db_round_trips_per_req, 2)} "
             f"| {fmt(r.db_round_trips_net_per_req, 2)} | {mix} | {fmt(r.foreign_cores, 2)} |"
         )
+
+
+def stream_table(results: list[StreamResult]) -> Iterator[str]:
+    yield (
+        "| c | n | TTFT p50 direct | TTFT p50 gw | added p50 | TTFT p99 direct | TTFT p99 gw | added p99 "
+        "| tok/s direct | tok/s gw | gw/direct | decode tok/s p50 d/g | last token→[DONE] ms p50 d/g "
+        "| tokens/stream | errors d/g "
+        "| gw CPU ms/stream | DB rt/stream (net) | other load |"
+    )
+    yield "|" + "---|" * 18
+    for r in results:
+        yield (
+            f"| {r.concurrency} | {r.streams} "
+            f"| {fmt(r.direct_ttft_p50_ms)} | {fmt(r.gateway_ttft_p50_ms)} | {fmt(r.added_ttft_p50_ms)} "
+            f"| {fmt(r.direct_ttft_p99_ms)} | {fmt(r.gateway_ttft_p99_ms)} | {fmt(r.added_ttft_p99_ms)} "
+            f"| {fmt(r.direct_tokens_per_s, 0)} | {fmt(r.gateway_tokens_per_s, 0)} "
+            f"| {fmt(r.tokens_ratio, 3)} "
+            f"| {fmt(r.direct_decode_p50)}/{fmt(r.gateway_decode_p50)} "
+            f"| {fmt(r.direct_done_lag_p50_ms)}/{fmt(r.gateway_done_lag_p50_ms)} "
+            f"| {fmt(r.tokens_per_stream)} "
+            f"| {r.direct_errors}/{r.gateway_errors} | {fmt(r.gateway_cpu_ms_per_stream, 2)} "
+            f"| {fmt(r.db_round_trips_per_stream, 2)} ({fmt(r.db_round_trips_net_per_stream, 2)}) "
+            f"| {fmt(r.foreign_cores, 2)} |"
+        )
+
+
+def stream_targets(results: list[StreamResult]) -> list[tuple[str, bool | None, str]]:
+    """The issue's two streaming targets (None: that concurrency was not measured)."""
+    c1 = [r for r in results if r.concurrency == 1]
+    c10 = [r for r in results if r.concurrency == 10]
+    return [
+        (
+            "stream: added TTFT p50 <= 5 ms at c=1",
+            None if not c1 else all(r.added_ttft_p50_ms <= 5 for r in c1),
+            "; ".join(
+                f"{r.gateway_ttft_p50_ms:.1f} vs {r.direct_ttft_p50_ms:.1f} ms "
+                f"= {r.added_ttft_p50_ms:+.1f} ms (p99 {r.added_ttft_p99_ms:+.1f})"
+                for r in c1
+            ),
+        ),
+        (
+            "stream: >= 0.95 of direct tokens/s at c=10",
+            None if not c10 else all(r.tokens_ratio >= 0.95 for r in c10),
+            "; ".join(
+                f"{r.gateway_tokens_per_s:.0f} vs {r.direct_tokens_per_s:.0f} tok/s = {r.tokens_ratio:.3f}"
+                for r in c10
+            ),
+        ),
+    ]
 
 
 def targets(results: list[Result]) -> list[tuple[str, bool | None, str]]:
@@ -790,20 +1112,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small counts and a 5k history: a smoke test")
     parser.add_argument("--skip-100k", action="store_true", help="only the empty-database phase")
     parser.add_argument("--history", type=int, default=None, help="finished jobs for phase 2 (default 100k)")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--skip-streaming", action="store_true", help="no streaming phase")
+    only.add_argument(
+        "--only-streaming",
+        action="store_true",
+        help="only the streaming phase (no request scenarios, no history phase): about a minute",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (gateway and engine logs)")
     return parser.parse_args(argv)
 
 
 async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
-    stack = await start_stack(procs, tmp)
+    streaming = not args.skip_streaming
+    stack = await start_stack(procs, tmp, streaming)
     try:
         header = machine_line(stack.db_version)
         print(header, flush=True)
         history_size = args.history if args.history is not None else (5_000 if args.quick else 100_000)
-        phases = [0] if args.skip_100k or history_size <= 0 else [0, history_size]
+        one_phase = args.only_streaming or args.skip_100k or history_size <= 0
+        phases = [0] if one_phase else [0, history_size]
         idle_s = 2.0 if args.quick else 5.0
         results: list[Result] = []
+        stream_results: list[StreamResult] = []
         idles: list[Idle] = []
         inserted_s = 0.0
         for history in phases:
@@ -813,12 +1145,29 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
                 print(f"# inserted in {inserted_s:.1f} s", file=sys.stderr, flush=True)
             idle = await measure_idle(stack, history, idle_s)
             idles.append(idle)
-            for sc in scenarios(args.quick):
+            for sc in [] if args.only_streaming else scenarios(args.quick):
                 print(f"# history {history:,}: {sc.label} ...", file=sys.stderr, flush=True)
                 results.append(await run_scenario(stack, sc, history, idle))
-        print()
-        for line in table(results):
-            print(line)
+            if streaming and history == 0:  # the streaming targets are about the empty database
+                for ssc in stream_scenarios(args.quick):
+                    print(f"# history {history:,}: {ssc.label} ...", file=sys.stderr, flush=True)
+                    stream_results.append(await run_stream_scenario(stack, ssc, history, idle))
+        if results:
+            print()
+            for line in table(results):
+                print(line)
+        if stream_results:
+            print()
+            print(
+                f"Streaming (history 0): /v1/chat/completions with stream: true, {STREAM_MAX_TOKENS} tokens "
+                f"a stream from a stub pacing them {STREAM_TOKEN_LATENCY_MS} ms apart. TTFT = send -> first "
+                "chunk with non-empty delta.content; tok/s = all tokens of the batch / its wall time; "
+                "decode = one stream's tokens after its first / the time they took (p50 over streams); "
+                "last token→[DONE] includes the gateway's outcome write, before the client's next stream."
+            )
+            print()
+            for line in stream_table(stream_results):
+                print(line)
         print()
         print(
             "Idle gateway (no requests): "
@@ -836,9 +1185,10 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
             "'other load' = CPU cores used by processes outside the bench during the scenario "
             "(a shared machine makes such rows unreliable)."
         )
+        rows: list[Result | StreamResult] = [*results, *stream_results]
         busy = [
             f"{r.label} (history {r.history:,}): {r.foreign_cores:.2f}"
-            for r in results
+            for r in rows
             if r.foreign_cores > 0.25
         ]
         if busy:
@@ -846,10 +1196,12 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
         print()
         print("| target | met | measured |")
         print("|---|---|---|")
-        checks = targets(results)
+        checks = [] if args.only_streaming else targets(results)
+        if streaming:
+            checks += stream_targets(stream_results)
         for name, met, detail in checks:
             print(f"| {name} | {'n/a' if met is None else ('yes' if met else 'NO')} | {detail} |")
-        errors = [r for r in results if r.gateway_errors or r.direct_errors]
+        errors = [r for r in rows if r.gateway_errors or r.direct_errors]
         for r in errors:
             print(f"# errors in {r.label} (history {r.history}): {r.first_error}", file=sys.stderr)
         if args.json is not None:
@@ -865,6 +1217,15 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
                                 "rps_ratio": r.rps_ratio,
                             }
                             for r in results
+                        ],
+                        "streaming": [
+                            {
+                                **asdict(r),
+                                "added_ttft_p50_ms": r.added_ttft_p50_ms,
+                                "added_ttft_p99_ms": r.added_ttft_p99_ms,
+                                "tokens_ratio": r.tokens_ratio,
+                            }
+                            for r in stream_results
                         ],
                         "idle": [asdict(i) for i in idles],
                         "targets": [{"target": n, "met": m, "measured": d} for n, m, d in checks],

@@ -241,6 +241,10 @@ class ModelDispatcher:
             "usage": usage,
             "system_fingerprint": fingerprint,
         }
+        # The client has the whole answer: end its stream now and write the history after,
+        # so the journaled write is not on the client's critical path (it cannot change the
+        # answer; if it fails, the job's record says so, not the client's answer).
+        sink.put_nowait(("done", {}))
         await self._queue.succeed(doc, result)
 
     async def _failed(self, doc: Doc, exc: EngineCallError) -> None:
