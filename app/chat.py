@@ -9,12 +9,20 @@ from typing import Any
 from app.auth.tokens import Principal
 from app.dispatch.dispatcher import ModelDispatcher
 from app.engines.manager import EngineManager
-from app.errors import IdempotencyConflict, JobAlreadyFinished, JobNotFound
+from app.errors import IdempotencyConflict, JobAlreadyFinished, JobNotFound, PermissionDenied
 from app.models import ModelRegistry
 from app.queue.jobs import Doc, JobState, Submission, request_fingerprint
 from app.queue.priority import Priority
 from app.queue.service import JobQueue
 from app.store.batch import DuplicateKey
+
+
+def resolve_for(registry: ModelRegistry, principal: Principal, label: str) -> str:
+    """The model's canonical name, if this caller may use it (API keys can be model-scoped)."""
+    model = registry.resolve(label)
+    if not principal.may_use(model):
+        raise PermissionDenied(f"this API key may not use model {model!r}")
+    return model
 
 
 class ChatService:
@@ -39,7 +47,7 @@ class ChatService:
         idempotency_key: str | None,
     ) -> Doc:
         """Return the job's terminal document (the API turns failures into errors)."""
-        model, body = self._model_and_body(request)
+        model, body = self._model_and_body(principal, request)
         if idempotency_key is not None:
             existing = await self._queue.find_existing(principal.subject, idempotency_key)
             if existing is not None:
@@ -66,7 +74,7 @@ class ChatService:
         idempotency_key: str | None,
     ) -> Doc:
         """Admit without waiting (POST /api/jobs); a repeated key returns the job it made."""
-        model, body = self._model_and_body(request)
+        model, body = self._model_and_body(principal, request)
         if idempotency_key is not None:
             existing = await self._queue.find_existing(principal.subject, idempotency_key)
             if existing is not None:
@@ -88,7 +96,7 @@ class ChatService:
         self, principal: Principal, request: Doc, client_id: str, priority: Priority
     ) -> tuple[Doc, asyncio.Queue[tuple[str, Any]]]:
         """Admit a streamed job pinned to this instance; its events arrive on the returned queue."""
-        model, body = self._model_and_body(request)
+        model, body = self._model_and_body(principal, request)
         self._engines.ensure_servable(model)
         sub = self._submission(principal, model, body, client_id, priority, pinned_to=self._queue.worker_id)
         doc = await self._queue.admit(sub, self._dispatchers[model].direct_start())
@@ -96,9 +104,9 @@ class ChatService:
         assert sink is not None
         return doc, sink
 
-    def _model_and_body(self, request: Doc) -> tuple[str, Doc]:
+    def _model_and_body(self, principal: Principal, request: Doc) -> tuple[str, Doc]:
         """The canonical model name, and what the engine gets (the model is set per engine)."""
-        model = self._registry.resolve(str(request["model"]))
+        model = resolve_for(self._registry, principal, str(request["model"]))
         return model, {k: v for k, v in request.items() if k != "model" and v is not None}
 
     def _submission(

@@ -110,6 +110,36 @@ class QueueFull(GatewayError):
         self.retry_after_s = retry_after_s
 
 
+class BodyTooLarge(GatewayError):
+    """The request body is over the configured size."""
+
+    code = "body_too_large"
+
+
+class RateLimited(GatewayError):
+    """The client used up its requests for the current window."""
+
+    code = "rate_limited"
+
+    def __init__(self, subject: str, limit: int, window_s: float, retry_after_s: int) -> None:
+        super().__init__(
+            f"rate limit of {limit} requests per {window_s:g} s reached for {subject}; "
+            f"retry after {retry_after_s} s"
+        )
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+
+class LoginThrottled(GatewayError):
+    """Too many failed logins for a username or from an address."""
+
+    code = "login_throttled"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ModelUnavailable(GatewayError):
     """The model is configured but cannot serve now (engine stopped, failed or not startable)."""
 

@@ -7,6 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from app.audit import AuditLog
+from app.auth.api_keys import ApiKeyService
+from app.auth.ratelimit import RateLimiter
+from app.auth.throttle import LoginThrottle
 from app.auth.tokens import TokenService
 from app.auth.users import UserService
 from app.chat import ChatService
@@ -46,6 +50,7 @@ class Gateway:
     clock: Clock
     registry: ModelRegistry
     tokens: TokenService
+    login_throttle: LoginThrottle
     engine_client: EngineClient = field(default_factory=EngineClient)
     worker_id: str = field(default_factory=make_worker_id)
     embedded: EmbeddedDatabase | None = None
@@ -58,6 +63,9 @@ class Gateway:
     counters: OutcomeCounters | None = None
     scheduler: Scheduler = field(default_factory=Scheduler)
     users: UserService | None = None
+    api_keys: ApiKeyService | None = None
+    audit: AuditLog | None = None
+    rate_limiter: RateLimiter | None = None
     chat: ChatService | None = None
     ocr: OcrService | None = None
 
@@ -73,7 +81,14 @@ class Gateway:
             auth.refresh_ttl_seconds,
             clock,
         )
-        return cls(settings=settings, clock=clock, registry=ModelRegistry(settings.models), tokens=tokens)
+        throttle = LoginThrottle(clock, auth.login_max_failures, auth.login_window_seconds)
+        return cls(
+            settings=settings,
+            clock=clock,
+            registry=ModelRegistry(settings.models),
+            tokens=tokens,
+            login_throttle=throttle,
+        )
 
     async def start(self) -> None:
         s = self.settings
@@ -110,6 +125,15 @@ class Gateway:
         )
         await queue.load_slots()
         self.users = UserService(db.users, self.clock)
+        self.api_keys = ApiKeyService(db.api_keys, self.clock)
+        self.audit = AuditLog(db.audit, self.clock, s.history.retention_days)
+        await self.audit.ensure_indexes()
+        limits = s.rate_limit
+        self.rate_limiter = RateLimiter(
+            db.rate_limits, self.clock, limits.per_minute, limits.window_seconds, list(limits.exempt_roles)
+        )
+        await self.rate_limiter.ensure_indexes()
+        self.rate_limiter.start()
         await self.engine_client.start()
         crash_log = CrashLog(db.crash_logs, self.clock, s.history.retention_days)
         await crash_log.ensure_indexes()
@@ -155,6 +179,7 @@ class Gateway:
         if self.embedded is not None:  # its own TTL monitor is off (see app/queue/history.py)
             scheduler.every(60.0, "history-prune", HistoryPruner(store, self.clock).prune)
             scheduler.every(3600.0, "crash-log-prune", crash_log.prune)
+            scheduler.every(3600.0, "audit-prune", self.audit.prune)
             scheduler.every(3600.0, "ocr-pages-prune", lambda: pages.prune(self.clock.now()))
         scheduler.start()
         for dispatcher in self.dispatchers.values():
@@ -186,6 +211,8 @@ class Gateway:
         for dispatcher in self.dispatchers.values():
             await dispatcher.stop()
         await self.scheduler.stop()
+        if self.rate_limiter:
+            await self.rate_limiter.stop()
         if self.writer:
             await self.writer.stop()
         if self.engines:

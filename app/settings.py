@@ -29,6 +29,12 @@ class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    max_body_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, description="JSON bodies; 413 beyond (uploads: ocr)"
+    )
+    cors_origins: list[str] = Field(
+        [], description="browser origins allowed to call the API; none by default"
+    )
 
 
 class EmbeddedDatabaseSettings(_Strict):
@@ -52,6 +58,14 @@ class AuthSettings(_Strict):
     refresh_ttl_seconds: int = Field(7 * 24 * 3600, ge=60)
     issuer: str = "model-gateway"
     audience: str = "model-gateway-clients"
+    login_max_failures: int = Field(5, ge=1, description="failed logins per username or address ...")
+    login_window_seconds: float = Field(300.0, gt=0, description="... inside this window, then 429")
+
+
+class RateLimitSettings(_Strict):
+    per_minute: int = Field(60, ge=0, description="requests per client per window; 0 = no limit")
+    window_seconds: float = Field(60.0, gt=0)
+    exempt_roles: list[Literal["admin", "client"]] = ["admin"]
 
 
 class QueueSettings(_Strict):
@@ -157,6 +171,7 @@ class Settings(_Strict):
     data_dir: Path = Path("data")
     database: DatabaseSettings = DatabaseSettings()
     auth: AuthSettings = AuthSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
     queue: QueueSettings = QueueSettings()
     history: HistorySettings = HistorySettings()
     engines: EngineDefaults = EngineDefaults()

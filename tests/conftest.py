@@ -15,6 +15,7 @@ import httpx
 import psutil
 import pytest
 from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
 
 from app.errors import InvalidRequest
 from app.gateway import Gateway
@@ -78,6 +79,7 @@ def make_settings(mongo_uri: str, data_dir: Path, models: dict[str, Any], **sect
             "retry_backoff_max_seconds": 0.2,
         },
         "models": models,
+        "rate_limit": {"per_minute": 0},  # tests poll hard; tests/api/test_security.py sets limits
     }
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
@@ -97,6 +99,7 @@ class GatewayClient:
         self.gateway = gateway
         self.admin_token = ""
         self.client_token = ""
+        self.app: FastAPI | None = None
 
     def headers(self, token: str | None = None, **extra: str) -> dict[str, str]:
         base = {"Authorization": f"Bearer {token or self.client_token}", "X-Client-ID": "tests"}
@@ -154,6 +157,7 @@ async def gateway_factory(mongo_uri: str, tmp_path: Path) -> AsyncIterator[Gatew
         managers.append((manager, http))
         gw: Gateway = app.state.gateway
         client = GatewayClient(http, gw)
+        client.app = app
         assert gw.users is not None
         for name, password, role in [
             ("admin", ADMIN_PASSWORD, "admin"),

@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Request, Response
 
+from app.auth.api_keys import PREFIX as API_KEY_PREFIX
 from app.auth.tokens import Principal
 from app.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from app.gateway import Gateway
@@ -27,14 +28,34 @@ async def gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(gateway)]
 
 
-async def principal(request: Request, gw: GatewayDep) -> Principal:
+async def principal(request: Request, response: Response, gw: GatewayDep) -> Principal:
+    """The caller, from a JWT or an API key (`Bearer agw_...` or `X-API-Key`), then counted
+    against its rate limit (the X-RateLimit-* headers go on the answer)."""
+    caller = await _authenticate(request, gw)
+    assert gw.rate_limiter is not None
+    state = gw.rate_limiter.hit(caller)
+    if state is not None:
+        response.headers.update(state.headers())
+    return caller
+
+
+async def _authenticate(request: Request, gw: Gateway) -> Principal:
+    assert gw.api_keys is not None and gw.users is not None
+    api_key = request.headers.get("x-api-key")
     header = request.headers.get("authorization")
+    if api_key is not None:
+        return await gw.api_keys.verify(api_key.strip())
     if not header:
-        raise AuthenticationFailed("missing Authorization header (expected: Bearer <token>)")
+        raise AuthenticationFailed(
+            "missing credentials (expected: Authorization: Bearer <token or API key>, or X-API-Key)"
+        )
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise AuthenticationFailed("Authorization header must be: Bearer <token>")
-    return gw.tokens.verify(token.strip())
+    if token.startswith(API_KEY_PREFIX):
+        return await gw.api_keys.verify(token)
+    return await gw.users.check_token_holder(gw.tokens.verify(token))
 
 
 PrincipalDep = Annotated[Principal, Depends(principal)]

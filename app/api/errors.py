@@ -25,11 +25,14 @@ log = logging.getLogger("gateway.api")
 
 _STATUS: list[tuple[type[errors.GatewayError], int]] = [
     (errors.DocumentTooLarge, 413),
+    (errors.BodyTooLarge, 413),
     (errors.InvalidRequest, 400),
     (errors.AuthenticationFailed, 401),
     (errors.PermissionDenied, 403),
     (errors.NotFound, 404),
     (errors.QueueFull, 429),
+    (errors.RateLimited, 429),
+    (errors.LoginThrottled, 429),
     (errors.ModelUnavailable, 503),
     (errors.DatabaseUnavailable, 503),
     (errors.JobTimedOut, 504),
@@ -108,8 +111,13 @@ def error_response(request: Request, exc: errors.GatewayError) -> JSONResponse:
     if job_id:
         extra["request_id"] = job_id
         headers["X-Request-ID"] = job_id
-    if isinstance(exc, errors.QueueFull):
+    if isinstance(exc, errors.QueueFull | errors.LoginThrottled):
         headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, errors.RateLimited):
+        headers["Retry-After"] = str(exc.retry_after_s)
+        headers["X-RateLimit-Limit"] = str(exc.limit)
+        headers["X-RateLimit-Remaining"] = "0"
+        headers["X-RateLimit-Reset"] = str(exc.retry_after_s)
     return render(
         request,
         status_of(exc),

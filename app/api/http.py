@@ -6,9 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import errors, routes_admin, routes_chat, routes_ocr, routes_public, routes_v1
+from app.api import errors, routes_access, routes_admin, routes_chat, routes_ocr, routes_public, routes_v1
+from app.api.hardening import Hardening
 from app.gateway import Gateway
 
 
@@ -28,5 +30,31 @@ def build_http_app(gateway: Gateway) -> FastAPI:
     app.include_router(routes_chat.router)
     app.include_router(routes_ocr.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_access.router)
     app.include_router(routes_v1.router)
+    server = gateway.settings.server
+    if server.cors_origins:  # off unless an operator names the browser origins to allow
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=server.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "X-API-Key",
+                "X-Client-ID",
+                "X-Priority",
+                "X-Resolution",
+                "Idempotency-Key",
+            ],
+            expose_headers=[
+                "X-Request-ID",
+                "Retry-After",
+                "X-RateLimit-Limit",
+                "X-RateLimit-Remaining",
+                "X-RateLimit-Reset",
+                "Location",
+            ],
+        )
+    app.add_middleware(Hardening, max_body_bytes=server.max_body_bytes)
     return app

@@ -82,12 +82,17 @@ async def model(model: str, gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
 
 
 @router.post("/models/{model}/start", status_code=202)
-async def start_model(model: str, gw: GatewayDep, _: AdminDep, wait: bool = False) -> dict[str, Any]:
+async def start_model(model: str, gw: GatewayDep, admin: AdminDep, wait: bool = False) -> dict[str, Any]:
     """202 at once (a vLLM load takes minutes; poll GET /admin/models/{m}); `wait=true` blocks
     until ready or failed. A start of a loading model joins it; of a ready one is a no-op."""
     assert gw.engines is not None
+    assert gw.audit is not None
     name = gw.registry.resolve(model)
-    engine = await gw.engines.start(name, wait=wait)
+    try:
+        engine = await gw.engines.start(name, wait=wait)
+    finally:
+        state = gw.engines.get(name).state.value
+        await gw.audit.record(admin.subject, "model.start", name, state=state)
     return {
         "status": "started",
         "model": name,
@@ -112,9 +117,11 @@ async def stop_model(
     assert gw.engines is not None
     name = gw.registry.resolve(model)
     forced = force or graceful is False
+    assert gw.audit is not None
     outcome = await gw.engines.stop(
         name, force=forced, drain=graceful is True, reason=f"stopped by {user.subject}"
     )
+    await gw.audit.record(user.subject, "model.stop", name, force=forced, drain=graceful is True)
     return {"status": "stopped", "model": name, "force": forced, **outcome}
 
 

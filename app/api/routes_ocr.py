@@ -236,6 +236,8 @@ async def set_resolution(
             param="mode",
         )
     mode = await gw.ocr.default_resolution.set(value, user.subject)
+    if gw.audit is not None:
+        await gw.audit.record(user.subject, "ocr.resolution", mode)
     return {
         "status": "switched",
         "resolution": mode,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Form
+from fastapi import APIRouter, Body, Form, Request
 from pydantic import BaseModel, ConfigDict
 
 from app.api.deps import GatewayDep
@@ -36,12 +36,21 @@ def _token_answer(gw: GatewayDep, subject: str, role: str) -> dict[str, Any]:
 
 @router.post("/auth/token")
 async def token(
+    request: Request,
     gw: GatewayDep,
     username: Annotated[str, Form(min_length=1, max_length=64)],
     password: Annotated[str, Form(min_length=1, max_length=1024)],
 ) -> dict[str, Any]:
+    """Throttled per username and per client address after repeated failures (429)."""
     assert gw.users is not None
-    user = await gw.users.authenticate(username, password)
+    address = request.client.host if request.client else "unknown"
+    gw.login_throttle.check(username, address)
+    try:
+        user = await gw.users.authenticate(username, password)
+    except AuthenticationFailed:
+        gw.login_throttle.failed(username, address)
+        raise
+    gw.login_throttle.succeeded(username)
     return _token_answer(gw, user.subject, user.role)
 
 

@@ -46,7 +46,7 @@ class OpenAIChatRequest(ChatRequest):
 
 
 @router.get("/models")
-async def list_models(gw: GatewayDep, _: PrincipalDep) -> dict[str, Any]:
+async def list_models(gw: GatewayDep, user: PrincipalDep) -> dict[str, Any]:
     assert gw.engines is not None
     created = int(gw.clock.now().timestamp())
     data = [
@@ -60,6 +60,7 @@ async def list_models(gw: GatewayDep, _: PrincipalDep) -> dict[str, Any]:
             "kind": engine.settings.kind,
         }
         for name, engine in gw.engines.engines.items()
+        if user.may_use(name)
     ]
     return {"object": "list", "data": data}
 

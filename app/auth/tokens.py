@@ -22,8 +22,16 @@ TokenUse = Literal["access", "refresh"]
 
 @dataclass(frozen=True)
 class Principal:
+    """Who is calling: a user (JWT) or a service (API key, subject `key:<name>`)."""
+
     subject: str
     role: str
+    models: frozenset[str] | None = None  # an API key's scope; None = every model
+    rate_limit_per_minute: int | None = None  # an API key's own limit
+    key_id: str | None = None
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
     @property
     def is_admin(self) -> bool:

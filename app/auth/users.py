@@ -12,11 +12,12 @@ from pymongo.errors import DuplicateKeyError
 
 from app.auth.tokens import Principal
 from app.clock import Clock
-from app.errors import AuthenticationFailed, InvalidRequest
+from app.errors import AuthenticationFailed, InvalidRequest, NotFound
 
 Doc = dict[str, Any]
 ROLES = ("admin", "client")
 _USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+STATUS_CACHE_SECONDS = 5.0
 
 
 class UserService:
@@ -26,6 +27,7 @@ class UserService:
         self._hasher = PasswordHash.recommended()
         # Verified against when the user does not exist, so timing does not reveal usernames.
         self._dummy_hash = self._hasher.hash("not-a-real-password-" + "x" * 16)
+        self._status: dict[str, tuple[float, str | None]] = {}  # user -> (checked at, role or None)
 
     async def create(self, username: str, password: str, role: str) -> Doc:
         if not _USERNAME.match(username):
@@ -62,3 +64,53 @@ class UserService:
         if not doc or doc.get("disabled"):
             raise AuthenticationFailed("token is invalid")
         return Principal(subject=username, role=doc["role"])
+
+    async def check_token_holder(self, claimed: Principal) -> Principal:
+        """A token stays valid only while its user exists, is enabled and keeps that role.
+
+        Cached for a few seconds per user so a request costs no extra round trip; a change
+        made through this instance applies at once, one made elsewhere within the cache time.
+        """
+        now = self._clock.monotonic()
+        cached = self._status.get(claimed.subject)
+        if cached is None or now - cached[0] >= STATUS_CACHE_SECONDS:
+            doc = await self._users.find_one({"_id": claimed.subject}, {"role": 1, "disabled": 1})
+            role = None if doc is None or doc.get("disabled") else str(doc["role"])
+            cached = (now, role)
+            self._status[claimed.subject] = cached
+        if cached[1] is None:
+            raise AuthenticationFailed("token is invalid: the user is disabled or deleted")
+        if cached[1] != claimed.role:
+            raise AuthenticationFailed("token is invalid: the user's role changed; log in again")
+        return claimed
+
+    async def list(self) -> list[Doc]:
+        return [doc async for doc in self._users.find({}, {"password_hash": 0}).sort("_id", 1)]
+
+    async def update(self, username: str, *, disabled: bool | None = None, role: str | None = None) -> Doc:
+        changes: Doc = {}
+        if disabled is not None:
+            changes["disabled"] = disabled
+        if role is not None:
+            if role not in ROLES:
+                raise InvalidRequest(f"role must be one of {', '.join(ROLES)}", param="role")
+            changes["role"] = role
+        if not changes:
+            raise InvalidRequest("nothing to change: send disabled and/or role", param="disabled")
+        return await self._change(username, changes)
+
+    async def reset_password(self, username: str, password: str) -> Doc:
+        if len(password) < 12:
+            raise InvalidRequest("password must be at least 12 characters", param="password")
+        return await self._change(
+            username, {"password_hash": await asyncio.to_thread(self._hasher.hash, password)}
+        )
+
+    async def _change(self, username: str, changes: Doc) -> Doc:
+        doc = await self._users.find_one_and_update(
+            {"_id": username}, {"$set": changes}, projection={"password_hash": 0}, return_document=True
+        )
+        if doc is None:
+            raise NotFound(f"no user {username!r}")
+        self._status.pop(username, None)
+        return doc

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from app.auth.tokens import Principal
+from app.chat import resolve_for
 from app.dispatch.dispatcher import ModelDispatcher
 from app.engines.manager import EngineManager
 from app.errors import DocumentTooLarge, IdempotencyConflict, InvalidRequest
@@ -64,10 +65,10 @@ class OcrService:
         self.default_resolution = default_resolution
         self._settings = settings
 
-    def model_for(self, label: str | None) -> str:
+    def model_for(self, principal: Principal, label: str | None) -> str:
         if label is None:
             label = self._settings.default_model or self._first_ocr_model()
-        name = self._registry.resolve(label)
+        name = resolve_for(self._registry, principal, label)
         kind = self._registry.models[name].kind
         if kind not in OCR_KINDS:
             known = ", ".join(self._ocr_models()) or "none configured"
@@ -102,7 +103,7 @@ class OcrService:
             raise DocumentTooLarge(
                 f"file is {len(ask.document)} bytes; the limit is {self._settings.max_upload_bytes}"
             )
-        model = self.model_for(ask.model)
+        model = self.model_for(principal, ask.model)
         mode = parse_resolution(ask.resolution) if ask.resolution else await self.default_resolution.get()
         request: Doc = {
             "document": {

@@ -26,6 +26,9 @@ class Database:
     engines: AsyncCollection[Doc]
     crash_logs: AsyncCollection[Doc]
     ocr_pages: AsyncCollection[Doc]
+    api_keys: AsyncCollection[Doc]
+    audit: AsyncCollection[Doc]
+    rate_limits: AsyncCollection[Doc]
     runtime_settings: AsyncCollection[Doc]  # what admins change at run time (OCR resolution, ...)
     queue_stats: AsyncCollection[Doc]
 
@@ -60,6 +63,9 @@ async def connect(uri: str, name: str, write_concern: str) -> Database:
         engines=durable.get_collection("engines"),
         crash_logs=durable.get_collection("crash_logs"),
         ocr_pages=durable.get_collection("ocr_pages"),
+        api_keys=durable.get_collection("api_keys"),
+        audit=durable.get_collection("audit_log"),
+        rate_limits=db.get_collection("rate_limits"),
         runtime_settings=durable.get_collection("runtime_settings"),
         queue_stats=db.get_collection("queue_stats"),
     )

@@ -59,7 +59,7 @@ async def test_bad_credentials_are_401(gw: GatewayClient, username: str, passwor
 @pytest.mark.parametrize(
     ("header", "message"),
     [
-        (None, "missing Authorization header"),
+        (None, "missing credentials"),
         ("Token abc", "must be: Bearer"),
         ("Bearer not-a-jwt", "token is invalid"),
         (

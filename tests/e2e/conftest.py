@@ -50,6 +50,7 @@ class Daemon:
                 "retry_backoff_seconds": 0.05,
             },
             "models": models,
+            "rate_limit": {"per_minute": 0},  # load tests of the queue, not of the rate limit
         }
         config.update(sections)
         self._config = config

@@ -1,0 +1,115 @@
+"""Who may call: users, API keys, and the audit log of admin actions (role admin)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.deps import AdminDep, GatewayDep
+
+router = APIRouter(prefix="/admin")
+
+
+def _user_view(doc: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "username": doc["_id"],
+        "role": doc["role"],
+        "disabled": bool(doc.get("disabled")),
+        "created_at": doc["created_at"].isoformat() if doc.get("created_at") else None,
+    }
+
+
+class NewUser(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    username: str = Field(..., min_length=1, max_length=64)
+    password: str = Field(..., min_length=12, max_length=1024)
+    role: Literal["admin", "client"] = "client"
+
+
+class UserChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    disabled: bool | None = None
+    role: Literal["admin", "client"] | None = None
+    password: str | None = Field(None, min_length=12, max_length=1024)
+
+
+@router.get("/users")
+async def list_users(gw: GatewayDep, _: AdminDep) -> list[dict[str, Any]]:
+    assert gw.users is not None
+    return [_user_view(doc) for doc in await gw.users.list()]
+
+
+@router.post("/users", status_code=201)
+async def create_user(body: NewUser, gw: GatewayDep, admin: AdminDep) -> dict[str, Any]:
+    assert gw.users is not None and gw.audit is not None
+    doc = await gw.users.create(body.username, body.password, body.role)
+    await gw.audit.record(admin.subject, "user.create", body.username, role=body.role)
+    return _user_view(doc)
+
+
+@router.patch("/users/{username}")
+async def change_user(username: str, body: UserChange, gw: GatewayDep, admin: AdminDep) -> dict[str, Any]:
+    """Disable or enable, change the role, reset the password. Tokens of a disabled user, or
+    issued for the old role, stop working (within seconds on other instances)."""
+    assert gw.users is not None and gw.audit is not None
+    doc = None
+    if body.password is not None:
+        doc = await gw.users.reset_password(username, body.password)
+        await gw.audit.record(admin.subject, "user.reset_password", username)
+    if body.disabled is not None or body.role is not None:
+        doc = await gw.users.update(username, disabled=body.disabled, role=body.role)
+        await gw.audit.record(admin.subject, "user.update", username, disabled=body.disabled, role=body.role)
+    if doc is None:
+        await gw.users.update(username)  # raises: nothing to change
+    assert doc is not None
+    return _user_view(doc)
+
+
+class NewKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, max_length=64)
+    role: Literal["admin", "client"] = "client"
+    models: list[str] | None = Field(None, description="model names or aliases; none = all models")
+    expires_at: datetime | None = None
+    rate_limit_per_minute: int | None = Field(None, ge=1, le=1_000_000)
+
+
+@router.post("/api-keys", status_code=201)
+async def create_key(body: NewKey, gw: GatewayDep, admin: AdminDep) -> dict[str, Any]:
+    """The key is in this answer only; the gateway keeps its hash."""
+    assert gw.api_keys is not None and gw.audit is not None
+    models = sorted({gw.registry.resolve(m) for m in body.models}) if body.models else None
+    key, record = await gw.api_keys.create(
+        body.name, body.role, admin.subject, models, body.expires_at, body.rate_limit_per_minute
+    )
+    await gw.audit.record(admin.subject, "api_key.create", body.name, role=body.role, models=models)
+    return {**record, "key": key}
+
+
+@router.get("/api-keys")
+async def list_keys(gw: GatewayDep, _: AdminDep) -> list[dict[str, Any]]:
+    assert gw.api_keys is not None
+    return await gw.api_keys.list()
+
+
+@router.delete("/api-keys/{key_id}")
+async def revoke_key(key_id: str, gw: GatewayDep, admin: AdminDep) -> dict[str, Any]:
+    assert gw.api_keys is not None and gw.audit is not None
+    record = await gw.api_keys.revoke(key_id)
+    await gw.audit.record(admin.subject, "api_key.revoke", record["name"], id=key_id)
+    return record
+
+
+@router.get("/audit")
+async def audit(
+    gw: GatewayDep,
+    _: AdminDep,
+    actor: Annotated[str | None, Query(max_length=64)] = None,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[dict[str, Any]]:
+    assert gw.audit is not None
+    return await gw.audit.recent(actor=actor, action=action, limit=limit)
