@@ -1,4 +1,4 @@
-"""Operator command line: `python -m app.cli users create|list`.
+"""Operator command line: `python -m app.cli users create|list|disable|enable|reset-password`.
 
 quickstart.sh uses `users ensure-admin` to create the first admin when there is none.
 """
@@ -37,6 +37,15 @@ async def _with_users(settings: Settings, action: str, args: argparse.Namespace)
             )
             await users.create(args.username, password, args.role)
             print(f"created user {args.username} ({args.role})")
+        elif action in ("disable", "enable"):
+            await users.update(args.username, disabled=action == "disable")
+            print(f"{action}d user {args.username} (their tokens stop working within seconds)")
+        elif action == "reset-password":
+            password = (
+                args.password or os.environ.get("GATEWAY_USER_PASSWORD") or getpass.getpass("new password: ")
+            )
+            await users.reset_password(args.username, password)
+            print(f"password of {args.username} changed")
         elif action == "list":
             async for doc in database.users.find({}, {"password_hash": 0}):
                 print(f"{doc['_id']}\t{doc['role']}\t{'disabled' if doc.get('disabled') else 'active'}")
@@ -67,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--role", default="client", choices=["admin", "client"])
     create.add_argument("--password")
     users.add_parser("list")
+    for name in ("disable", "enable"):
+        users.add_parser(name).add_argument("username")
+    reset = users.add_parser("reset-password")
+    reset.add_argument("username")
+    reset.add_argument("--password")
     ensure = users.add_parser("ensure-admin")
     ensure.add_argument("--username", default="admin")
     args = parser.parse_args(argv)
