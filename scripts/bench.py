@@ -17,12 +17,19 @@ A streaming phase (on the empty database) does the same for `stream: true` on
 SSE line by line, so time to first token and tokens/s show what the durable queue adds to a
 stream: the admission write before the engine is called and the outcome write before [DONE].
 
+An OCR phase (on the empty database) reads a rendered text page three ways in interleaved rounds:
+RapidOCR in the bench's own process (the model alone), the bench's own cpu_ocr engine process over
+HTTP (the engine floor), and POST /api/ocr on the gateway (upload, render and resize, page store,
+one queued job, the same engine kind); then a 10-page PDF through the gateway vs its pages sent to
+the engine one after another, as pages per second.
+
 Every process it starts is stopped by pid at the end, also on errors and Ctrl-C.
 
     .venv/bin/python scripts/bench.py                 # full run (several minutes)
     .venv/bin/python scripts/bench.py --quick         # smoke test, under a minute
     .venv/bin/python scripts/bench.py --skip-100k --json /tmp/bench.json
     .venv/bin/python scripts/bench.py --only-streaming    # streaming phase only, about a minute
+    .venv/bin/python scripts/bench.py --only-ocr          # OCR phase only, minutes (CPU OCR)
 """
 
 from __future__ import annotations
@@ -31,10 +38,13 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
 import platform
+import random
+import re
 import secrets
 import signal
 import socket
@@ -43,7 +53,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -52,6 +63,7 @@ from typing import Any
 import aiohttp
 import psutil
 import yaml
+from PIL import Image, ImageDraw, ImageFont
 from pymongo import MongoClient, monitoring
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,6 +79,22 @@ STREAM_MAX_TOKENS = 32
 # max_tokens words makes every stream exactly STREAM_MAX_TOKENS content chunks long.
 STREAM_PROMPT = " ".join(f"word{i}" for i in range(STREAM_MAX_TOKENS))
 CAPACITY = {"max_concurrent": 32, "max_waiting": 32}  # so the c=32 scenario is never rejected (429)
+OCR_MODEL = "ocr"  # a cpu_ocr engine (RapidOCR); configured only when the OCR phase runs
+OCR_CAPACITY = {"max_concurrent": 2, "max_waiting": 10}  # as config/config.yaml ships its ocr model
+OCR_PAGE_SIZE = (1000, 1300)  # the test page as uploaded; the gateway's default mode sends 985x1280
+OCR_RESOLUTION = "large"  # the gateway's default resolution: longer side <= 1280 px
+OCR_TITLE_PX, OCR_FONT_PX, OCR_LINES, OCR_LEADING_PX, OCR_MARGIN_PX = 36, 26, 34, 34, 60
+OCR_PDF_PAGES = 10
+OCR_PDF_DPI = 144  # the gateway's default ocr.pdf_dpi: a PDF page renders at the PNG page's size
+OCR_MIN_RECALL = 0.9  # share of the page's words an answer must contain, else it counts as an error
+_OCR_TEXT = (  # the test pages' words, drawn at random: OCR must give them back
+    "the of and to in is that for on with as by this be are from at or an it not which have has "
+    "gateway queue engine request journal durable page model client latency throughput database "
+    "write admission outcome stream token benchmark machine process server worker memory history "
+    "index retry lease slot priority document image text scanner report number value result "
+    "budget morning evening river mountain garden window letter market table chapter section figure"
+)
+OCR_WORDS = tuple(_OCR_TEXT.split())
 DB_NAME = "gateway"
 PASSWORD = "bench-password-" + secrets.token_hex(8)
 OPCOUNTER_KEYS = ("insert", "query", "update", "delete", "getmore", "command")
@@ -290,6 +318,133 @@ class Idle:
     gateway_cpu_pct: float
     db_cpu_pct: float
     db_ops: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OcrScenario:
+    """Sequential pages (c=1): OCR on a CPU takes seconds a page, so counts stay small."""
+
+    pages: int  # measured rounds; each round reads the page once on each of the three paths
+    warmup: int
+    pdf_runs: int  # each run: the PDF's pages direct one after another, then the PDF via the gateway
+
+
+def ocr_scenario(quick: bool) -> OcrScenario:
+    return OcrScenario(3, 1, 1) if quick else OcrScenario(8, 2, 2)
+
+
+@dataclass
+class OcrPath:
+    """What one way of reading the page gave over the measured rounds."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    inference_ms: list[float] = field(default_factory=list)  # RapidOCR's own time in each read
+    recalls: list[float] = field(default_factory=list)  # of the page's words found in each answer
+    errors: int = 0
+    first_error: str | None = None
+
+    def fail(self, message: str) -> None:
+        self.errors += 1
+        if self.first_error is None:
+            self.first_error = message[:300]
+
+    def ok(self, elapsed_ms: float, recall: float, inference_ms: float) -> None:
+        """A read counts only if the text is there: a fast wrong answer is an error."""
+        if recall < OCR_MIN_RECALL:
+            self.fail(f"answer holds only {recall:.0%} of the page's words (< {OCR_MIN_RECALL:.0%})")
+            return
+        self.latencies_ms.append(elapsed_ms)
+        self.inference_ms.append(inference_ms)
+        self.recalls.append(recall)
+
+    def p50(self) -> float:
+        return nearest_rank(self.latencies_ms, 0.50)
+
+    def inference_p50(self) -> float:
+        return nearest_rank([ms for ms in self.inference_ms if not math.isnan(ms)], 0.50)
+
+    def outside_p50(self) -> float:
+        """Median of (wall - inference) per read: what the path adds, whatever the machine's load."""
+        pairs = zip(self.latencies_ms, self.inference_ms, strict=True)
+        return nearest_rank([wall - spent for wall, spent in pairs if not math.isnan(spent)], 0.50)
+
+
+@dataclass
+class OcrResult:
+    """The OCR rows of the report (also what --json writes under "ocr")."""
+
+    history: int
+    pages: int
+    warmup: int
+    upload: str  # what the gateway gets: "1000x1300 PNG, N bytes"
+    engine_page: str  # what the engine gets (from the gateway, and from the bench directly)
+    inproc_p50_ms: float  # RapidOCR called in the bench process on the engine's image
+    inproc_max_ms: float
+    direct_p50_ms: float  # the bench's own cpu_ocr engine over HTTP, the page as a PNG data URL
+    direct_max_ms: float
+    gateway_p50_ms: float  # POST /api/ocr, multipart upload of the original PNG
+    gateway_max_ms: float
+    inference_p50_ms: dict[str, float]  # per path: RapidOCR's own time (the engines log it per page)
+    outside_p50_ms: dict[str, float]  # per path: p50 of (wall - inference), i.e. what the path adds
+    gateway_job_p50_ms: float  # timings.total_ms: admitted -> finished (queue + reading the page)
+    gateway_run_p50_ms: float  # timings.engine_ms: started -> finished (page load, engine call, record)
+    gateway_outside_p50_ms: float  # wall - total_ms: upload, render, page store, admission, answer
+    recall_min: dict[str, float]
+    errors: dict[str, int]
+    gateway_cpu_ms_per_page: float
+    db_round_trips_per_page: float
+    db_round_trips_net_per_page: float
+    pdf: str  # "10 pages, N bytes"
+    pdf_pages: int
+    pdf_direct_s: list[float]  # wall time of each run: the 10 pages to the engine, one after another
+    pdf_gateway_s: list[float]  # wall time of each run: the PDF through POST /api/ocr
+    pdf_direct_inference_s: list[float]  # of each run's wall: the engine's inference, all pages
+    pdf_gateway_inference_s: list[float]
+    pdf_errors: dict[str, int]
+    foreign_cores: float
+    first_error: str | None = None
+
+    @property
+    def ratio_direct(self) -> float:
+        return self.gateway_p50_ms / self.direct_p50_ms if self.direct_p50_ms else math.nan
+
+    @property
+    def ratio_inproc(self) -> float:
+        return self.gateway_p50_ms / self.inproc_p50_ms if self.inproc_p50_ms else math.nan
+
+    @property
+    def pdf_direct_pages_per_s(self) -> float:
+        walls = self.pdf_direct_s
+        return self.pdf_pages * len(walls) / sum(walls) if walls else math.nan
+
+    @property
+    def pdf_gateway_pages_per_s(self) -> float:
+        walls = self.pdf_gateway_s
+        return self.pdf_pages * len(walls) / sum(walls) if walls else math.nan
+
+    @property
+    def pdf_ratio(self) -> float:
+        return self.pdf_gateway_pages_per_s / self.pdf_direct_pages_per_s
+
+    @property
+    def added_ms(self) -> float:
+        """The gateway's cost per page beyond the direct engine call, net of inference time."""
+        return self.outside_p50_ms["gateway"] - self.outside_p50_ms["engine"]
+
+    @property
+    def pdf_outside_s_per_page(self) -> dict[str, float]:
+        runs = {
+            "engine": zip(self.pdf_direct_s, self.pdf_direct_inference_s, strict=True),
+            "gateway": zip(self.pdf_gateway_s, self.pdf_gateway_inference_s, strict=True),
+        }
+        return {
+            name: nearest_rank([(wall - spent) / self.pdf_pages for wall, spent in pairs], 0.50)
+            for name, pairs in runs.items()
+        }
+
+    @property
+    def total_errors(self) -> int:
+        return sum(self.errors.values()) + sum(self.pdf_errors.values())
 
 
 # -- processes ----------------------------------------------------------------------------------
@@ -683,6 +838,7 @@ class Stack:
     token: str
     direct_urls: dict[int, str]  # engine latency ms -> base URL of the bench's own stub
     stream_url: str | None  # the bench's own token-paced stub; None when streaming is skipped
+    ocr_url: str | None  # the bench's own cpu_ocr engine; None when the OCR phase is skipped
     own_pids: list[int]  # the bench, its stubs, the database, the gateway and the gateway's engines
 
 
@@ -720,17 +876,19 @@ async def wait_http(url: str, deadline_s: float, proc: subprocess.Popen[bytes], 
     raise RuntimeError(f"{url} did not become healthy within {deadline_s:g} s")
 
 
-async def start_stub(procs: Processes, tmp: Path, name: str, args: list[str]) -> str:
-    """One of the bench's own stub engines (the "direct" floor); returns its base URL."""
+async def start_stub(
+    procs: Processes, tmp: Path, name: str, args: list[str], module: str = "app.engines.stub"
+) -> str:
+    """One of the bench's own engines (the "direct" floor); returns its base URL."""
     port = free_port()
     log_path = tmp / f"direct-{name}.log"
-    argv = [sys.executable, "-m", "app.engines.stub", "--port", str(port), *args]
+    argv = [sys.executable, "-m", module, "--port", str(port), *args]
     proc = procs.spawn(f"direct {name}", argv, python_env({}), log_path)
-    await wait_http(f"http://127.0.0.1:{port}/health", 30, proc, log_path)
+    await wait_http(f"http://127.0.0.1:{port}/health", 120, proc, log_path)  # cpu_ocr loads its model
     return f"http://127.0.0.1:{port}"
 
 
-async def start_stack(procs: Processes, tmp: Path, streaming: bool) -> Stack:
+async def start_stack(procs: Processes, tmp: Path, *, chat: bool, streaming: bool, ocr: bool) -> Stack:
     from app.store.embedded import EmbeddedDatabase  # the repo root is on sys.path (see main)
 
     # 1. the database, under the bench's control so its CPU and opcounters are ours to read
@@ -740,14 +898,16 @@ async def start_stack(procs: Processes, tmp: Path, streaming: bool) -> Stack:
     procs.extra_pids.append(("secantusd", embedded._pid))  # stopped last, after the gateway
     db = DbProbe(uri, embedded._pid)
 
-    # 2. the bench's own stub engines, the "direct" floor
+    # 2. the bench's own engines, the "direct" floor (the OCR one as the gateway starts its own)
     direct_urls: dict[int, str] = {}
-    for latency in MODEL_BY_LATENCY:
+    for latency in MODEL_BY_LATENCY if chat else ():
         direct_urls[latency] = await start_stub(
             procs, tmp, f"stub-{latency}ms", ["--latency-ms", str(latency)]
         )
     stream_args = ["--token-latency-ms", str(STREAM_TOKEN_LATENCY_MS)]
     stream_url = await start_stub(procs, tmp, "stub-stream", stream_args) if streaming else None
+    ocr_args = ["--model-name", OCR_MODEL]
+    ocr_url = await start_stub(procs, tmp, "cpu-ocr", ocr_args, "app.engines.cpu_ocr") if ocr else None
 
     # 3. the gateway, configured as an operator would, plus an admin user made with the CLI
     port = free_port()
@@ -757,11 +917,14 @@ async def start_stack(procs: Processes, tmp: Path, streaming: bool) -> Stack:
         "database": {"name": DB_NAME},
         "models": {
             name: {"kind": "stub", "args": ["--latency-ms", str(latency)], **CAPACITY}
-            for latency, name in MODEL_BY_LATENCY.items()
+            for latency, name in (MODEL_BY_LATENCY.items() if chat else ())
         },
     }
-    if streaming:  # only then: a third model's dispatcher would add to the idle DB rate of the others
+    # Each further model only when its phase runs: its dispatcher adds to the idle DB rate.
+    if streaming:
         config["models"][STREAM_MODEL] = {"kind": "stub", "args": stream_args, **CAPACITY}
+    if ocr:
+        config["models"][OCR_MODEL] = {"kind": "cpu_ocr", **OCR_CAPACITY}
     config_path = tmp / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     gw_env = python_env({"MONGODB_URI": uri, "GATEWAY_JWT_SECRET": secrets.token_hex(32)})
@@ -791,7 +954,7 @@ async def start_stack(procs: Processes, tmp: Path, streaming: bool) -> Stack:
     )
     base = f"http://127.0.0.1:{port}"
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 90
+    deadline = loop.time() + 180  # a cpu_ocr engine loads its model before it answers
     while True:
         health = await wait_http(f"{base}/health", 90, gateway, log_path)
         states = {name: m.get("state") for name, m in (health.get("engines") or {}).items()}
@@ -811,7 +974,17 @@ async def start_stack(procs: Processes, tmp: Path, streaming: bool) -> Stack:
             token = str((await response.json())["access_token"])
     own_pids = [os.getpid(), embedded._pid, *procs.pids(), *(pid for _, pid in procs.extra_pids)]
     return Stack(
-        tmp, procs, db, db.version(), gateway.pid, base, token, direct_urls, stream_url, sorted(set(own_pids))
+        tmp,
+        procs,
+        db,
+        db.version(),
+        gateway.pid,
+        base,
+        token,
+        direct_urls,
+        stream_url,
+        ocr_url,
+        sorted(set(own_pids)),
     )
 
 
@@ -946,6 +1119,326 @@ async def measure_idle(stack: Stack, history: int, seconds: float) -> Idle:
     )
 
 
+# -- the OCR phase --------------------------------------------------------------------------------
+
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+Reader = Callable[[Image.Image], str]
+
+
+def ocr_page_lines(seed: int, font: Font, width: float) -> list[str]:
+    """OCR_LINES lines of words, each filled to the text width like a typeset page (fixed seed)."""
+    rng = random.Random(seed)
+    lines: list[str] = []
+    for _ in range(OCR_LINES):
+        words: list[str] = []
+        while True:
+            word = rng.choice(OCR_WORDS)
+            if words and font.getlength(" ".join([*words, word])) > width:
+                break
+            words.append(word)
+        line = " ".join(words)
+        lines.append(line[:1].upper() + line[1:])
+    return lines
+
+
+def draw_ocr_page(seed: int) -> tuple[Image.Image, list[str]]:
+    """A dense text page (a title, then OCR_LINES lines of 26-px text) and the lines it holds."""
+    page = Image.new("RGB", OCR_PAGE_SIZE, "white")
+    draw = ImageDraw.Draw(page)
+    title = f"Benchmark report {seed + 1}"
+    draw.text((OCR_MARGIN_PX, 48), title, fill="black", font=ImageFont.load_default(size=OCR_TITLE_PX))
+    body = ImageFont.load_default(size=OCR_FONT_PX)
+    lines = ocr_page_lines(seed, body, OCR_PAGE_SIZE[0] - 2 * OCR_MARGIN_PX)
+    for index, line in enumerate(lines):
+        draw.text((OCR_MARGIN_PX, 110 + index * OCR_LEADING_PX), line, fill=(20, 20, 20), font=body)
+    return page, [title, *lines]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")  # Pillow's default compression, as a client would send it
+    return buffer.getvalue()
+
+
+def make_pdf(pages: list[Image.Image]) -> bytes:
+    """A scan-like PDF: one JPEG image a page (Pillow's PDF writer), at the gateway's render dpi."""
+    buffer = io.BytesIO()
+    pages[0].save(buffer, format="PDF", save_all=True, append_images=pages[1:], resolution=OCR_PDF_DPI)
+    return buffer.getvalue()
+
+
+def word_recall(expected: list[str], text: str) -> float:
+    """The share of the page's words (repeats counted) found in an answer, whatever their order."""
+    want = Counter(re.findall(r"[a-z0-9]+", " ".join(expected).lower()))
+    got = Counter(re.findall(r"[a-z0-9]+", text.lower()))
+    total = sum(want.values())
+    return sum(min(count, got[word]) for word, count in want.items()) / total if total else 0.0
+
+
+def engine_pages(document: bytes) -> list[Image.Image]:
+    """The pages as the gateway hands them to its engine, made by the gateway's own functions:
+    loaded (a PDF rendered at the default dpi) and resized for the default resolution."""
+    from app.ocr.documents import load_pages, resize_for_mode
+    from app.settings import OcrSettings
+
+    ocr = OcrSettings()
+    loaded = load_pages(
+        document, pages=None, max_pages=ocr.max_pages, max_pixels=ocr.max_pixels, dpi=ocr.pdf_dpi
+    )
+    return [resize_for_mode(page.image, ocr.default_resolution) for page in loaded]
+
+
+def engine_body(image: Image.Image) -> bytes:
+    """The gateway's engine request for one page (PNG data URL, app/ocr/requests.py), pre-encoded."""
+    from app.ocr.documents import encode_data_url
+    from app.ocr.requests import DEFAULT_MAX_TOKENS, page_request
+
+    request = page_request(OCR_MODEL, encode_data_url(image), "text", DEFAULT_MAX_TOKENS)
+    return json.dumps(request).encode()
+
+
+def load_inprocess_ocr() -> Reader:
+    """RapidOCR in this process, built as app/engines/cpu_ocr.py load_rapidocr builds it, with
+    the engine's own defaults (the gateway starts it with no further args): det_unclip_ratio,
+    onnxruntime threads, and the angle classifier off."""
+    from rapidocr_onnxruntime import RapidOCR  # type: ignore[import-untyped]
+
+    from app.engines.cpu_ocr import parse_args
+
+    engine = parse_args(["--port", "0"])
+    options: dict[str, Any] = {"det_unclip_ratio": engine.unclip_ratio}
+    if engine.threads > 0:
+        options["intra_op_num_threads"] = engine.threads
+    model = RapidOCR(**options)
+    use_cls = bool(engine.angle_cls)
+
+    def read(image: Image.Image) -> str:
+        result, _elapsed = model(image, use_cls=use_cls)
+        return "\n".join(str(text) for _box, text, _score in result or [])
+
+    return read
+
+
+class EngineLog:
+    """The inference time a cpu_ocr engine logs for each page (`cpu_ocr.done ... ms=N`), read as
+    its log grows. Pages go one at a time, so the lines new since the last look are the call's.
+
+    Wall time minus this is what a path adds to RapidOCR itself, a figure that holds on a busy
+    machine where the inference time of one page varies several-fold from read to read.
+    """
+
+    _DONE = re.compile(rb"cpu_ocr\.done .*?\bms=(\d+)")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+
+    def take(self) -> list[float]:
+        """Inference ms of each page logged since the last call (complete lines only)."""
+        try:
+            with self.path.open("rb") as log:
+                log.seek(self.offset)
+                data = log.read()
+        except OSError:
+            return []
+        data = data[: data.rfind(b"\n") + 1]
+        self.offset += len(data)
+        return [float(ms) for ms in self._DONE.findall(data)]
+
+    def last(self) -> float:
+        taken = self.take()
+        return taken[-1] if taken else math.nan
+
+
+def timed_read(read: Reader, image: Image.Image) -> tuple[float, str]:
+    began = time.perf_counter()
+    text = read(image)
+    return (time.perf_counter() - began) * 1000, text
+
+
+class OcrFailed(Exception):
+    """An OCR call that did not answer 200 with a usable body."""
+
+
+OCR_CALL_ERRORS = (OcrFailed, aiohttp.ClientError, TimeoutError, ValueError, LookupError, TypeError)
+
+
+def describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, OcrFailed) else repr(exc)
+
+
+async def ocr_engine_call(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[float, str]:
+    """One page straight to a cpu_ocr engine: (ms, the answer's text)."""
+    began = time.perf_counter()
+    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+        payload = await response.read()
+        status = response.status
+    elapsed_ms = (time.perf_counter() - began) * 1000
+    if status != 200:
+        raise OcrFailed(f"engine HTTP {status}: {payload[:300].decode(errors='replace')}")
+    return elapsed_ms, str(json.loads(payload)["choices"][0]["message"]["content"])
+
+
+async def ocr_gateway_call(
+    session: aiohttp.ClientSession, stack: Stack, document: bytes, filename: str, content_type: str
+) -> tuple[float, Doc]:
+    """One document through POST /api/ocr as multipart: (ms, the answer)."""
+    form = aiohttp.FormData()
+    form.add_field("file", document, filename=filename, content_type=content_type)
+    form.add_field("model", OCR_MODEL)
+    headers = {"Authorization": f"Bearer {stack.token}", "X-Client-ID": "bench"}
+    began = time.perf_counter()
+    async with session.post(f"{stack.gateway_url}/api/ocr", data=form, headers=headers) as response:
+        payload = await response.read()
+        status = response.status
+    elapsed_ms = (time.perf_counter() - began) * 1000
+    if status != 200:
+        raise OcrFailed(f"gateway HTTP {status}: {payload[:300].decode(errors='replace')}")
+    answer: Doc = json.loads(payload)
+    return elapsed_ms, answer
+
+
+async def run_ocr_phase(stack: Stack, sc: OcrScenario, history: int, idle: Idle) -> OcrResult:
+    """One page three ways in rounds, then the PDF; one page in flight at a time throughout.
+
+    Each round reads the page once on every path, in an order that rotates from round to round,
+    so a busy neighbour on a shared machine slows all three alike instead of whichever ran last.
+    """
+    assert stack.ocr_url is not None, "the stack was started without the OCR engine"
+    page, lines = draw_ocr_page(0)
+    upload = png_bytes(page)
+    image = engine_pages(upload)[0]
+    body = engine_body(image)
+    read = await asyncio.to_thread(load_inprocess_ocr)
+    engine_url = f"{stack.ocr_url}/v1/chat/completions"
+    direct_log = EngineLog(stack.tmp / "direct-cpu-ocr.log")
+    gateway_log = EngineLog(stack.tmp / "gateway-data" / "logs" / f"{OCR_MODEL}.log")
+    paths = {"in-process": OcrPath(), "engine": OcrPath(), "gateway": OcrPath()}
+    job_ms: list[float] = []
+    run_ms: list[float] = []
+    outside_ms: list[float] = []
+    costs: list[ServerCost] = []
+    metered_s = 0.0
+    meter = CostMeter(stack.gateway_pid, stack.db)
+    foreign = ForeignLoad(stack.own_pids)
+    foreign.start()
+
+    async def in_process(sink: OcrPath, measured: bool) -> None:
+        elapsed, text = await asyncio.to_thread(timed_read, read, image)
+        sink.ok(elapsed, word_recall(lines, text), elapsed)
+
+    async def engine(sink: OcrPath, measured: bool) -> None:
+        direct_log.take()
+        try:
+            elapsed, text = await ocr_engine_call(session, engine_url, body)
+        except OCR_CALL_ERRORS as exc:
+            sink.fail(describe(exc))
+            return
+        sink.ok(elapsed, word_recall(lines, text), direct_log.last())
+
+    async def gateway(sink: OcrPath, measured: bool) -> None:
+        nonlocal metered_s
+        gateway_log.take()
+        began = time.perf_counter()
+        meter.start()
+        try:
+            elapsed, answer = await ocr_gateway_call(session, stack, upload, "page.png", "image/png")
+        except OCR_CALL_ERRORS as exc:
+            sink.fail(describe(exc))
+            return
+        finally:
+            cost = meter.stop()
+            if measured:
+                costs.append(cost)
+                metered_s += time.perf_counter() - began
+        sink.ok(elapsed, word_recall(lines, str(answer.get("text") or "")), gateway_log.last())
+        spent = answer.get("timings") or {}
+        if measured and isinstance(spent.get("total_ms"), int | float):
+            job_ms.append(float(spent["total_ms"]))
+            run_ms.append(float(spent.get("engine_ms") or math.nan))
+            outside_ms.append(elapsed - float(spent["total_ms"]))
+
+    steps = [(name, step) for name, step in zip(paths, (in_process, engine, gateway), strict=True)]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
+        for round_ in range(sc.warmup + sc.pages):
+            measured = round_ >= sc.warmup
+            shift = round_ % len(steps)
+            for name, step in steps[shift:] + steps[:shift]:
+                await step(paths[name] if measured else OcrPath(), measured)
+
+        pdf_pages = [draw_ocr_page(seed) for seed in range(1, OCR_PDF_PAGES + 1)]
+        pdf = make_pdf([p for p, _ in pdf_pages])
+        bodies = [engine_body(im) for im in engine_pages(pdf)]
+        pdf_paths = {"engine": OcrPath(), "gateway": OcrPath()}
+        for _ in range(sc.pdf_runs):
+            direct_log.take()
+            began = time.perf_counter()
+            worst = 1.0
+            try:
+                for page_body, (_, expected) in zip(bodies, pdf_pages, strict=True):
+                    _, text = await ocr_engine_call(session, engine_url, page_body)
+                    worst = min(worst, word_recall(expected, text))
+                elapsed = (time.perf_counter() - began) * 1000
+                pdf_paths["engine"].ok(elapsed, worst, sum(direct_log.take()))
+            except OCR_CALL_ERRORS as exc:
+                pdf_paths["engine"].fail(describe(exc))
+            gateway_log.take()
+            try:
+                elapsed, answer = await ocr_gateway_call(session, stack, pdf, "report.pdf", "application/pdf")
+                read_pages = answer.get("pages") or []
+                if len(read_pages) != OCR_PDF_PAGES:
+                    raise OcrFailed(f"gateway answered {len(read_pages)} pages of {OCR_PDF_PAGES}")
+                worst = min(
+                    word_recall(expected, str(got.get("text") or ""))
+                    for got, (_, expected) in zip(read_pages, pdf_pages, strict=True)
+                )
+                pdf_paths["gateway"].ok(elapsed, worst, sum(gateway_log.take()))
+            except OCR_CALL_ERRORS as exc:
+                pdf_paths["gateway"].fail(describe(exc))
+    foreign_cores = foreign.stop()
+
+    gw = paths["gateway"]
+    done = max(1, len(gw.latencies_ms))
+    trips = sum(c.db_round_trips for c in costs)
+    background = idle.db_ops_per_s * metered_s
+    every = [*paths.values(), *pdf_paths.values()]
+    return OcrResult(
+        history=history,
+        pages=sc.pages,
+        warmup=sc.warmup,
+        upload=f"{page.width}x{page.height} PNG, {len(upload):,} bytes",
+        engine_page=f"{image.width}x{image.height} PNG data URL, {len(body):,} bytes of JSON",
+        inproc_p50_ms=paths["in-process"].p50(),
+        inproc_max_ms=max(paths["in-process"].latencies_ms, default=math.nan),
+        direct_p50_ms=paths["engine"].p50(),
+        direct_max_ms=max(paths["engine"].latencies_ms, default=math.nan),
+        gateway_p50_ms=gw.p50(),
+        gateway_max_ms=max(gw.latencies_ms, default=math.nan),
+        inference_p50_ms={name: path.inference_p50() for name, path in paths.items()},
+        outside_p50_ms={name: path.outside_p50() for name, path in paths.items()},
+        gateway_job_p50_ms=nearest_rank(job_ms, 0.50),
+        gateway_run_p50_ms=nearest_rank(run_ms, 0.50),
+        gateway_outside_p50_ms=nearest_rank(outside_ms, 0.50),
+        recall_min={name: min(path.recalls, default=math.nan) for name, path in paths.items()},
+        errors={name: path.errors for name, path in paths.items()},
+        gateway_cpu_ms_per_page=sum(c.gateway_cpu_s for c in costs) * 1000 / done,
+        db_round_trips_per_page=trips / done,
+        db_round_trips_net_per_page=max(0.0, trips - background) / done,
+        pdf=(
+            f"{OCR_PDF_PAGES} pages of {OCR_PAGE_SIZE[0]}x{OCR_PAGE_SIZE[1]} px, one JPEG each "
+            f"at {OCR_PDF_DPI} dpi, {len(pdf):,} bytes"
+        ),
+        pdf_pages=OCR_PDF_PAGES,
+        pdf_direct_s=[ms / 1000 for ms in pdf_paths["engine"].latencies_ms],
+        pdf_gateway_s=[ms / 1000 for ms in pdf_paths["gateway"].latencies_ms],
+        pdf_direct_inference_s=[ms / 1000 for ms in pdf_paths["engine"].inference_ms],
+        pdf_gateway_inference_s=[ms / 1000 for ms in pdf_paths["gateway"].inference_ms],
+        pdf_errors={name: path.errors for name, path in pdf_paths.items()},
+        foreign_cores=foreign_cores,
+        first_error=next((path.first_error for path in every if path.first_error), None),
+    )
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 
@@ -1041,6 +1534,72 @@ def stream_targets(results: list[StreamResult]) -> list[tuple[str, bool | None, 
     ]
 
 
+def ocr_table(r: OcrResult) -> Iterator[str]:
+    yield (
+        "| path | p50 ms/page | max ms | gateway ÷ this (p50) | inference p50 ms "
+        "| outside inference p50 ms | min word recall | errors |"
+    )
+    yield "|---|---|---|---|---|---|---|---|"
+    rows = [
+        ("RapidOCR in the bench process", "in-process", r.inproc_p50_ms, r.inproc_max_ms, r.ratio_inproc),
+        ("cpu_ocr engine over HTTP", "engine", r.direct_p50_ms, r.direct_max_ms, r.ratio_direct),
+        ("gateway POST /api/ocr", "gateway", r.gateway_p50_ms, r.gateway_max_ms, 1.0),
+    ]
+    for label, key, p50, worst, ratio in rows:
+        yield (
+            f"| {label} | {fmt(p50, 0)} | {fmt(worst, 0)} | {fmt(ratio, 3)} "
+            f"| {fmt(r.inference_p50_ms[key], 0)} | {fmt(r.outside_p50_ms[key], 1)} "
+            f"| {fmt(r.recall_min[key], 3)} | {r.errors[key]} |"
+        )
+    yield ""
+    yield (
+        f"Gateway beyond the direct engine call, net of inference: {fmt(r.added_ms, 1)} ms/page "
+        f"(p50 outside inference, gateway minus engine). "
+        f"Gateway, p50 a page: job {fmt(r.gateway_job_p50_ms, 0)} ms from admission to finish "
+        f"({fmt(r.gateway_run_p50_ms, 0)} ms running: page load, engine call, result write); "
+        f"{fmt(r.gateway_outside_p50_ms, 1)} ms outside the job (upload, render and resize, page store, "
+        f"admission, answer); gateway CPU {fmt(r.gateway_cpu_ms_per_page, 1)} ms/page; "
+        f"DB round trips {fmt(r.db_round_trips_per_page, 1)}/page "
+        f"({fmt(r.db_round_trips_net_per_page, 1)} net); other load {fmt(r.foreign_cores, 2)} cores."
+    )
+    yield ""
+    yield (
+        "| PDF | runs | wall s direct | wall s gw | pages/s direct | pages/s gw | gw/direct "
+        "| outside inference s/page d/g | errors d/g |"
+    )
+    yield "|---|---|---|---|---|---|---|---|---|"
+    outside = r.pdf_outside_s_per_page
+    walls_d = ", ".join(f"{w:.1f}" for w in r.pdf_direct_s) or "n/a"
+    walls_g = ", ".join(f"{w:.1f}" for w in r.pdf_gateway_s) or "n/a"
+    yield (
+        f"| {r.pdf_pages} pages | {max(len(r.pdf_direct_s), len(r.pdf_gateway_s))} | {walls_d} | {walls_g} "
+        f"| {fmt(r.pdf_direct_pages_per_s, 3)} | {fmt(r.pdf_gateway_pages_per_s, 3)} "
+        f"| {fmt(r.pdf_ratio, 3)} "
+        f"| {fmt(outside['engine'], 3)}/{fmt(outside['gateway'], 3)} "
+        f"| {r.pdf_errors['engine']}/{r.pdf_errors['gateway']} |"
+    )
+
+
+def ocr_targets(r: OcrResult | None) -> list[tuple[str, bool | None, str]]:
+    """The OCR target, against both floors (None: not measured in this run)."""
+    if r is None:
+        return [("OCR page <= 1.2x direct", None, "skipped")]
+    return [
+        (
+            "OCR page <= 1.2x direct (cpu_ocr engine over HTTP), p50",
+            None if math.isnan(r.ratio_direct) else r.ratio_direct <= 1.2,
+            f"{r.gateway_p50_ms:.0f} vs {r.direct_p50_ms:.0f} ms = {r.ratio_direct:.3f}x; "
+            f"net of inference the gateway adds {r.added_ms:.0f} ms/page "
+            f"(inference p50 {r.inference_p50_ms['engine']:.0f} ms direct)",
+        ),
+        (
+            "OCR page <= 1.2x direct (RapidOCR in-process), p50",
+            None if math.isnan(r.ratio_inproc) else r.ratio_inproc <= 1.2,
+            f"{r.gateway_p50_ms:.0f} vs {r.inproc_p50_ms:.0f} ms = {r.ratio_inproc:.3f}x",
+        ),
+    ]
+
+
 def targets(results: list[Result]) -> list[tuple[str, bool | None, str]]:
     """The project's targets, judged on the measured numbers only (None: not measured in this run)."""
     empty = [r for r in results if r.history == 0]
@@ -1112,31 +1671,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small counts and a 5k history: a smoke test")
     parser.add_argument("--skip-100k", action="store_true", help="only the empty-database phase")
     parser.add_argument("--history", type=int, default=None, help="finished jobs for phase 2 (default 100k)")
-    only = parser.add_mutually_exclusive_group()
-    only.add_argument("--skip-streaming", action="store_true", help="no streaming phase")
-    only.add_argument(
+    parser.add_argument("--skip-streaming", action="store_true", help="no streaming phase")
+    parser.add_argument(
         "--only-streaming",
         action="store_true",
         help="only the streaming phase (no request scenarios, no history phase): about a minute",
     )
+    parser.add_argument("--skip-ocr", action="store_true", help="no OCR phase")
+    parser.add_argument(
+        "--only-ocr",
+        action="store_true",
+        help="only the OCR phase (no request scenarios, no streaming, no history phase)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (gateway and engine logs)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    clashes = [
+        ("--only-streaming", "--skip-streaming"),
+        ("--only-streaming", "--only-ocr"),
+        ("--only-ocr", "--skip-ocr"),
+    ]
+    for first, second in clashes:
+        if getattr(args, first[2:].replace("-", "_")) and getattr(args, second[2:].replace("-", "_")):
+            parser.error(f"{first} and {second} cannot be used together")
+    return args
 
 
 async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
-    streaming = not args.skip_streaming
-    stack = await start_stack(procs, tmp, streaming)
+    chat = not (args.only_streaming or args.only_ocr)
+    streaming = not (args.skip_streaming or args.only_ocr)
+    ocr = not (args.skip_ocr or args.only_streaming)
+    stack = await start_stack(procs, tmp, chat=chat, streaming=streaming, ocr=ocr)
     try:
         header = machine_line(stack.db_version)
         print(header, flush=True)
         history_size = args.history if args.history is not None else (5_000 if args.quick else 100_000)
-        one_phase = args.only_streaming or args.skip_100k or history_size <= 0
+        one_phase = not chat or args.skip_100k or history_size <= 0
         phases = [0] if one_phase else [0, history_size]
         idle_s = 2.0 if args.quick else 5.0
         results: list[Result] = []
         stream_results: list[StreamResult] = []
         idles: list[Idle] = []
+        ocr_result: OcrResult | None = None
         inserted_s = 0.0
         for history in phases:
             if history:
@@ -1145,13 +1721,22 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
                 print(f"# inserted in {inserted_s:.1f} s", file=sys.stderr, flush=True)
             idle = await measure_idle(stack, history, idle_s)
             idles.append(idle)
-            for sc in [] if args.only_streaming else scenarios(args.quick):
+            for sc in scenarios(args.quick) if chat else []:
                 print(f"# history {history:,}: {sc.label} ...", file=sys.stderr, flush=True)
                 results.append(await run_scenario(stack, sc, history, idle))
             if streaming and history == 0:  # the streaming targets are about the empty database
                 for ssc in stream_scenarios(args.quick):
                     print(f"# history {history:,}: {ssc.label} ...", file=sys.stderr, flush=True)
                     stream_results.append(await run_stream_scenario(stack, ssc, history, idle))
+            if ocr and history == 0:  # like streaming: about the request path, not the history
+                osc = ocr_scenario(args.quick)
+                print(
+                    f"# history {history:,}: OCR, {osc.pages} pages x 3 paths + {osc.warmup} warmup, "
+                    f"then a {OCR_PDF_PAGES}-page PDF x {osc.pdf_runs} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                ocr_result = await run_ocr_phase(stack, osc, history, idle)
         if results:
             print()
             for line in table(results):
@@ -1167,6 +1752,23 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
             )
             print()
             for line in stream_table(stream_results):
+                print(line)
+        if ocr_result is not None:
+            o = ocr_result
+            print()
+            print(
+                f"OCR (history {o.history}): one page ({o.upload}; a title and {OCR_LINES} lines of "
+                f"{OCR_FONT_PX}-px text) read {o.pages} times on each path after {o.warmup} warmup, "
+                "sequentially (c=1), in rounds whose order rotates. The gateway gets the PNG as a "
+                f"multipart upload and sends its engine {o.engine_page}; the bench sends its own "
+                "cpu_ocr engine that same request, and RapidOCR in-process reads the same image "
+                "(the engine's settings). An answer missing more than "
+                f"{1 - OCR_MIN_RECALL:.0%} of the page's words is an error. PDF: {o.pdf}; "
+                "direct = its pages (rendered and resized by the gateway's code beforehand) to the "
+                "engine one after another; gw = the PDF through POST /api/ocr, rendering included."
+            )
+            print()
+            for line in ocr_table(o):
                 print(line)
         print()
         print(
@@ -1191,19 +1793,25 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
             for r in rows
             if r.foreign_cores > 0.25
         ]
+        if ocr_result is not None and ocr_result.foreign_cores > 0.25:
+            busy.append(f"OCR (history {ocr_result.history:,}): {ocr_result.foreign_cores:.2f}")
         if busy:
             print("WARNING: other processes used > 0.25 cores during: " + "; ".join(busy))
         print()
         print("| target | met | measured |")
         print("|---|---|---|")
-        checks = [] if args.only_streaming else targets(results)
+        checks = targets(results) if chat else []
         if streaming:
             checks += stream_targets(stream_results)
+        if ocr:
+            checks += ocr_targets(ocr_result)
         for name, met, detail in checks:
             print(f"| {name} | {'n/a' if met is None else ('yes' if met else 'NO')} | {detail} |")
         errors = [r for r in rows if r.gateway_errors or r.direct_errors]
         for r in errors:
             print(f"# errors in {r.label} (history {r.history}): {r.first_error}", file=sys.stderr)
+        if ocr_result is not None and ocr_result.total_errors:
+            print(f"# errors in OCR: {ocr_result.first_error}", file=sys.stderr)
         if args.json is not None:
             args.json.write_text(
                 json.dumps(
@@ -1227,13 +1835,25 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
                             }
                             for r in stream_results
                         ],
+                        "ocr": None
+                        if ocr_result is None
+                        else {
+                            **asdict(ocr_result),
+                            "ratio_direct": ocr_result.ratio_direct,
+                            "ratio_inproc": ocr_result.ratio_inproc,
+                            "pdf_direct_pages_per_s": ocr_result.pdf_direct_pages_per_s,
+                            "pdf_gateway_pages_per_s": ocr_result.pdf_gateway_pages_per_s,
+                            "pdf_ratio": ocr_result.pdf_ratio,
+                            "added_ms": ocr_result.added_ms,
+                            "pdf_outside_s_per_page": ocr_result.pdf_outside_s_per_page,
+                        },
                         "idle": [asdict(i) for i in idles],
                         "targets": [{"target": n, "met": m, "measured": d} for n, m, d in checks],
                     },
                     indent=2,
                 )
             )
-        return 1 if errors else 0
+        return 1 if errors or (ocr_result is not None and ocr_result.total_errors) else 0
     finally:
         stack.db.close()
 
