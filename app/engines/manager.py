@@ -485,9 +485,12 @@ class EngineManager:
             return exc.message
         if wanted != doc.get("argv"):
             return "configuration changed since it was started"
-        if not await self._client.healthy(f"http://127.0.0.1:{int(doc['port'])}", timeout_s=2.0):
-            return "not healthy"
-        return None
+        url = f"http://127.0.0.1:{int(doc['port'])}"
+        for _ in range(3):  # a busy machine can be slow to answer; a hung engine never answers
+            if await self._client.healthy(url, timeout_s=2.0):
+                return None
+            await asyncio.sleep(0.5)
+        return "not healthy"
 
     # -- watching ----------------------------------------------------------------------------
 
