@@ -19,6 +19,7 @@ import httpx
 import psutil
 import pytest
 import yaml
+from pymongo import AsyncMongoClient
 
 from app.auth.tokens import TokenService
 from app.clock import SystemClock
@@ -102,11 +103,25 @@ class Daemon:
                     if body["status"] == "healthy" and all(
                         m["state"] == "ready" for m in body["engines"].values()
                     ):
+                        await self._ensure_token_holders()
                         return body
                 except httpx.HTTPError:
                     pass
                 await asyncio.sleep(0.1)
         raise AssertionError(f"gateway not healthy in {timeout_s} s:\n{self.log.read_text()[-3000:]}")
+
+    async def _ensure_token_holders(self) -> None:
+        """The tokens minted above are honoured only while their users exist and are enabled."""
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(self.db_uri())
+        try:
+            for name, role in (("alice", "client"), ("root", "admin")):
+                await client.gateway.users.update_one(
+                    {"_id": name},
+                    {"$setOnInsert": {"role": role, "disabled": False, "password_hash": "!unusable"}},
+                    upsert=True,
+                )
+        finally:
+            await client.close()
 
     def db_pid(self) -> int:
         return int(json.loads((self.data_dir / "db.pid").read_text())["pid"])
