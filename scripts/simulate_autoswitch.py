@@ -4,21 +4,25 @@ A discrete-event simulation (no real time, seeded RNG): requests arrive for mode
 budget holds fewer models than are configured, loading a model takes 30-120 s, and each
 strategy decides what the GPU holds:
 
-* forecast   - our policy (app.autoswitch.policy.forecast_policy, default PolicyConfig),
-               evaluated every interval_s (300 s) like the switcher will;
+* forecast   - ours: app.autoswitch.policy.forecast_policy with the default PolicyConfig,
+               evaluated every interval_s (300 s) and also miss_delay_s (30 s) after a request
+               finds its model not loaded, as the switcher is meant to; the row "forecast,
+               300 s ticks only" shows the same policy without that trigger;
 * threshold  - the old rule (threshold_policy: top model by 7-day share, >= 10 requests and
                >= 60 %, 5 min cooldown), evaluated every 300 s;
 * lru        - load on demand: a request for a model that is not loaded starts it at once,
                evicting the least recently used idle models until it fits;
-* oracle     - knows the future: the forecast policy's optimiser fed the true number of
-               requests per model over the next horizon, every 60 s, no cooldown, no
-               hysteresis; the best of three horizons (10, 30, 60 min) is reported.
+* oracle     - knows the future: the forecast policy's optimiser (`plan`) fed the true number
+               of requests per model over the next horizon, every 60 s, without cooldown or
+               hysteresis; the best of three horizons (10, 30, 60 min) is reported. A strong
+               reference, not a proven optimum (which would need a search over all schedules).
 
 Every strategy runs under the same rules, the gateway's: a model with jobs running or
 waiting is never stopped, stops finish before the start that needs their memory, requests for
 a model that is not loaded wait for it (up to --queue-timeout, then they count as dropped),
 each model serves `concurrency` requests at once. The first week of every trace is history
-only (the policies need it); metrics cover the days after it.
+only (the policies need it); metrics cover the two weeks after it, which begin with the GPU
+holding what autostart loads (config order, while it fits).
 
 Metrics: hit rate (requests whose model was ready when they arrived), switches (model loads
 begun), GPU idle (hours of budget not held by a ready model: empty, loading or stopping,

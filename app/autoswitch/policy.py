@@ -16,8 +16,9 @@ every deferred action and every model kept. Two policies share those inputs:
   hysteresis margin.
 
 Both: a model with jobs running or waiting is never stopped (the switch waits until it is idle
-and says so), at most one switch (a start that needs a stop) per `cooldown_s`, nothing is
-decided while an engine is stopping, and a model that is loading is never evicted.
+and says so), at most one switch per `cooldown_s` (threshold: any start; forecast: a start that
+needs a stop, since a start into free room evicts nobody and cannot flap), nothing is decided
+while an engine is stopping, and a model that is loading is never evicted.
 
 Units: `ModelView.cost` and `Capacity.budget` are in the same unit, bytes of GPU memory (sum
 of `placement.required_bytes` over the GPUs the model takes) or unitless slots. Capacity is a
@@ -31,7 +32,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from itertools import combinations
 from typing import Literal
 
 Mode = Literal["forecast", "threshold"]
@@ -63,7 +63,7 @@ class PolicyConfig:
     seasonal_weight: float = 0.5  # forecast: weight of the hour-of-week pattern vs recent rate
     weekly_weight: float = 0.6  # seasonal: same hour a week ago vs same hour on every day
     hysteresis: float = 0.25  # a switch must gain this share of what it evicts, on top
-    min_gain: float = 2.0  # ... and at least this many expected requests
+    min_gain: float = 4.0  # ... and at least this many expected requests
     waiting_weight: float = 1.0  # value of one job waiting for a model that is not loaded
     min_free_start: float = 0.5  # value a start into free room needs (no stop, no cooldown)
     default_load_s: float = 60.0  # load time assumed when a model has never been loaded
@@ -172,6 +172,7 @@ class Forecast:
     window_requests: int  # in the last window_days, missing demand included
     share: float  # of all requests in the window
     seasonal: float | None  # from the hour-of-week/day pattern; None without a day of history
+    # (a model first used less than a day ago: only the recent rate counts)
     recent: float  # from the recent rate
     expected: float  # the blend the forecast policy optimises
 
@@ -347,14 +348,17 @@ def plan(
         elif model.eligible and model.state == "stopped" and model.cost > capacity.budget:
             out.note(f"{model.name} never fits: needs {model.cost}, the budget is {capacity.budget}")
 
-    current = [m for m in models if m.state in _LOADED and m.eligible]
-    fixed = [m for m in models if m.state in _HOLDS_GPU and not (m.eligible and m in current)]
+    current = [m for m in models if m.state in _LOADED and m.eligible]  # ours to keep or stop
+    fixed = [m for m in models if m.state in _HOLDS_GPU and not (m.eligible and m.state in _LOADED)]
     pinned = [m for m in current if _unstoppable(m)]
     movable = [m for m in current if not _unstoppable(m)]
     startable = [
         m
         for m in models
-        if m.eligible and m.state == "stopped" and m.cost <= capacity.budget and demand.get(m.name, 0) > _EPS
+        if m.eligible
+        and m.state == "stopped"
+        and m.cost <= capacity.budget
+        and (demand.get(m.name, 0) > _EPS or m.busy > 0)
     ]
     room = capacity.budget - sum(m.cost for m in fixed) - sum(m.cost for m in pinned)
     values = {m.name: _value(config, m, demand) for m in models}
@@ -410,7 +414,7 @@ def plan(
                 out.defer(Action("start", model.name, f"{why}; waiting for idle: {busy}"))
     if not out.actions and not out.deferred:
         kept = ", ".join(f"{m.name} ({values[m.name]:.1f})" for m in current)
-        if not any(demand.get(m.name, 0) > _EPS for m in models):
+        if not any(values[m.name] > _EPS for m in current + startable):
             out.note("no demand expected: nothing to change")
         elif kept:
             out.note(f"kept {kept}: the best set that fits ({_span(config.horizon_s)} ahead)")
@@ -433,15 +437,17 @@ def forecast_demand(
     missing = missing or {}
     names = sorted(set(usage.hourly) | set(usage.recent) | set(missing) | {m.name for m in models})
     first_hour = _floor_hour(now - timedelta(days=config.window_days))
-    buckets = {name: _buckets(usage.hourly.get(name, {})) for name in names}
-    totals = {
-        name: sum(c for hour, c in buckets[name].items() if first_hour <= hour <= now) + missing.get(name, 0)
-        for name in names
-    }
+    buckets: dict[str, Mapping[datetime, int]] = {}
+    totals: dict[str, int] = {}
+    for name in names:
+        buckets[name], in_window = _buckets(usage.hourly.get(name, {}), first_hour, now)
+        totals[name] = in_window + missing.get(name, 0)
     grand = sum(totals.values())
     result: dict[str, Forecast] = {}
     for name in names:
-        seasonal = _seasonal(config, buckets[name], now, first_hour)
+        seen = [hour for hour, count in buckets[name].items() if count > 0 and first_hour <= hour <= now]
+        # days before a model's first request in the window say nothing about its pattern
+        seasonal = _seasonal(config, buckets[name], now, min(seen)) if seen else None
         recent_count = usage.recent.get(name, 0) + missing.get(name, 0)
         recent = recent_count * config.horizon_s / config.recent_window_s
         if seasonal is None:
@@ -456,7 +462,8 @@ def forecast_demand(
 def _seasonal(
     config: PolicyConfig, buckets: Mapping[datetime, int], now: datetime, first_hour: datetime
 ) -> float | None:
-    """Requests over [now, now + horizon) from the same hours on past days and past weeks."""
+    """Requests over [now, now + horizon) from the same hours on past days and past weeks,
+    looking back no further than `first_hour`; None when not even yesterday is there."""
     total = 0.0
     moment, end = now, now + timedelta(seconds=config.horizon_s)
     while moment < end:
@@ -517,21 +524,26 @@ def _fill(
     what is loaded, then the alphabetically first set. Exact for up to `exact_limit`
     candidates (by value); the rest are added greedily by value per unit of cost."""
     loaded = {m.name for m in current}
-    movable = {m.name for m in candidates}
     ranked = sorted(candidates, key=lambda m: (-values[m.name], m.name))
     exact, rest = ranked[: config.exact_limit], ranked[config.exact_limit :]
-    best_key: tuple[float, int, tuple[str, ...]] | None = None
-    best: tuple[ModelView, ...] = ()
-    for size in range(len(exact) + 1):
-        for combo in combinations(exact, size):
-            cost = sum(m.cost for m in combo)
-            if cost > room:
-                continue
-            names = tuple(sorted(m.name for m in combo))
-            changes = len(loaded.symmetric_difference(names) & movable)
-            key = (-round(sum(values[m.name] for m in combo), 6), changes, names)
-            if best_key is None or key < best_key:
-                best_key, best = key, combo
+    # every subset of `exact` as a bit mask, each built from the mask without its lowest bit
+    size = 1 << len(exact)
+    costs, worth, changes = [0] * size, [0.0] * size, [0] * size
+    changes[0] = sum(1 for m in exact if m.name in loaded)  # choosing nothing drops them all
+    best_mask, best_key = 0, (0.0, changes[0])
+    for mask in range(1, size):
+        low = mask & -mask
+        index, rest_mask = low.bit_length() - 1, mask ^ low
+        model = exact[index]
+        costs[mask] = costs[rest_mask] + model.cost
+        worth[mask] = worth[rest_mask] + values[model.name]
+        changes[mask] = changes[rest_mask] + (-1 if model.name in loaded else 1)
+        if costs[mask] > room:
+            continue
+        key = (-round(worth[mask], 6), changes[mask])
+        if key < best_key or (key == best_key and _names(exact, mask) < _names(exact, best_mask)):
+            best_mask, best_key = mask, key
+    best = [m for i, m in enumerate(exact) if best_mask >> i & 1]
     chosen = {m.name for m in best}
     left = room - sum(m.cost for m in best)
     greedy = sorted(rest, key=lambda m: (-(values[m.name] / m.cost if m.cost else math.inf), m.name))
@@ -544,6 +556,10 @@ def _fill(
             chosen.add(model.name)
             left -= model.cost
     return frozenset(chosen)
+
+
+def _names(models: Sequence[ModelView], mask: int) -> tuple[str, ...]:
+    return tuple(sorted(m.name for i, m in enumerate(models) if mask >> i & 1))
 
 
 def _busy_blocked(
@@ -702,18 +718,23 @@ def _start_reason(
     return f"{text} (value {values[model.name]:.1f}, {context})"
 
 
-def _buckets(hourly: Mapping[datetime, int]) -> Mapping[datetime, int]:
-    if all(_on_the_hour(hour) for hour in hourly):
-        return hourly
+def _buckets(
+    hourly: Mapping[datetime, int], first_hour: datetime, now: datetime
+) -> tuple[Mapping[datetime, int], int]:
+    """The counts keyed by aware, whole hours, and their sum over [first_hour, now]."""
+    total = 0
+    for moment, count in hourly.items():
+        if moment.tzinfo is None or moment.minute or moment.second or moment.microsecond:
+            break
+        if first_hour <= moment <= now:
+            total += count
+    else:
+        return hourly, total
     merged: dict[datetime, int] = {}
     for moment, count in hourly.items():
         hour = _floor_hour(_utc(moment))
         merged[hour] = merged.get(hour, 0) + count
-    return merged
-
-
-def _on_the_hour(moment: datetime) -> bool:
-    return moment.tzinfo is not None and not (moment.minute or moment.second or moment.microsecond)
+    return merged, sum(c for hour, c in merged.items() if first_hour <= hour <= now)
 
 
 def _floor_hour(moment: datetime) -> datetime:
