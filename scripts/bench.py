@@ -15,7 +15,8 @@ measures exactly that, on this machine, with real processes and real sockets:
 A streaming phase (on the empty database) does the same for `stream: true` on
 /v1/chat/completions: a stub that paces its tokens (20 ms apart, like a GPU decoding), read as
 SSE line by line, so time to first token and tokens/s show what the durable queue adds to a
-stream: the admission write before the engine is called and the outcome write before [DONE].
+stream: the admission write before the engine is called, and the outcome write, which the
+dispatcher makes after it has ended the client's stream (where it can delay the next admission).
 
 An OCR phase (on the empty database) reads a rendered text page three ways in interleaved rounds:
 RapidOCR in the bench's own process (the model alone), the bench's own cpu_ocr engine process over
@@ -25,11 +26,11 @@ the engine one after another, as pages per second.
 
 Every process it starts is stopped by pid at the end, also on errors and Ctrl-C.
 
-    .venv/bin/python scripts/bench.py                 # full run (several minutes)
-    .venv/bin/python scripts/bench.py --quick         # smoke test, under a minute
+    .venv/bin/python scripts/bench.py                 # full run (about 15 minutes)
+    .venv/bin/python scripts/bench.py --quick         # smoke test, about 4 minutes (OCR is most of it)
     .venv/bin/python scripts/bench.py --skip-100k --json /tmp/bench.json
     .venv/bin/python scripts/bench.py --only-streaming    # streaming phase only, about a minute
-    .venv/bin/python scripts/bench.py --only-ocr          # OCR phase only, minutes (CPU OCR)
+    .venv/bin/python scripts/bench.py --only-ocr          # OCR phase only, ~3.5 minutes on 2 idle cores
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ class StreamBatch:
     ttfts_ms: list[float]  # send -> first chunk with non-empty delta.content
     tokens: list[int]  # usage.completion_tokens of each stream (checked against its content chunks)
     decode_rates: list[float]  # per stream: tokens after the first / (last token - first token)
-    done_lags_ms: list[float]  # per stream: last token -> [DONE] (the gateway's outcome write)
+    done_lags_ms: list[float]  # per stream: last token -> [DONE] (what the gateway adds at the end)
     first_error: str | None = None
 
     @property
@@ -386,12 +387,14 @@ class OcrResult:
     gateway_max_ms: float
     inference_p50_ms: dict[str, float]  # per path: RapidOCR's own time (the engines log it per page)
     outside_p50_ms: dict[str, float]  # per path: p50 of (wall - inference), i.e. what the path adds
+    inference_pooled_p50_ms: float  # p50 over every measured read of all three paths (same page)
     gateway_job_p50_ms: float  # timings.total_ms: admitted -> finished (queue + reading the page)
     gateway_run_p50_ms: float  # timings.engine_ms: started -> finished (page load, engine call, record)
     gateway_outside_p50_ms: float  # wall - total_ms: upload, render, page store, admission, answer
     recall_min: dict[str, float]
     errors: dict[str, int]
     gateway_cpu_ms_per_page: float
+    db_cpu_ms_per_page: float
     db_round_trips_per_page: float
     db_round_trips_net_per_page: float
     pdf: str  # "10 pages, N bytes"
@@ -425,6 +428,16 @@ class OcrResult:
     @property
     def pdf_ratio(self) -> float:
         return self.pdf_gateway_pages_per_s / self.pdf_direct_pages_per_s
+
+    def at_equal_inference(self, path: str) -> float:
+        """gateway / path if both had read the page in the same (pooled p50) inference time.
+
+        On a shared machine one read's inference time varies several-fold with the neighbours'
+        load, so the raw p50 ratio of 8 reads swings far either side of 1; each path's own cost
+        (wall - inference, per read) does not, and neither does the pooled p50 of 24 reads.
+        """
+        t = self.inference_pooled_p50_ms
+        return (t + self.outside_p50_ms["gateway"]) / (t + self.outside_p50_ms[path])
 
     @property
     def added_ms(self) -> float:
@@ -1416,12 +1429,16 @@ async def run_ocr_phase(stack: Stack, sc: OcrScenario, history: int, idle: Idle)
         gateway_max_ms=max(gw.latencies_ms, default=math.nan),
         inference_p50_ms={name: path.inference_p50() for name, path in paths.items()},
         outside_p50_ms={name: path.outside_p50() for name, path in paths.items()},
+        inference_pooled_p50_ms=nearest_rank(
+            [ms for path in paths.values() for ms in path.inference_ms if not math.isnan(ms)], 0.50
+        ),
         gateway_job_p50_ms=nearest_rank(job_ms, 0.50),
         gateway_run_p50_ms=nearest_rank(run_ms, 0.50),
         gateway_outside_p50_ms=nearest_rank(outside_ms, 0.50),
         recall_min={name: min(path.recalls, default=math.nan) for name, path in paths.items()},
         errors={name: path.errors for name, path in paths.items()},
         gateway_cpu_ms_per_page=sum(c.gateway_cpu_s for c in costs) * 1000 / done,
+        db_cpu_ms_per_page=sum(c.db_cpu_s for c in costs) * 1000 / done,
         db_round_trips_per_page=trips / done,
         db_round_trips_net_per_page=max(0.0, trips - background) / done,
         pdf=(
@@ -1553,12 +1570,17 @@ def ocr_table(r: OcrResult) -> Iterator[str]:
         )
     yield ""
     yield (
+        f"Inference p50 over the {3 * r.pages} measured reads of all three paths: "
+        f"{fmt(r.inference_pooled_p50_ms, 0)} ms; at that inference time gateway ÷ engine = "
+        f"{fmt(r.at_equal_inference('engine'), 3)}, gateway ÷ in-process = "
+        f"{fmt(r.at_equal_inference('in-process'), 3)}. "
         f"Gateway beyond the direct engine call, net of inference: {fmt(r.added_ms, 1)} ms/page "
         f"(p50 outside inference, gateway minus engine). "
         f"Gateway, p50 a page: job {fmt(r.gateway_job_p50_ms, 0)} ms from admission to finish "
         f"({fmt(r.gateway_run_p50_ms, 0)} ms running: page load, engine call, result write); "
         f"{fmt(r.gateway_outside_p50_ms, 1)} ms outside the job (upload, render and resize, page store, "
-        f"admission, answer); gateway CPU {fmt(r.gateway_cpu_ms_per_page, 1)} ms/page; "
+        f"admission, answer); gateway CPU {fmt(r.gateway_cpu_ms_per_page, 1)} ms/page, "
+        f"DB CPU {fmt(r.db_cpu_ms_per_page, 1)} ms/page; "
         f"DB round trips {fmt(r.db_round_trips_per_page, 1)}/page "
         f"({fmt(r.db_round_trips_net_per_page, 1)} net); other load {fmt(r.foreign_cores, 2)} cores."
     )
@@ -1581,23 +1603,29 @@ def ocr_table(r: OcrResult) -> Iterator[str]:
 
 
 def ocr_targets(r: OcrResult | None) -> list[tuple[str, bool | None, str]]:
-    """The OCR target, against both floors (None: not measured in this run)."""
+    """The OCR target against both floors (None: not measured in this run).
+
+    Judged at equal inference time (see OcrResult.at_equal_inference): the raw p50 ratio is
+    shown too, but on a shared machine it measures the neighbours more than the gateway.
+    """
     if r is None:
         return [("OCR page <= 1.2x direct", None, "skipped")]
-    return [
-        (
-            "OCR page <= 1.2x direct (cpu_ocr engine over HTTP), p50",
-            None if math.isnan(r.ratio_direct) else r.ratio_direct <= 1.2,
-            f"{r.gateway_p50_ms:.0f} vs {r.direct_p50_ms:.0f} ms = {r.ratio_direct:.3f}x; "
-            f"net of inference the gateway adds {r.added_ms:.0f} ms/page "
-            f"(inference p50 {r.inference_p50_ms['engine']:.0f} ms direct)",
-        ),
-        (
-            "OCR page <= 1.2x direct (RapidOCR in-process), p50",
-            None if math.isnan(r.ratio_inproc) else r.ratio_inproc <= 1.2,
-            f"{r.gateway_p50_ms:.0f} vs {r.inproc_p50_ms:.0f} ms = {r.ratio_inproc:.3f}x",
-        ),
-    ]
+    checks: list[tuple[str, bool | None, str]] = []
+    for path, label, raw, direct_ms in (
+        ("engine", "cpu_ocr engine over HTTP", r.ratio_direct, r.direct_p50_ms),
+        ("in-process", "RapidOCR in-process", r.ratio_inproc, r.inproc_p50_ms),
+    ):
+        equal = r.at_equal_inference(path)
+        checks.append(
+            (
+                f"OCR page <= 1.2x direct ({label}), at equal inference",
+                None if math.isnan(equal) else equal <= 1.2,
+                f"{equal:.3f}x = ({r.inference_pooled_p50_ms:.0f} + {r.outside_p50_ms['gateway']:.0f}) / "
+                f"({r.inference_pooled_p50_ms:.0f} + {r.outside_p50_ms[path]:.0f}) ms; "
+                f"raw p50 {r.gateway_p50_ms:.0f} vs {direct_ms:.0f} ms = {raw:.3f}x",
+            )
+        )
+    return checks
 
 
 def targets(results: list[Result]) -> list[tuple[str, bool | None, str]]:
@@ -1701,7 +1729,9 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     chat = not (args.only_streaming or args.only_ocr)
     streaming = not (args.skip_streaming or args.only_ocr)
     ocr = not (args.skip_ocr or args.only_streaming)
-    stack = await start_stack(procs, tmp, chat=chat, streaming=streaming, ocr=ocr)
+    # --only-streaming keeps the two chat models configured, as it always has, so that its figures
+    # compare with earlier runs (their dispatchers are part of the gateway's background load).
+    stack = await start_stack(procs, tmp, chat=not args.only_ocr, streaming=streaming, ocr=ocr)
     try:
         header = machine_line(stack.db_version)
         print(header, flush=True)
@@ -1748,7 +1778,8 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
                 f"a stream from a stub pacing them {STREAM_TOKEN_LATENCY_MS} ms apart. TTFT = send -> first "
                 "chunk with non-empty delta.content; tok/s = all tokens of the batch / its wall time; "
                 "decode = one stream's tokens after its first / the time they took (p50 over streams); "
-                "last token→[DONE] includes the gateway's outcome write, before the client's next stream."
+                "last token→[DONE] = what the gateway adds at the end of a stream (its outcome write "
+                "comes after [DONE], so at c=10 it delays the next stream's admission instead)."
             )
             print()
             for line in stream_table(stream_results):
@@ -1845,6 +1876,9 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
                             "pdf_gateway_pages_per_s": ocr_result.pdf_gateway_pages_per_s,
                             "pdf_ratio": ocr_result.pdf_ratio,
                             "added_ms": ocr_result.added_ms,
+                            "at_equal_inference": {
+                                path: ocr_result.at_equal_inference(path) for path in ("engine", "in-process")
+                            },
                             "pdf_outside_s_per_page": ocr_result.pdf_outside_s_per_page,
                         },
                         "idle": [asdict(i) for i in idles],
