@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psutil
@@ -91,6 +91,27 @@ def stub(*args: str, **fields: Any) -> dict[str, Any]:
     return {"kind": "stub", "args": list(args), **fields}
 
 
+T = TypeVar("T")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], what: str, timeout_s: float = 20.0
+) -> T:
+    """Call `probe` until `done` holds for its value, or fail naming `what` and the last value.
+
+    The one polling loop of the tests: they wait for a state, never for a fixed time.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = await probe()
+        if done(value):
+            return value
+        if loop.time() >= deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s:g} s; last saw {value!r}")
+        await asyncio.sleep(0.02)
+
+
 class GatewayClient:
     """An httpx client on the ASGI app, plus tokens for an admin and a client user."""
 
@@ -119,15 +140,12 @@ class GatewayClient:
         return sum(1 for d in await queue.store.active(model) if d["state"] == state)
 
     async def until_count(self, model: str, state: str, expected: int, timeout_s: float = 10.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        seen = -1
-        while loop.time() < deadline:
-            seen = await self.count(model, state)
-            if seen == expected:
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"expected {expected} {state} jobs for {model}, last saw {seen}")
+        await eventually(
+            lambda: self.count(model, state),
+            lambda n: n == expected,
+            f"{expected} {state} jobs for {model}",
+            timeout_s,
+        )
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout_s

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import httpx
 
-from tests.conftest import GatewayClient, GatewayFactory, stub
+from tests.conftest import GatewayClient, GatewayFactory, eventually, stub
 
 
 def _body(model: str, content: str, **extra: Any) -> dict[str, Any]:
@@ -23,15 +22,13 @@ async def _submit(gw: GatewayClient, model: str, content: str, **headers: str) -
 async def _until_state(
     gw: GatewayClient, job_id: str, states: set[str], timeout_s: float = 10.0
 ) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    seen: dict[str, Any] = {}
-    while loop.time() < deadline:
-        seen = (await gw.http.get(f"/api/jobs/{job_id}", headers=gw.headers())).json()
-        if seen["state"] in states:
-            return seen
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"job {job_id} never reached {states}; last {seen}")
+    async def job() -> dict[str, Any]:
+        body: dict[str, Any] = (await gw.http.get(f"/api/jobs/{job_id}", headers=gw.headers())).json()
+        return body
+
+    return await eventually(
+        job, lambda j: j.get("state") in states, f"job {job_id} reaching {states}", timeout_s
+    )
 
 
 async def test_submit_poll_result(gateway_factory: GatewayFactory) -> None:

@@ -3,14 +3,13 @@ upload refused with a clear 4xx before it takes a queue slot."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import GatewayClient, GatewayFactory, stub
+from tests.conftest import GatewayClient, GatewayFactory, eventually, stub
 from tests.documents import CATALOG, ENCRYPTED, encode, hand_pdf, png_claiming, text_image, text_pdf
 
 OCR_MODEL = {"kind": "cpu_ocr", "aliases": ["deepseek-ai/DeepSeek-OCR"], "max_concurrent": 2}
@@ -158,15 +157,13 @@ async def test_background_ocr_job(gw: GatewayClient) -> None:
         headers=gw.headers(),
     )
     assert accepted.status_code == 202, accepted.text
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    job: dict[str, Any] = {}
-    while loop.time() < deadline:
-        job = (await gw.http.get(accepted.json()["location"], headers=gw.headers())).json()
-        if job["state"] == "succeeded":
-            break
-        await asyncio.sleep(0.1)
-    assert "BACKGROUND" in job["result"]["text"], job
+
+    async def job() -> dict[str, Any]:
+        body: dict[str, Any] = (await gw.http.get(accepted.json()["location"], headers=gw.headers())).json()
+        return body
+
+    done = await eventually(job, lambda j: j["state"] == "succeeded", "the OCR job succeeding", 60)
+    assert "BACKGROUND" in done["result"]["text"], done
 
 
 def _truncated_png() -> bytes:

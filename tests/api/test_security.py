@@ -3,14 +3,17 @@ login throttling, body limits, response headers and the audit log."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
 import pytest
 
-from tests.conftest import JWT_SECRET, GatewayClient, GatewayFactory, stub
+from tests.conftest import JWT_SECRET, GatewayClient, GatewayFactory, eventually, stub
+
+
+async def _clock() -> float:
+    return datetime.now(UTC).timestamp()
 
 
 async def _user(gw: GatewayClient, name: str, role: str = "client") -> str:
@@ -106,8 +109,11 @@ async def test_api_keys_scoped_revoked_expired(gateway_factory: GatewayFactory) 
     ).json()
     brief = {"X-API-Key": short["key"], "X-Client-ID": "svc"}
     assert (await gw.http.post("/api/chat", json={**body, "model": "b"}, headers=brief)).status_code == 200
-    await asyncio.sleep(1.2)
-    assert (await gw.http.post("/api/chat", json={**body, "model": "b"}, headers=brief)).status_code == 401
+
+    async def brief_call() -> int:
+        return (await gw.http.post("/api/chat", json={**body, "model": "b"}, headers=brief)).status_code
+
+    await eventually(brief_call, lambda status: status == 401, "the expired key being refused", 10)
     past = await gw.http.post(
         "/admin/api-keys", json={"name": "old", "expires_at": "2001-01-01T00:00:00Z"}, headers=admin
     )
@@ -125,8 +131,7 @@ async def test_api_keys_scoped_revoked_expired(gateway_factory: GatewayFactory) 
 async def test_rate_limit_with_headers_and_recovery(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory({"demo": stub()}, rate_limit={"per_minute": 3, "window_seconds": 10})
     # start at the beginning of a window, so all four land in the same one even on a busy machine
-    now = datetime.now(UTC).timestamp()
-    await asyncio.sleep(10 - now % 10 + 0.05)
+    await eventually(_clock, lambda now: now % 10 < 0.5, "the start of a rate-limit window", 15)
     answers = [await gw.chat("demo", f"n{i}") for i in range(4)]
     assert [a.status_code for a in answers] == [200, 200, 200, 429]
     assert [a.headers.get("X-RateLimit-Remaining") for a in answers] == ["2", "1", "0", "0"]
@@ -136,8 +141,11 @@ async def test_rate_limit_with_headers_and_recovery(gateway_factory: GatewayFact
     assert "rate limit of 3 requests per 10 s reached for alice" in limited.json()["detail"]
     for _ in range(5):  # admins are exempt by default
         assert (await gw.chat("demo", token=gw.admin_token)).status_code == 200
-    await asyncio.sleep(int(limited.headers["Retry-After"]) + 0.1)
-    assert (await gw.chat("demo", "again")).status_code == 200  # a new window
+    # refused until the window ends (a refusal is not counted), then served again
+    again = await eventually(
+        lambda: gw.chat("demo", "again"), lambda r: r.status_code == 200, "a new rate-limit window", 15
+    )
+    assert again.headers["X-RateLimit-Remaining"] == "2"
     # the counter is shared through the database: another instance sees the same window
     assert gw.gateway.rate_limiter is not None
     await gw.gateway.rate_limiter.sync()

@@ -9,7 +9,7 @@ from typing import Any
 
 import psutil
 
-from tests.conftest import GatewayClient, GatewayFactory, stub
+from tests.conftest import GatewayClient, GatewayFactory, eventually, stub
 
 FAST_HEALTH = {
     "health_interval": 0.05,
@@ -33,15 +33,7 @@ async def _model(gw: GatewayClient, name: str) -> dict[str, Any]:
 
 
 async def _until_model(gw: GatewayClient, name: str, check: Any, timeout_s: float = 20.0) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    seen: dict[str, Any] = {}
-    while loop.time() < deadline:
-        seen = await _model(gw, name)
-        if check(seen):
-            return seen
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"model {name} never matched; last {seen}")
+    return await eventually(lambda: _model(gw, name), check, f"model {name} state change", timeout_s)
 
 
 def _alive(pid: int) -> bool:
