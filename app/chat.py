@@ -47,22 +47,9 @@ class ChatService:
         idempotency_key: str | None,
     ) -> Doc:
         """Return the job's terminal document (the API turns failures into errors)."""
-        model, body = self._model_and_body(principal, request)
-        if idempotency_key is not None:
-            existing = await self._queue.find_existing(principal.subject, idempotency_key)
-            if existing is not None:
-                return await self._replay(existing, model, body)
-        self._engines.ensure_servable(model)
-        sub = self._submission(principal, model, body, client_id, priority, idempotency_key=idempotency_key)
-        try:
-            doc = await self._queue.admit(sub, self._dispatchers[model].direct_start())
-        except DuplicateKey:
-            # the same key was admitted by a concurrent request a moment ago: share its job
-            assert idempotency_key is not None
-            existing = await self._queue.find_existing(principal.subject, idempotency_key)
-            if existing is None:
-                raise
-            return await self._replay(existing, model, body)
+        doc, admitted = await self._admit_once(principal, request, client_id, priority, idempotency_key)
+        if not admitted and JobState(doc["state"]).terminal:
+            return doc  # a repeated key: the same job's outcome, never a second inference
         return await self._queue.wait(doc)
 
     async def submit(
@@ -74,23 +61,36 @@ class ChatService:
         idempotency_key: str | None,
     ) -> Doc:
         """Admit without waiting (POST /api/jobs); a repeated key returns the job it made."""
+        doc, admitted = await self._admit_once(principal, request, client_id, priority, idempotency_key)
+        if admitted:
+            self._queue.detach(doc["_id"])
+        return doc
+
+    async def _admit_once(
+        self,
+        principal: Principal,
+        request: Doc,
+        client_id: str,
+        priority: Priority,
+        idempotency_key: str | None,
+    ) -> tuple[Doc, bool]:
+        """The job for this request: newly admitted (True), or the one its Idempotency-Key made."""
         model, body = self._model_and_body(principal, request)
         if idempotency_key is not None:
             existing = await self._queue.find_existing(principal.subject, idempotency_key)
             if existing is not None:
-                return self._same_request(existing, model, body)
+                return self._same_request(existing, model, body), False
         self._engines.ensure_servable(model)
         sub = self._submission(principal, model, body, client_id, priority, idempotency_key=idempotency_key)
         try:
-            doc = await self._queue.admit(sub, self._dispatchers[model].direct_start())
+            return await self._queue.admit(sub, self._dispatchers[model].direct_start()), True
         except DuplicateKey:
+            # the same key was admitted by a concurrent request a moment ago: share its job
             assert idempotency_key is not None
             existing = await self._queue.find_existing(principal.subject, idempotency_key)
             if existing is None:
                 raise
-            return self._same_request(existing, model, body)
-        self._queue.detach(doc["_id"])
-        return doc
+            return self._same_request(existing, model, body), False
 
     async def start_stream(
         self, principal: Principal, request: Doc, client_id: str, priority: Priority
@@ -186,11 +186,6 @@ class ChatService:
         if existing.get("request_hash") != request_fingerprint(model, body):
             raise IdempotencyConflict(existing["_id"])
         return existing
-
-    async def _replay(self, existing: Doc, model: str, body: Doc) -> Doc:
-        """A repeated Idempotency-Key: the same job's outcome, never a second inference."""
-        self._same_request(existing, model, body)
-        return existing if JobState(existing["state"]).terminal else await self._queue.wait(existing)
 
     async def job(self, principal: Principal, job_id: str) -> Doc | None:
         doc = await self._queue.store.get(job_id)
