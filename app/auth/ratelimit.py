@@ -122,7 +122,10 @@ class RateLimiter:
         for key in [k for k in self._windows if k[1] < current]:
             del self._windows[key]  # past windows: nothing more to enforce
         for (subject, index), window in list(self._windows.items()):
-            count, window.unsynced = window.unsynced, 0
+            # The count stays in `unsynced` until the shared counter includes it: zeroing it
+            # before the await would let requests during the round trip see a window that
+            # looks empty.
+            count = window.unsynced
             doc = await self._counters.find_one_and_update(
                 {"_id": f"{subject}|{index}"},
                 {
@@ -134,4 +137,5 @@ class RateLimiter:
                 upsert=True,
                 return_document=ReturnDocument.AFTER,
             )
+            window.unsynced -= count
             window.synced = int(doc["count"]) if doc else window.synced + count

@@ -11,7 +11,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from app.auth.ratelimit import RateLimiter
+from app.auth.tokens import Principal
 from app.clock import ManualClock
+from app.errors import RateLimited
 from app.queue.jobs import Submission, build_document
 from app.queue.priority import Priority
 from app.queue.retry import RetryPolicy
@@ -216,3 +219,24 @@ async def test_a_worker_that_lost_its_lease_cannot_finish_the_job(
     assert final is not None
     assert final["state"] == "succeeded"
     assert final["result"]["message"]["content"] == "fresh"
+
+
+async def test_rate_limit_counts_requests_made_while_a_sync_is_in_flight(database: Database) -> None:
+    """Regression: the sync zeroed the local count before its round trip, so a request made
+    during it saw an empty window and passed a limit of 1 (CI failure, test_api_key_own_rate_limit)."""
+    clock = ManualClock()
+    limiter = RateLimiter(database.rate_limits, clock, 1, 60, [])
+    caller = Principal(subject="svc", role="client")
+    limiter.hit(caller)
+    sync = asyncio.create_task(limiter.sync())
+    await asyncio.sleep(0)  # the sync's update is now on the wire
+    with pytest.raises(RateLimited):
+        limiter.hit(caller)
+    await sync
+    with pytest.raises(RateLimited):
+        limiter.hit(caller)
+    other = RateLimiter(database.rate_limits, clock, 1, 60, [])  # another instance
+    other.hit(caller)  # the documented overshoot: it has not synced yet
+    await other.sync()
+    with pytest.raises(RateLimited):  # now it knows both instances' requests
+        other.hit(caller)
