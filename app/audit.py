@@ -11,11 +11,12 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING
+from pymongo import DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 
 from app.clock import Clock
 from app.logs import event
+from app.store.ttl import ensure_ttl_index
 
 Doc = dict[str, Any]
 log = logging.getLogger("gateway.audit")
@@ -28,7 +29,7 @@ class AuditLog:
         self._retention = timedelta(days=retention_days)
 
     async def ensure_indexes(self) -> None:
-        await self._audit.create_index([("expire_at", ASCENDING)], name="audit_ttl", expireAfterSeconds=0)
+        await ensure_ttl_index(self._audit, "audit_ttl")
         await self._audit.create_index([("at", DESCENDING)], name="audit_recent")
 
     async def record(self, actor: str, action: str, target: str, **details: Any) -> None:
@@ -59,6 +60,3 @@ class AuditLog:
             {**{k: v for k, v in doc.items() if k not in ("_id", "expire_at")}, "id": str(doc["_id"])}
             async for doc in cursor
         ]
-
-    async def prune(self) -> int:
-        return (await self._audit.delete_many({"expire_at": {"$lt": self._clock.now()}})).deleted_count

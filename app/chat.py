@@ -9,20 +9,52 @@ from typing import Any
 from app.auth.tokens import Principal
 from app.dispatch.dispatcher import ModelDispatcher
 from app.engines.manager import EngineManager
-from app.errors import IdempotencyConflict, JobAlreadyFinished, JobNotFound, PermissionDenied
+from app.errors import (
+    JobAlreadyFinished,
+    JobNotFound,
+    ModelUnavailable,
+    PermissionDenied,
+    UnknownModel,
+)
+from app.history.missing import MissingModels
 from app.models import ModelRegistry
-from app.queue.jobs import Doc, JobState, Submission, request_fingerprint
+from app.queue.idempotency import admit_or_reuse
+from app.queue.jobs import Doc, JobState, ListingCursor, Submission, request_fingerprint
 from app.queue.priority import Priority
 from app.queue.service import JobQueue
-from app.store.batch import DuplicateKey
 
 
-def resolve_for(registry: ModelRegistry, principal: Principal, label: str) -> str:
-    """The model's canonical name, if this caller may use it (API keys can be model-scoped)."""
-    model = registry.resolve(label)
+def resolve_for(
+    registry: ModelRegistry,
+    principal: Principal,
+    label: str,
+    missing: MissingModels | None = None,
+    client_id: str = "",
+) -> str:
+    """The model's canonical name, if this caller may use it (API keys can be model-scoped).
+    An unknown name is recorded as a missing model (operators see what clients expect)."""
+    try:
+        model = registry.resolve(label)
+    except UnknownModel:
+        if missing is not None:
+            missing.record(label, client_id, configured=False)
+        raise
     if not principal.may_use(model):
         raise PermissionDenied(f"this API key may not use model {model!r}")
     return model
+
+
+def ensure_servable(
+    engines: EngineManager, model: str, missing: MissingModels | None, client_id: str
+) -> None:
+    """Admission's check that the model is (or is becoming) loaded; a refusal is demand that
+    leaves no job behind, so it is recorded for auto-switch."""
+    try:
+        engines.ensure_servable(model)
+    except ModelUnavailable:
+        if missing is not None:
+            missing.record(model, client_id, configured=True)
+        raise
 
 
 class ChatService:
@@ -32,11 +64,13 @@ class ChatService:
         engines: EngineManager,
         queue: JobQueue,
         dispatchers: dict[str, ModelDispatcher],
+        missing: MissingModels | None = None,
     ) -> None:
         self._registry = registry
         self._engines = engines
         self._queue = queue
         self._dispatchers = dispatchers
+        self._missing = missing
 
     async def complete(
         self,
@@ -75,38 +109,33 @@ class ChatService:
         idempotency_key: str | None,
     ) -> tuple[Doc, bool]:
         """The job for this request: newly admitted (True), or the one its Idempotency-Key made."""
-        model, body = self._model_and_body(principal, request)
-        if idempotency_key is not None:
-            existing = await self._queue.find_existing(principal.subject, idempotency_key)
-            if existing is not None:
-                return self._same_request(existing, model, body), False
-        self._engines.ensure_servable(model)
-        sub = self._submission(principal, model, body, client_id, priority, idempotency_key=idempotency_key)
-        try:
-            return await self._queue.admit(sub, self._dispatchers[model].direct_start()), True
-        except DuplicateKey:
-            # the same key was admitted by a concurrent request a moment ago: share its job
-            assert idempotency_key is not None
-            existing = await self._queue.find_existing(principal.subject, idempotency_key)
-            if existing is None:
-                raise
-            return self._same_request(existing, model, body), False
+        model, body = self._model_and_body(principal, request, client_id)
+
+        async def admit() -> Doc:
+            ensure_servable(self._engines, model, self._missing, client_id)
+            sub = self._submission(
+                principal, model, body, client_id, priority, idempotency_key=idempotency_key
+            )
+            return await self._queue.admit(sub, self._dispatchers[model].direct_start())
+
+        fingerprint = request_fingerprint(model, body)
+        return await admit_or_reuse(self._queue, principal.subject, idempotency_key, fingerprint, admit)
 
     async def start_stream(
         self, principal: Principal, request: Doc, client_id: str, priority: Priority
     ) -> tuple[Doc, asyncio.Queue[tuple[str, Any]]]:
         """Admit a streamed job pinned to this instance; its events arrive on the returned queue."""
-        model, body = self._model_and_body(principal, request)
-        self._engines.ensure_servable(model)
+        model, body = self._model_and_body(principal, request, client_id)
+        ensure_servable(self._engines, model, self._missing, client_id)
         sub = self._submission(principal, model, body, client_id, priority, pinned_to=self._queue.worker_id)
         doc = await self._queue.admit(sub, self._dispatchers[model].direct_start())
         sink = self._queue.sink(doc["_id"])
         assert sink is not None
         return doc, sink
 
-    def _model_and_body(self, principal: Principal, request: Doc) -> tuple[str, Doc]:
+    def _model_and_body(self, principal: Principal, request: Doc, client_id: str) -> tuple[str, Doc]:
         """The canonical model name, and what the engine gets (the model is set per engine)."""
-        model = resolve_for(self._registry, principal, str(request["model"]))
+        model = resolve_for(self._registry, principal, str(request["model"]), self._missing, client_id)
         return model, {k: v for k, v in request.items() if k != "model" and v is not None}
 
     def _submission(
@@ -169,6 +198,7 @@ class ChatService:
         model: str | None,
         before: datetime | None,
         limit: int,
+        after: ListingCursor | None = None,
     ) -> list[Doc]:
         """The caller's own jobs, newest first; admins see everyone's."""
         return await self._queue.store.listing(
@@ -177,15 +207,11 @@ class ChatService:
             model=self._registry.resolve(model) if model else None,
             before=before,
             limit=limit,
+            after=after,
         )
 
     async def position(self, doc: Doc) -> int | None:
         return await self._queue.position(doc)
-
-    def _same_request(self, existing: Doc, model: str, body: Doc) -> Doc:
-        if existing.get("request_hash") != request_fingerprint(model, body):
-            raise IdempotencyConflict(existing["_id"])
-        return existing
 
     async def job(self, principal: Principal, job_id: str) -> Doc | None:
         doc = await self._queue.store.get(job_id)

@@ -33,6 +33,15 @@ class InvalidRequest(GatewayError):
         self.param = param
 
 
+class InvalidJson(InvalidRequest):
+    """A body that should be JSON does not parse as JSON."""
+
+    code = "invalid_json"
+
+    def __init__(self, message: str = "request body is not valid JSON") -> None:
+        super().__init__(message)
+
+
 class AuthenticationFailed(GatewayError):
     """Credentials are missing, malformed, forged, expired or wrong."""
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from app import __version__
 from app.audit import AuditLog
 from app.auth.api_keys import ApiKeyService
 from app.auth.ratelimit import RateLimiter
 from app.auth.throttle import LoginThrottle
 from app.auth.tokens import TokenService
 from app.auth.users import UserService
+from app.autoswitch.switcher import Switcher
 from app.chat import ChatService
 from app.clock import Clock
 from app.dispatch.dispatcher import ModelDispatcher
@@ -20,7 +23,10 @@ from app.dispatch.workload import DispatchWorkload
 from app.engines.crashes import CrashLog
 from app.engines.gpus import GIB, GpuInfo, GpuInventory, NvmlInventory, StaticInventory
 from app.engines.manager import EngineManager
+from app.history.missing import MissingModels
+from app.history.usage import UsageRollup
 from app.logs import event
+from app.metrics import GatewayState, LoopLagMonitor, Metrics, build_metrics
 from app.models import ModelRegistry
 from app.ocr.pages import PageStore
 from app.ocr.resolution import DefaultResolution
@@ -38,8 +44,10 @@ from app.settings import EngineDefaults, Settings, check_secret, redact_uri
 from app.store.batch import BatchWriter
 from app.store.database import Database, connect, ensure_indexes
 from app.store.embedded import EmbeddedDatabase
+from app.store.ttl import prune_expired
 
 log = logging.getLogger("gateway")
+AUTOSWITCH_JOB = "autoswitch"
 
 
 @dataclass
@@ -68,6 +76,12 @@ class Gateway:
     rate_limiter: RateLimiter | None = None
     chat: ChatService | None = None
     ocr: OcrService | None = None
+    usage: UsageRollup | None = None
+    missing: MissingModels | None = None
+    switcher: Switcher | None = None
+    _history_pruner: HistoryPruner | None = None
+    metrics: Metrics = field(default_factory=Metrics)  # the no-op unless build() enables them
+    loop_lag: LoopLagMonitor | None = None
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock) -> Gateway:
@@ -82,12 +96,16 @@ class Gateway:
             clock,
         )
         throttle = LoginThrottle(clock, auth.login_max_failures, auth.login_window_seconds)
+        worker_id = make_worker_id()
+        capacities = {name: (m.max_concurrent, m.max_waiting) for name, m in settings.models.items()}
         return cls(
             settings=settings,
             clock=clock,
             registry=ModelRegistry(settings.models),
             tokens=tokens,
             login_throttle=throttle,
+            worker_id=worker_id,
+            metrics=build_metrics(settings.metrics.enabled, clock, capacities, __version__, worker_id),
         )
 
     async def start(self) -> None:
@@ -103,7 +121,7 @@ class Gateway:
             uri = await self.embedded.start()
         self.database = db = await connect(uri, s.database.name, s.database.write_concern)
         await ensure_indexes(db)
-        self.writer = BatchWriter(db.jobs, s.database.batch_max_ops)
+        self.writer = BatchWriter(db.jobs, s.database.batch_max_ops, self.metrics)
         self.writer.start()
         store = JobStore(
             db.jobs,
@@ -122,6 +140,7 @@ class Gateway:
             s.queue.lease_seconds,
             s.queue.poll_interval_seconds,
             self.counters,
+            self.metrics,
         )
         await queue.load_slots()
         self.users = UserService(db.users, self.clock)
@@ -130,13 +149,29 @@ class Gateway:
         await self.audit.ensure_indexes()
         limits = s.rate_limit
         self.rate_limiter = RateLimiter(
-            db.rate_limits, self.clock, limits.per_minute, limits.window_seconds, list(limits.exempt_roles)
+            db.rate_limits,
+            self.clock,
+            limits.per_minute,
+            limits.window_seconds,
+            list(limits.exempt_roles),
+            metrics=self.metrics,
         )
         await self.rate_limiter.ensure_indexes()
         self.rate_limiter.start()
         await self.engine_client.start()
         crash_log = CrashLog(db.crash_logs, self.clock, s.history.retention_days)
         await crash_log.ensure_indexes()
+        self.missing = MissingModels(db.missing_models, self.clock, s.history.retention_days)
+        await self.missing.ensure_indexes()
+        self.usage = UsageRollup(
+            db.jobs,
+            db.usage,
+            db.runtime_settings,
+            self.clock,
+            s.history.retention_days,
+            settle_s=s.history.rollup_settle_seconds,
+        )
+        await self.usage.ensure_indexes()
         self.engines = engines = EngineManager(
             s.models,
             s.engines,
@@ -146,6 +181,7 @@ class Gateway:
             self.clock,
             s.log_dir,
             gpu_inventory(s.engines),
+            self.metrics,
         )
         retry = RetryPolicy(
             s.queue.max_retries, s.queue.retry_backoff_seconds, s.queue.retry_backoff_max_seconds
@@ -165,6 +201,7 @@ class Gateway:
                 s.queue.poll_interval_seconds,
                 engine_suspect=lambda name=name: engines.check_process(name),  # type: ignore[misc]
                 ocr=ocr_runner,
+                metrics=self.metrics,
             )
             self.dispatchers[name] = dispatcher
             queue.on_backlog(name, dispatcher.note_backlog)
@@ -172,22 +209,43 @@ class Gateway:
         engines.attach(DispatchWorkload(queue, self.dispatchers))
         self.sweeper = sweeper = Sweeper(queue, retry, self._local_running)
         await sweeper.sweep()  # recover what a crashed predecessor left running
+        self.switcher = switcher = Switcher(
+            s.autoswitch,
+            engines,
+            store,
+            self.usage,
+            self.missing,
+            db.autoswitch_decisions,
+            db.runtime_settings,
+            db.leaders,
+            self.clock,
+            self.worker_id,
+            s.history.retention_days,
+        )
+        await switcher.start()
+        self.missing.on_configured_miss(switcher.note_miss)
         scheduler = self.scheduler
         scheduler.every(s.queue.sweep_interval_seconds, "queue-sweep", sweeper.sweep)
         scheduler.every(s.queue.heartbeat_seconds, "lease-heartbeat", sweeper.heartbeat)
         scheduler.every(2.0, "outcome-counters", self.counters.flush, run_at_stop=True)
-        if self.embedded is not None:  # its own TTL monitor is off (see app/queue/history.py)
-            scheduler.every(60.0, "history-prune", HistoryPruner(store, self.clock).prune)
-            scheduler.every(3600.0, "crash-log-prune", crash_log.prune)
-            scheduler.every(3600.0, "audit-prune", self.audit.prune)
-            scheduler.every(3600.0, "ocr-pages-prune", lambda: pages.prune(self.clock.now()))
+        scheduler.every(s.history.rollup_interval_seconds, "usage-rollup", self.usage.roll)
+        scheduler.every(switcher.config.interval_s, AUTOSWITCH_JOB, switcher.run_scheduled)
+        prune = s.history.prune
+        if prune == "on" or (prune == "auto" and self.embedded is not None):  # see app/store/ttl.py
+            self._history_pruner = HistoryPruner(store, self.clock)
+            scheduler.every(s.history.prune_interval_seconds, "history-prune", self.prune_expired)
         scheduler.start()
+        if self.metrics.enabled:
+            self.loop_lag = LoopLagMonitor(self.metrics, self.clock)
+            self.loop_lag.start()
         for dispatcher in self.dispatchers.values():
             dispatcher.start()
         await engines.start_all()
-        self.chat = ChatService(self.registry, engines, queue, self.dispatchers)
+        self.chat = ChatService(self.registry, engines, queue, self.dispatchers, self.missing)
         resolution = DefaultResolution(db.runtime_settings, s.ocr.default_resolution)
-        self.ocr = OcrService(self.registry, engines, queue, self.dispatchers, pages, resolution, s.ocr)
+        self.ocr = OcrService(
+            self.registry, engines, queue, self.dispatchers, pages, resolution, s.ocr, self.missing
+        )
         event(
             log,
             "gateway.started",
@@ -202,6 +260,43 @@ class Gateway:
 
         return url
 
+    async def metrics_state(self) -> GatewayState:
+        """What the /metrics gauges show now: the shared queue's depth (one read of the active
+        jobs, at most max_concurrent + max_waiting per model), this instance's in-flight calls,
+        engine states, and GPUs where the inventory reports them (NVML off the event loop)."""
+        depth: dict[tuple[str, str], int] | None = None
+        if self.queue is not None:
+            try:
+                depth = await self.queue.depth()
+            except Exception as exc:  # the database being away must not fail the whole scrape
+                event(log, "metrics.queue_depth_failed", logging.WARNING, error=repr(exc))
+        engines = self.engines
+        gpus = await asyncio.to_thread(engines.inventory.snapshot) if engines is not None else []
+        return GatewayState(
+            queue_depth=depth,
+            in_flight={name: d.in_flight for name, d in self.dispatchers.items()},
+            engine_states={n: e.state.value for n, e in engines.engines.items()} if engines else {},
+            gpus=gpus,
+        )
+
+    async def prune_expired(self) -> int:
+        """What a TTL monitor would delete (embedded database): jobs in bounded batches, then
+        the small history collections."""
+        assert self.database is not None and self._history_pruner is not None
+        db, now = self.database, self.clock.now()
+        deleted = await self._history_pruner.prune()
+        for collection in (
+            db.crash_logs,
+            db.audit,
+            db.ocr_pages,
+            db.missing_models,
+            db.usage,
+            db.autoswitch_decisions,
+            db.rate_limits,
+        ):
+            deleted += await prune_expired(collection, now)
+        return deleted
+
     def _local_running(self) -> list[str]:
         return [job for d in self.dispatchers.values() for job in d.running_ids()]
 
@@ -211,6 +306,12 @@ class Gateway:
         for dispatcher in self.dispatchers.values():
             await dispatcher.stop()
         await self.scheduler.stop()
+        if self.switcher:
+            await self.switcher.stop()
+        if self.missing:
+            await self.missing.drain()
+        if self.loop_lag is not None:
+            await self.loop_lag.stop()
         if self.rate_limiter:
             await self.rate_limiter.stop()
         if self.writer:
@@ -236,6 +337,7 @@ def gpu_inventory(engines: EngineDefaults) -> GpuInventory:
             total_bytes=int(gpu.total_gib * GIB),
             free_bytes=int(gpu.free_gib * GIB),
             used_bytes=int((gpu.total_gib - gpu.free_gib) * GIB),
+            utilization=gpu.utilization,
         )
         for i, gpu in enumerate(engines.fake_gpus)
     ]

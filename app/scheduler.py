@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -49,6 +50,11 @@ class Scheduler:
         )
         if run_at_stop:
             self._final.append(job)
+
+    def next_run(self, name: str) -> datetime | None:
+        """When the job `name` runs next (None before start or if there is no such job)."""
+        job = self._scheduler.get_job(name)
+        return job.next_run_time if job is not None and self._scheduler.running else None
 
     def start(self) -> None:
         self._scheduler.start()

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from app.autoswitch.policy import PolicyConfig
 from app.errors import ConfigError
 
 EngineKind = Literal["stub", "vllm", "deepseek_ocr", "cpu_ocr"]
@@ -88,6 +89,53 @@ class HistorySettings(_Strict):
     retention_days: float = Field(15, gt=0)
     store_prompts: bool = True
     store_outputs: bool = True
+    rollup_interval_seconds: float = Field(60.0, gt=0, description="how often usage rollups are updated")
+    prune: Literal["auto", "on", "off"] = Field(
+        "auto", description="the gateway deletes expired history itself; auto = on the embedded database"
+    )
+    prune_interval_seconds: float = Field(60.0, gt=0, description="how often, when it does")
+    rollup_settle_seconds: float = Field(
+        7200.0, gt=0, description="hours older than this are final in the rollups (jobs have ended)"
+    )
+
+
+class AutoSwitchSettings(_Strict):
+    """Auto-switch (DESIGN §7). The policy's thresholds are app.autoswitch.policy.PolicyConfig's
+    fields, validated by it; the defaults of the threshold mode match the system we re-implement."""
+
+    enabled: bool = Field(False, description="at start; POST /admin/autoswitch changes it at run time")
+    models: list[str] | None = Field(
+        None, description="models auto-switch may start and stop; default every GPU-kind model"
+    )
+    slots: int | None = Field(
+        None, ge=1, description="capacity as a number of models at once instead of GPU memory"
+    )
+    mode: Literal["forecast", "threshold"] = "forecast"
+    interval_s: float = 300.0
+    miss_delay_s: float = 30.0
+    cooldown_s: float = 300.0
+    window_days: int = 7
+    min_requests: int = 10
+    min_share: float = 0.6
+    horizon_s: float = 1800.0
+    recent_window_s: float = 900.0
+    seasonal_weight: float = 0.5
+    weekly_weight: float = 0.6
+    hysteresis: float = 0.25
+    min_gain: float = 4.0
+    waiting_weight: float = 1.0
+    min_free_start: float = 0.5
+    default_load_s: float = 60.0
+    exact_limit: int = 12
+
+    @model_validator(mode="after")
+    def _valid_policy(self) -> AutoSwitchSettings:
+        self.policy()  # raises ValueError with the field's name
+        return self
+
+    def policy(self) -> PolicyConfig:
+        fields = self.model_dump(exclude={"enabled", "models", "slots"})
+        return PolicyConfig(**fields)
 
 
 class FakeGpu(_Strict):
@@ -96,6 +144,7 @@ class FakeGpu(_Strict):
     name: str = "fake-gpu"
     total_gib: float = Field(..., gt=0)
     free_gib: float = Field(..., ge=0)
+    utilization: float | None = Field(None, ge=0, le=1, description="busy share shown by /metrics")
 
 
 class EngineDefaults(_Strict):
@@ -166,6 +215,23 @@ class OcrSettings(_Strict):
     default_model: str | None = Field(None, description="used when a request names none")
 
 
+class MetricsSettings(_Strict):
+    """GET /metrics. Who may scrape: `localhost` = clients on 127.0.0.1 / ::1 without
+    credentials, anyone else with admin credentials or the metrics token; `token` = always
+    admin credentials or the token; `open` = anyone (only behind a network that limits it)."""
+
+    enabled: bool = True
+    auth: Literal["localhost", "token", "open"] = "localhost"
+    token: str = Field("", description="bearer token for scrapers (GATEWAY_METRICS_TOKEN); empty = none")
+
+    @field_validator("token")
+    @classmethod
+    def _token_strength(cls, token: str) -> str:
+        if token and len(token) < 16:
+            raise ValueError("must be at least 16 characters (generate one with `openssl rand -hex 24`)")
+        return token
+
+
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     data_dir: Path = Path("data")
@@ -176,6 +242,8 @@ class Settings(_Strict):
     history: HistorySettings = HistorySettings()
     engines: EngineDefaults = EngineDefaults()
     ocr: OcrSettings = OcrSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    autoswitch: AutoSwitchSettings = AutoSwitchSettings()
     models: dict[str, ModelSettings] = {}
 
     @model_validator(mode="after")
@@ -190,6 +258,13 @@ class Settings(_Strict):
                 seen[label] = name
         return self
 
+    @model_validator(mode="after")
+    def _autoswitch_models_known(self) -> Settings:
+        for name in self.autoswitch.models or []:
+            if name not in self.models:
+                raise ValueError(f"autoswitch.models names {name!r}, which is not a configured model")
+        return self
+
     @property
     def log_dir(self) -> Path:
         return self.data_dir / "logs"
@@ -202,6 +277,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "GATEWAY_LOG_LEVEL": ("server", "log_level"),
     "MONGODB_URI": ("database", "uri"),
     "GATEWAY_JWT_SECRET": ("auth", "jwt_secret"),
+    "GATEWAY_METRICS_TOKEN": ("metrics", "token"),
 }
 
 
@@ -210,7 +286,13 @@ def redact_uri(uri: str) -> str:
     return re.sub(r"//[^@/]*@", "//***@", uri)
 
 
-SECRET_ENV = ("GATEWAY_JWT_SECRET", "MONGODB_URI", "GATEWAY_ADMIN_PASSWORD", "GATEWAY_USER_PASSWORD")
+SECRET_ENV = (
+    "GATEWAY_JWT_SECRET",
+    "MONGODB_URI",
+    "GATEWAY_ADMIN_PASSWORD",
+    "GATEWAY_USER_PASSWORD",
+    "GATEWAY_METRICS_TOKEN",
+)
 
 
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:

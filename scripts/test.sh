@@ -10,10 +10,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 ./scripts/install_deps.sh dev
 
-# Debian tools the shell API scripts use (curl, jq); install only what is missing.
+# Debian tools the shell API scripts use (curl, jq) and the browser the dashboard tests drive
+# (chromium, through Playwright: Playwright's own browser downloads are never used); install
+# only what is missing.
 missing=()
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -8,6 +8,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
+from app.clock import Clock, SystemClock
 from app.errors import InvalidRequest
 from app.gateway import Gateway
 from app.main import create_app
@@ -94,6 +96,20 @@ def stub(*args: str, **fields: Any) -> dict[str, Any]:
 T = TypeVar("T")
 
 
+class ShiftedClock(SystemClock):
+    """Real time that a test can move forward (cooldowns, windows) while durations, which
+    use the monotonic clock, stay real."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def now(self) -> datetime:
+        return super().now() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += timedelta(seconds=seconds)
+
+
 async def eventually(
     probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], what: str, timeout_s: float = 20.0
 ) -> T:
@@ -164,9 +180,9 @@ GatewayFactory = Callable[..., Awaitable[GatewayClient]]
 async def gateway_factory(mongo_uri: str, tmp_path: Path) -> AsyncIterator[GatewayFactory]:
     managers: list[tuple[LifespanManager, httpx.AsyncClient]] = []
 
-    async def factory(models: dict[str, Any], **sections: Any) -> GatewayClient:
+    async def factory(models: dict[str, Any], clock: Clock | None = None, **sections: Any) -> GatewayClient:
         settings = make_settings(mongo_uri, tmp_path / f"data{len(managers)}", models, **sections)
-        app = create_app(settings)
+        app = create_app(settings, clock)
         manager = LifespanManager(app, startup_timeout=60, shutdown_timeout=60)
         await manager.__aenter__()
         http = httpx.AsyncClient(

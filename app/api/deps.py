@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import Depends, Header, Request, Response
+from fastapi import Depends, Header, Request
 
+from app.api.hardening import RATE_LIMIT_STATE
 from app.auth.api_keys import PREFIX as API_KEY_PREFIX
 from app.auth.tokens import Principal
 from app.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
@@ -28,18 +29,21 @@ async def gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(gateway)]
 
 
-async def principal(request: Request, response: Response, gw: GatewayDep) -> Principal:
+async def principal(request: Request, gw: GatewayDep) -> Principal:
     """The caller, from a JWT or an API key (`Bearer agw_...` or `X-API-Key`), then counted
-    against its rate limit (the X-RateLimit-* headers go on the answer)."""
-    caller = await _authenticate(request, gw)
+    against its rate limit. The X-RateLimit-* headers are left in the request's state for the
+    Hardening middleware, which puts them on whatever answer the request gets: a JSON body, a
+    Response a route builds itself (an event stream), or an error raised after this point."""
+    caller = await authenticate(request, gw)
     assert gw.rate_limiter is not None
     state = gw.rate_limiter.hit(caller)
     if state is not None:
-        response.headers.update(state.headers())
+        setattr(request.state, RATE_LIMIT_STATE, state.headers())
     return caller
 
 
-async def _authenticate(request: Request, gw: Gateway) -> Principal:
+async def authenticate(request: Request, gw: Gateway) -> Principal:
+    """Who the credentials name, without counting a request against a rate limit."""
     assert gw.api_keys is not None and gw.users is not None
     api_key = request.headers.get("x-api-key")
     header = request.headers.get("authorization")

@@ -43,6 +43,17 @@ _STATUS: list[tuple[type[errors.GatewayError], int]] = [
     (errors.ConfigError, 500),
 ]
 
+# Codes for errors the framework raises itself (Starlette's HTTPException), by status.
+_HTTP_CODES = {
+    400: errors.InvalidRequest.code,
+    401: errors.AuthenticationFailed.code,
+    403: errors.PermissionDenied.code,
+    404: errors.NotFound.code,
+    405: "method_not_allowed",
+    413: errors.BodyTooLarge.code,
+    429: errors.RateLimited.code,
+}
+
 # Engine answers that describe the client's own request pass through; an engine 401/403/404
 # would make a client blame its token or the model name, so those become 502.
 _ENGINE_PASSTHROUGH = frozenset({400, 413, 422})
@@ -138,7 +149,7 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = exc.errors()
         if any(p.get("type") == "json_invalid" for p in problems):
-            return render(request, 400, "request body is not valid JSON", "invalid_json")
+            return error_response(request, errors.InvalidJson())
         detail = [
             {"loc": list(p.get("loc", ())), "msg": str(p.get("msg", "")), "type": str(p.get("type", ""))}
             for p in problems
@@ -149,7 +160,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        """The framework's own refusals (no such route, wrong method, a form it cannot parse)
+        carry the same codes as the gateway's errors of the same status."""
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
         return render(request, exc.status_code, exc.detail, code, headers=exc.headers)
 
     @app.exception_handler(PyMongoError)

@@ -4,6 +4,8 @@ Security headers on every answer (the API serves JSON and event streams, never p
 browser should render or frame), and JSON bodies capped at `server.max_body_bytes`: refused
 from Content-Length before a byte is read, or with 413 the moment a chunked body passes it.
 Document uploads have their own, larger limit (checked by the OCR routes while reading).
+The caller's X-RateLimit-* headers, left in the request state by authentication, go on every
+answer that does not carry its own (a 429 does), whatever the route returned.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import BodyTooLarge
+
+RATE_LIMIT_STATE = "rate_limit_headers"  # request.state attribute: {header: value}
 
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -39,12 +43,17 @@ class Hardening:
             await _refuse(send, self.max_body_bytes, int(declared))
             return
 
+        state: dict[str, object] = scope.setdefault("state", {})
+
         async def send_hardened(message: Message) -> None:
             if message["type"] == "http.response.start":
                 names = {name.lower() for name, _ in message.get("headers", [])}
                 extra = [(n, v) for n, v in SECURITY_HEADERS if n not in names]
                 if b"cache-control" not in names:
                     extra.append((b"cache-control", b"no-store"))
+                rate = state.get(RATE_LIMIT_STATE)
+                if isinstance(rate, dict) and b"x-ratelimit-limit" not in names:
+                    extra += [(str(n).lower().encode(), str(v).encode()) for n, v in rate.items()]
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 

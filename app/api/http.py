@@ -9,7 +9,18 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import errors, routes_access, routes_admin, routes_chat, routes_ocr, routes_public, routes_v1
+from app.api import (
+    errors,
+    routes_access,
+    routes_admin,
+    routes_chat,
+    routes_metrics,
+    routes_ocr,
+    routes_public,
+    routes_ui,
+    routes_usage,
+    routes_v1,
+)
 from app.api.hardening import Hardening
 from app.gateway import Gateway
 
@@ -31,7 +42,10 @@ def build_http_app(gateway: Gateway) -> FastAPI:
     app.include_router(routes_ocr.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_access.router)
+    app.include_router(routes_usage.router)
     app.include_router(routes_v1.router)
+    app.include_router(routes_metrics.router)
+    app.include_router(routes_ui.router)  # the /ui dashboard: static files, a client of the API above
     server = gateway.settings.server
     if server.cors_origins:  # off unless an operator names the browser origins to allow
         app.add_middleware(

@@ -6,15 +6,13 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 
 from app.api.deps import GatewayDep, PrincipalDep, client_id, idempotency_key
 from app.api.routes_ocr import read_ocr_request
-from app.api.schemas import ChatRequest, JobRequest
+from app.api.schemas import ChatRequest, JobRequest, parse_json_body
 from app.api.views import chat_answer, job_view
 from app.errors import InvalidRequest, JobNotFound
-from app.queue.jobs import JobState
+from app.queue.jobs import JobState, ListingCursor
 from app.queue.priority import Priority
 
 router = APIRouter()
@@ -61,10 +59,7 @@ async def submit_job(
         ask = await read_ocr_request(request, gw.settings.ocr.max_upload_bytes, x_resolution)
         doc = await gw.ocr.submit(user, ask, client, priority, key, wait=False)
     else:
-        try:
-            body = JobRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise RequestValidationError(exc.errors()) from None
+        body = parse_json_body(JobRequest, await request.body())
         doc = await gw.chat.submit(user, body.engine_request(), client, priority, key)
     location = f"/api/jobs/{doc['_id']}"
     response.headers["Location"] = location
@@ -77,17 +72,29 @@ async def list_jobs(
     user: PrincipalDep,
     state: str | None = None,
     model: Annotated[str | None, Query(max_length=128)] = None,
-    before: Annotated[datetime | None, Query(description="only jobs created before this time")] = None,
+    before: Annotated[
+        datetime | None, Query(description="only jobs created before this time (prefer `cursor`)")
+    ] = None,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="the `next` value of the previous page")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> dict[str, Any]:
-    """Own jobs newest first (admins: everyone's); page back with `before` = last `created_at`."""
+    """Own jobs newest first (admins: everyone's); page back with `cursor` = the previous
+    page's `next` (null on the last page)."""
     assert gw.chat is not None
+    if cursor is not None and before is not None:
+        raise InvalidRequest("send either cursor or before, not both", param="cursor")
+    after = ListingCursor.decode(cursor) if cursor is not None else None
     wanted = JobState.parse(state) if state else None
-    docs = await gw.chat.jobs(user, state=wanted, model=model, before=before, limit=limit + 1)
+    docs = await gw.chat.jobs(user, state=wanted, model=model, before=before, limit=limit + 1, after=after)
+    page = docs[:limit]
+    more = len(docs) > limit
     return {
         "object": "list",
-        "data": [job_view(doc) for doc in docs[:limit]],
-        "has_more": len(docs) > limit,
+        "data": [job_view(doc) for doc in page],
+        "has_more": more,
+        "next": ListingCursor.after(page[-1]).encode() if more else None,
     }
 
 

@@ -12,9 +12,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.types import Message
 
 from app.api.deps import AdminDep, GatewayDep, PrincipalDep, client_id, idempotency_key
+from app.api.schemas import parse_json_body
 from app.api.views import ocr_answer
 from app.errors import DocumentTooLarge, InvalidRequest
 from app.ocr.documents import RESOLUTIONS
@@ -80,7 +82,13 @@ def _counting(
 
 
 async def _multipart(request: Request, limit: int, resolution: str | None) -> OcrAsk:
-    form = await request.form(max_files=1, max_fields=16)
+    try:
+        form = await request.form(max_files=1, max_fields=16)
+    except HTTPException as exc:  # Starlette's refusal of a malformed or oversized form
+        raise InvalidRequest(
+            f"multipart body not accepted: {exc.detail} Send one file per request, in field 'file'.",
+            param="file",
+        ) from None
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise InvalidRequest("multipart field 'file' is required (the image or PDF to read)", param="file")
@@ -133,12 +141,7 @@ class OcrJsonRequest(BaseModel):
 
 
 async def _json_form(request: Request, limit: int, resolution: str | None) -> OcrAsk:
-    try:
-        body = OcrJsonRequest.model_validate_json(await request.body())
-    except ValueError as exc:
-        raise InvalidRequest(
-            f"body is not a valid OCR request: {_first_error(exc)}", param="messages"
-        ) from None
+    body = parse_json_body(OcrJsonRequest, await request.body())
     urls = [
         p.image_url.url
         for m in body.messages
@@ -175,15 +178,6 @@ def _decode_data_url(url: str, limit: int) -> bytes:
         return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest("image_url data URL is not valid base64", param="messages") from None
-
-
-def _first_error(exc: ValueError) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        first = errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
-    return str(exc)[:200]
 
 
 def _output(value: str) -> Output:
@@ -224,11 +218,8 @@ async def set_resolution(
     """`?resolution=gundam` (older clients) or a JSON body `{"mode": "gundam"}`."""
     assert gw.ocr is not None
     value = resolution
-    if value is None and await request.body():
-        try:
-            body = ResolutionBody.model_validate_json(await request.body())
-        except ValueError as exc:
-            raise InvalidRequest(f"body: {_first_error(exc)}", param="mode") from None
+    if value is None and (await request.body()).strip():
+        body = parse_json_body(ResolutionBody, await request.body())
         value = body.mode or body.resolution
     if not value:
         raise InvalidRequest(

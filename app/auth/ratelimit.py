@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from pymongo import ASCENDING, ReturnDocument
+from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 
 from app.auth.tokens import Principal
 from app.clock import Clock
 from app.errors import RateLimited
 from app.logs import event
+from app.metrics import Metrics
+from app.store.ttl import ensure_ttl_index
 
 Doc = dict[str, Any]
 log = logging.getLogger("gateway.ratelimit")
@@ -59,6 +61,7 @@ class RateLimiter:
         window_seconds: float,
         exempt_roles: list[str],
         sync_interval_s: float = 0.5,
+        metrics: Metrics | None = None,
     ) -> None:
         self._counters = counters
         self._clock = clock
@@ -66,13 +69,12 @@ class RateLimiter:
         self._window_s = window_seconds
         self._exempt = frozenset(exempt_roles)
         self._sync_interval_s = sync_interval_s
+        self._metrics = metrics or Metrics()
         self._windows: dict[tuple[str, int], _Window] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def ensure_indexes(self) -> None:
-        await self._counters.create_index(
-            [("expire_at", ASCENDING)], name="ratelimit_ttl", expireAfterSeconds=0
-        )
+        await ensure_ttl_index(self._counters, "ratelimit_ttl")
 
     def limit_for(self, principal: Principal) -> int | None:
         if principal.rate_limit_per_minute is not None:
@@ -92,6 +94,7 @@ class RateLimiter:
         window = self._windows.setdefault((principal.subject, index), _Window())
         used = window.synced + window.unsynced
         if used >= limit:
+            self._metrics.rejected("", "rate_limited")
             raise RateLimited(principal.subject, limit, self._window_s, reset_s)
         window.unsynced += 1
         return RateState(limit, max(0, limit - used - 1), reset_s)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from app.errors import EngineCallError
 from app.logs import event
+from app.metrics import Metrics
 from app.ocr.runner import OcrRunner
 from app.proxy.client import EngineClient, EngineTimeout
 from app.queue.jobs import Doc
@@ -36,6 +37,7 @@ class ModelDispatcher:
         poll_interval: float,
         engine_suspect: Callable[[], None] = lambda: None,
         ocr: OcrRunner | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -46,6 +48,7 @@ class ModelDispatcher:
         self._served_name = served_name
         self._ocr = ocr  # documents: page by page (app/ocr/runner.py)
         self._retry = retry
+        self._metrics = metrics or Metrics()
         self._poll_interval = poll_interval
         self.in_flight = 0
         self._backlog = True  # until a claim finds nothing, assume jobs may be waiting
@@ -171,13 +174,17 @@ class ModelDispatcher:
         if doc.get("stream"):
             await self._attempt_stream(doc, url, payload)
             return
+        if url is None:
+            await self._failed(doc, EngineCallError(f"engine for {self.name!r} is not ready", retryable=True))
+            return
+        began = self._metrics.now()
         try:
-            if url is None:
-                raise EngineCallError(f"engine for {self.name!r} is not ready", retryable=True)
             answer = await self._client.chat_completion(url, payload, self.settings.request_timeout)
         except EngineCallError as exc:
+            self._metrics.engine_call(self.name, began)
             await self._failed(doc, exc)
             return
+        self._metrics.engine_call(self.name, began)
         choice = answer["choices"][0]
         result = {
             "message": choice.get("message") or {"role": "assistant", "content": ""},
@@ -194,13 +201,16 @@ class ModelDispatcher:
                 doc, EngineCallError(f"model {self.name!r} does not read documents", retryable=False)
             )
             return
+        began = self._metrics.now()
         try:
             result = await self._ocr.run(
                 doc, self._engine_url, self._served_name, self.settings.request_timeout
             )
         except EngineCallError as exc:
+            self._metrics.engine_call(self.name, began)
             await self._failed(doc, exc)
             return
+        self._metrics.engine_call(self.name, began)
         if await self._queue.succeed(doc, result):
             await self._ocr.pages.delete(doc["_id"])
 
@@ -219,9 +229,12 @@ class ModelDispatcher:
         finish: str | None = None
         fingerprint = None
         sent = False
+        first_token = False
+        if url is None:
+            await self._failed(doc, EngineCallError(f"engine for {self.name!r} is not ready", retryable=True))
+            return
+        began = self._metrics.now()
         try:
-            if url is None:
-                raise EngineCallError(f"engine for {self.name!r} is not ready", retryable=True)
             async for chunk in self._client.stream_chat(url, payload, self.settings.request_timeout):
                 for choice in chunk.get("choices") or []:
                     text.append((choice.get("delta") or {}).get("content") or "")
@@ -230,11 +243,16 @@ class ModelDispatcher:
                 fingerprint = chunk.get("system_fingerprint") or fingerprint
                 sink.put_nowait(("chunk", chunk))
                 sent = True
+                if not first_token and text and text[-1]:
+                    first_token = True
+                    self._metrics.first_token(self.name, doc["enqueued_at"])
         except EngineCallError as exc:
+            self._metrics.engine_call(self.name, began)
             if sent:
                 exc = EngineCallError(f"stream broken after the first chunk: {exc.message}", retryable=False)
             await self._failed(doc, exc)
             return
+        self._metrics.engine_call(self.name, began)
         result = {
             "message": {"role": "assistant", "content": "".join(text)},
             "finish_reason": finish,
@@ -255,6 +273,8 @@ class ModelDispatcher:
             "retryable": exc.retryable,
             "attempt": doc["attempts"],
         }
+        if isinstance(exc, EngineTimeout):
+            self._metrics.timeout(self.name)
         if exc.retryable and exc.status is None:
             self._engine_suspect()
         if self._retry.should_retry(retryable=exc.retryable, attempts_made=doc["attempts"]):

@@ -13,6 +13,7 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 
 from app.clock import Clock
+from app.store.ttl import ensure_ttl_index
 
 Doc = dict[str, Any]
 
@@ -24,7 +25,7 @@ class CrashLog:
         self._retention = timedelta(days=retention_days)
 
     async def ensure_indexes(self) -> None:
-        await self._crashes.create_index([("expire_at", ASCENDING)], name="crash_ttl", expireAfterSeconds=0)
+        await ensure_ttl_index(self._crashes, "crash_ttl")
         await self._crashes.create_index([("model", ASCENDING), ("at", DESCENDING)], name="model_recent")
 
     async def record(
@@ -54,11 +55,6 @@ class CrashLog:
         }
         await self._crashes.insert_one(doc)
         return doc
-
-    async def prune(self) -> int:
-        """Delete expired crash logs where the server's TTL monitor is off (embedded database)."""
-        result = await self._crashes.delete_many({"expire_at": {"$lt": self._clock.now()}})
-        return result.deleted_count
 
     async def recent(self, model: str | None, since: datetime | None, limit: int) -> list[Doc]:
         query: Doc = {}

@@ -34,6 +34,7 @@ class GpuInfo:
     free_bytes: int
     used_bytes: int
     processes: tuple[GpuProcess, ...] = ()
+    utilization: float | None = None  # share of the last sample period the GPU was busy; None: unknown
 
 
 class GpuInventory(Protocol):
@@ -145,6 +146,10 @@ def _read_gpu(nvml: Any, index: int) -> GpuInfo:
     except nvml.NVMLError:
         running = []  # not supported on this GPU or driver: memory numbers still hold
     name = nvml.nvmlDeviceGetName(handle)
+    try:
+        utilization: float | None = nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100
+    except nvml.NVMLError:
+        utilization = None  # not supported on this GPU (some vGPU and MIG set-ups)
     return GpuInfo(
         index=index,
         name=name.decode() if isinstance(name, bytes) else str(name),
@@ -152,6 +157,7 @@ def _read_gpu(nvml: Any, index: int) -> GpuInfo:
         free_bytes=int(memory.free),
         used_bytes=int(memory.used),
         processes=tuple(_processes(running)),
+        utilization=utilization,
     )
 
 

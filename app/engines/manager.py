@@ -32,6 +32,7 @@ from app.engines.lifecycle import EngineRecord, EngineState
 from app.engines.placement import place, required_bytes
 from app.errors import GatewayError, ModelBusy, ModelUnavailable
 from app.logs import event
+from app.metrics import Metrics
 from app.proxy.client import EngineClient
 from app.settings import EngineDefaults, ModelSettings
 from app.store.embedded import free_port
@@ -84,10 +85,12 @@ class EngineManager:
         clock: Clock,
         log_dir: Path,
         inventory: GpuInventory,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engines = {name: EngineRecord(name, cfg) for name, cfg in models.items()}
         self.crash_log = crashes
         self.inventory = inventory
+        self._metrics = metrics or Metrics()
         self._defaults = defaults
         self._records = records
         self._client = client
@@ -281,6 +284,8 @@ class EngineManager:
         engine.health_failures = 0
         if engine.started_at is not None:
             engine.load_seconds = round((engine.ready_at - engine.started_at).total_seconds(), 3)
+            if not engine.adopted:  # an adopted engine was loaded by another gateway, long ago
+                self._metrics.engine_loaded(engine.name, engine.load_seconds)
         event(log, "engine.ready", model=engine.name, port=engine.port, load_s=engine.load_seconds)
         for listener in self._listeners:
             listener(engine.name)
@@ -531,6 +536,7 @@ class EngineManager:
     def _crashed(self, engine: EngineRecord, code: int | None, reason: str) -> None:
         engine.move(EngineState.CRASHED, reason)
         engine.last_error = reason
+        self._metrics.engine_crashed(engine.name)
         self._tasks[engine.name] = asyncio.create_task(
             self._recover(engine, code, reason), name=f"engine-restart:{engine.name}"
         )
@@ -584,6 +590,7 @@ class EngineManager:
             return
         engine.move(EngineState.STARTING)
         engine.gpus, engine.started_at = gpus, self._clock.now()
+        self._metrics.engine_restarted(engine.name)
         await self._load(engine, argv)
 
     # -- views -------------------------------------------------------------------------------

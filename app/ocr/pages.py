@@ -17,6 +17,8 @@ from bson import Binary
 from pymongo import ASCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 
+from app.store.ttl import ensure_ttl_index
+
 Doc = dict[str, Any]
 
 
@@ -35,7 +37,7 @@ class PageStore:
 
     async def ensure_indexes(self) -> None:
         await self._pages.create_index([("job", ASCENDING), ("page", ASCENDING)], name="job_pages")
-        await self._pages.create_index([("expire_at", ASCENDING)], name="pages_ttl", expireAfterSeconds=0)
+        await ensure_ttl_index(self._pages, "pages_ttl")
 
     async def save(self, job_id: str, pages: list[tuple[int, bytes, int, int]], expire_at: datetime) -> None:
         await self._pages.insert_many(
@@ -65,7 +67,3 @@ class PageStore:
 
     async def delete(self, job_id: str) -> None:
         await self._pages.delete_many({"job": job_id})
-
-    async def prune(self, now: datetime) -> int:
-        """Pages of jobs that never ended cleanly (where the server's TTL monitor is off)."""
-        return (await self._pages.delete_many({"expire_at": {"$lt": now}})).deleted_count

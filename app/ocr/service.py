@@ -14,20 +14,21 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from app.auth.tokens import Principal
-from app.chat import resolve_for
+from app.chat import ensure_servable, resolve_for
 from app.dispatch.dispatcher import ModelDispatcher
 from app.engines.manager import EngineManager
-from app.errors import DocumentTooLarge, IdempotencyConflict, InvalidRequest
+from app.errors import DocumentTooLarge, InvalidRequest
+from app.history.missing import MissingModels
 from app.models import ModelRegistry
 from app.ocr.documents import PageImage, detect_format, load_pages, parse_resolution, resize_for_mode
 from app.ocr.pages import PageStore
 from app.ocr.requests import Output
 from app.ocr.resolution import DefaultResolution
+from app.queue.idempotency import admit_or_reuse
 from app.queue.jobs import Doc, JobState, Submission, new_job_id, request_fingerprint
 from app.queue.priority import Priority
 from app.queue.service import JobQueue
 from app.settings import OcrSettings
-from app.store.batch import DuplicateKey
 
 OCR_KINDS = frozenset({"cpu_ocr", "deepseek_ocr", "stub"})  # the stub stands in for both in tests
 PAGES_KEPT = timedelta(days=1)  # pages of a job that never ended cleanly are pruned after this
@@ -56,6 +57,7 @@ class OcrService:
         pages: PageStore,
         default_resolution: DefaultResolution,
         settings: OcrSettings,
+        missing: MissingModels | None = None,
     ) -> None:
         self._registry = registry
         self._engines = engines
@@ -64,11 +66,12 @@ class OcrService:
         self._pages = pages
         self.default_resolution = default_resolution
         self._settings = settings
+        self._missing = missing
 
-    def model_for(self, principal: Principal, label: str | None) -> str:
+    def model_for(self, principal: Principal, label: str | None, client_id: str = "") -> str:
         if label is None:
             label = self._settings.default_model or self._first_ocr_model()
-        name = resolve_for(self._registry, principal, label)
+        name = resolve_for(self._registry, principal, label, self._missing, client_id)
         kind = self._registry.models[name].kind
         if kind not in OCR_KINDS:
             known = ", ".join(self._ocr_models()) or "none configured"
@@ -103,7 +106,7 @@ class OcrService:
             raise DocumentTooLarge(
                 f"file is {len(ask.document)} bytes; the limit is {self._settings.max_upload_bytes}"
             )
-        model = self.model_for(principal, ask.model)
+        model = self.model_for(principal, ask.model, client_id)
         mode = parse_resolution(ask.resolution) if ask.resolution else await self.default_resolution.get()
         request: Doc = {
             "document": {
@@ -117,54 +120,42 @@ class OcrService:
             "output": ask.output,
             "max_tokens": ask.max_tokens,
         }
-        if idempotency_key is not None:
-            existing = await self._queue.find_existing(principal.subject, idempotency_key)
-            if existing is not None:
-                return await self._replay(existing, model, request, wait)
-        pages = await asyncio.to_thread(self._render, ask.document, ask.pages, mode)
-        request["document"]["page_numbers"] = [number for number, *_ in pages]
-        self._engines.ensure_servable(model)
-        job_id = new_job_id()
-        await self._pages.save(job_id, pages, self._queue.clock.now() + PAGES_KEPT)
-        sub = Submission(
-            model=model,
-            kind="ocr",
-            request=request,
-            owner=principal.subject,
-            client_id=client_id,
-            priority=priority,
-            idempotency_key=idempotency_key,
-            queue_timeout_s=self._registry.models[model].timeout,
+        # the file name is not part of the request; the pages rendered follow from the rest
+        fingerprint = request_fingerprint(
+            model, {**request, "document": {**request["document"], "filename": None}}
         )
-        try:
-            doc = await self._queue.admit(sub, self._dispatchers[model].direct_start(), job_id=job_id)
-        except DuplicateKey:
-            await self._pages.delete(job_id)
-            assert idempotency_key is not None
-            existing = await self._queue.find_existing(principal.subject, idempotency_key)
-            if existing is None:
+
+        async def admit() -> Doc:
+            pages = await asyncio.to_thread(self._render, ask.document, ask.pages, mode)
+            request["document"]["page_numbers"] = [number for number, *_ in pages]
+            ensure_servable(self._engines, model, self._missing, client_id)
+            job_id = new_job_id()
+            await self._pages.save(job_id, pages, self._queue.clock.now() + PAGES_KEPT)
+            sub = Submission(
+                model=model,
+                kind="ocr",
+                request=request,
+                owner=principal.subject,
+                client_id=client_id,
+                priority=priority,
+                idempotency_key=idempotency_key,
+                queue_timeout_s=self._registry.models[model].timeout,
+                request_hash=fingerprint,
+            )
+            try:
+                return await self._queue.admit(sub, self._dispatchers[model].direct_start(), job_id=job_id)
+            except BaseException:
+                await self._pages.delete(job_id)
                 raise
-            return await self._replay(existing, model, request, wait)
-        except BaseException:
-            await self._pages.delete(job_id)
-            raise
-        if not wait:
+
+        doc, admitted = await admit_or_reuse(
+            self._queue, principal.subject, idempotency_key, fingerprint, admit
+        )
+        if admitted and not wait:
             self._queue.detach(doc["_id"])
+        if not wait or JobState(doc["state"]).terminal:
             return doc
         return await self._queue.wait(doc)
-
-    async def _replay(self, existing: Doc, model: str, request: Doc, wait: bool) -> Doc:
-        mine = {**request, "document": {k: v for k, v in request["document"].items() if k != "filename"}}
-        theirs = existing.get("request") or {}
-        theirs = {
-            **theirs,
-            "document": {k: v for k, v in theirs.get("document", {}).items() if k in mine["document"]},
-        }
-        if request_fingerprint(model, mine) != request_fingerprint(existing["model"], theirs):
-            raise IdempotencyConflict(existing["_id"])
-        if wait and not JobState(existing["state"]).terminal:
-            return await self._queue.wait(existing)
-        return existing
 
     def _render(self, document: bytes, pages: str | None, mode: str) -> list[tuple[int, bytes, int, int]]:
         """Check and render every selected page, sized for the mode, as PNG (in a thread)."""

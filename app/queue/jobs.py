@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
+import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -63,6 +66,9 @@ class Submission:
     queue_timeout_s: float
     # a streamed job runs only on the instance that holds the client's connection
     pinned_to: str | None = None
+    # what identifies the request for an Idempotency-Key replay, when that is not the whole
+    # `request` (OCR: the document's hash and the options, not the file name)
+    request_hash: str | None = None
 
 
 def idempotency_scope(owner: str, key: str) -> str:
@@ -76,6 +82,43 @@ def request_fingerprint(model: str, request: Doc) -> str:
         {"model": model, "request": request}, sort_keys=True, separators=(",", ":"), default=str
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_CURSOR = re.compile(r"^(\d{1,16})\.([A-Za-z0-9_-]{1,64})$")
+
+
+@dataclass(frozen=True)
+class ListingCursor:
+    """Where a page of the job listing ended: newest first by (enqueued_at, _id), so jobs
+    admitted in the same millisecond (the database's precision) are neither skipped nor
+    repeated. Sent to clients as an opaque string."""
+
+    enqueued_at: datetime
+    job_id: str
+
+    @classmethod
+    def after(cls, doc: Doc) -> ListingCursor:
+        return cls(doc["enqueued_at"], doc["_id"])
+
+    def encode(self) -> str:
+        at = self.enqueued_at if self.enqueued_at.tzinfo else self.enqueued_at.replace(tzinfo=UTC)
+        ms = (at - _EPOCH) // timedelta(milliseconds=1)
+        return base64.urlsafe_b64encode(f"{ms}.{self.job_id}".encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, value: str) -> ListingCursor:
+        try:
+            raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("ascii")
+        except (binascii.Error, ValueError):
+            raw = ""
+        match = _CURSOR.match(raw)
+        if match is None:
+            raise InvalidRequest(
+                "cursor is not one this gateway gave out; pass the `next` value of the previous page",
+                param="cursor",
+            )
+        return cls(_EPOCH + timedelta(milliseconds=int(match[1])), match[2])
 
 
 def elapsed_ms(start: datetime | None, end: datetime | None) -> float | None:
@@ -116,7 +159,7 @@ def build_document(
     if sub.idempotency_key is not None:
         doc["idempotency_key"] = sub.idempotency_key
         doc["idempotency_scope"] = idempotency_scope(sub.owner, sub.idempotency_key)
-        doc["request_hash"] = request_fingerprint(sub.model, sub.request)
+        doc["request_hash"] = sub.request_hash or request_fingerprint(sub.model, sub.request)
     if sub.pinned_to is not None:
         doc["pinned_to"] = sub.pinned_to
         doc["stream"] = True

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from pymongo import DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 
-from app.queue.jobs import Doc, JobState, idempotency_scope
+from app.queue.jobs import Doc, JobState, ListingCursor, idempotency_scope
 from app.store.batch import BatchWriter
 from app.store.database import ACTIVE
 
@@ -66,6 +67,11 @@ class JobStore:
         cursor = self._jobs.find(query, {"request": 0})
         return [doc async for doc in cursor]
 
+    async def active_states(self) -> list[Doc]:
+        """Model, state and priority of every queued and running job (for the queue gauges)."""
+        cursor = self._jobs.find(ACTIVE, {"model": 1, "state": 1, "priority": 1})
+        return [doc async for doc in cursor]
+
     async def listing(
         self,
         *,
@@ -74,8 +80,14 @@ class JobStore:
         model: str | None,
         before: datetime | None,
         limit: int,
+        after: ListingCursor | None = None,
     ) -> list[Doc]:
-        """Newest first, without the request body (prompts can be large); `before` pages back."""
+        """Newest first by (enqueued_at, _id), without the request body (prompts can be large).
+
+        `after` continues behind the last job of a page; `before` (a time, older clients)
+        skips jobs of that very millisecond. Two simple range reads instead of one `$or`, so
+        each is served by the (owner,) enqueued_at, _id index.
+        """
         query: Doc = {}
         if owner is not None:
             query["owner"] = owner
@@ -83,9 +95,20 @@ class JobStore:
             query["state"] = state
         if model is not None:
             query["model"] = model
+        docs: list[Doc] = []
+        if after is not None:
+            same_ms = {**query, "enqueued_at": after.enqueued_at, "_id": {"$lt": after.job_id}}
+            docs = await self._newest(same_ms, limit)
+            before = after.enqueued_at
         if before is not None:
             query["enqueued_at"] = {"$lt": before}
-        cursor = self._jobs.find(query, {"request": 0}).sort("enqueued_at", -1).limit(limit)
+        if len(docs) < limit:
+            docs += await self._newest(query, limit - len(docs))
+        return docs
+
+    async def _newest(self, query: Doc, limit: int) -> list[Doc]:
+        order = [("enqueued_at", DESCENDING), ("_id", DESCENDING)]
+        cursor = self._jobs.find(query, {"request": 0}).sort(order).limit(limit)
         return [doc async for doc in cursor]
 
     async def expired_history(self, now: datetime, limit: int) -> list[str]:

@@ -20,6 +20,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError
 
 from app.logs import event
+from app.metrics import Metrics
 
 log = logging.getLogger("gateway.store")
 Doc = dict[str, Any]
@@ -53,9 +54,12 @@ class BatchStats:
 class BatchWriter:
     """Coalesces inserts and conditional updates on one collection into `bulk_write` calls."""
 
-    def __init__(self, collection: AsyncCollection[Doc], max_ops: int = 64) -> None:
+    def __init__(
+        self, collection: AsyncCollection[Doc], max_ops: int = 64, metrics: Metrics | None = None
+    ) -> None:
         self._collection = collection
         self._max_ops = max_ops
+        self._metrics = metrics or Metrics()
         self._pending: list[_Op] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -124,10 +128,13 @@ class BatchWriter:
         self.stats.operations += len(batch)
         failed: dict[int, Exception] = {}
         matched = 0
+        began = self._metrics.now()
         try:
             result = await self._collection.bulk_write([op.request for op in batch], ordered=False)
             matched = result.matched_count
+            self._metrics.db_operation("batch_write", began)
         except BulkWriteError as exc:
+            self._metrics.db_operation("batch_write", began)
             matched = int(exc.details.get("nMatched", 0))
             for err in exc.details.get("writeErrors", []):
                 index = int(err["index"])

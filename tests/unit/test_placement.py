@@ -252,6 +252,11 @@ class FakeNvml(types.ModuleType):
     def nvmlDeviceGetMemoryInfo(self, handle: int) -> types.SimpleNamespace:
         return types.SimpleNamespace(total=80 * GIB, free=(10 + handle) * GIB, used=(70 - handle) * GIB)
 
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> types.SimpleNamespace:
+        if handle == 1:
+            raise self.NVMLError("Not Supported")
+        return types.SimpleNamespace(gpu=37, memory=12)
+
     def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[types.SimpleNamespace]:
         if handle == 1:
             raise self.NVMLError("Not Supported")
@@ -268,9 +273,16 @@ def test_nvml_inventory_reads_gpus_and_processes(monkeypatch: pytest.MonkeyPatch
     assert inventory.available, inventory.reason
     first, second = inventory.snapshot()
     assert first == GpuInfo(
-        0, "NVIDIA H100", 80 * GIB, 10 * GIB, 70 * GIB, (GpuProcess(11, 5 * GIB), GpuProcess(12, None))
+        0,
+        "NVIDIA H100",
+        80 * GIB,
+        10 * GIB,
+        70 * GIB,
+        (GpuProcess(11, 5 * GIB), GpuProcess(12, None)),
+        utilization=0.37,
     )
     assert (second.index, second.name, second.free_bytes, second.processes) == (1, "NVIDIA L4", 11 * GIB, ())
+    assert second.utilization is None  # not supported there: unknown, not 0
     assert not memory_released(inventory, [0], [12])
     assert memory_released(inventory, [1], [12])
     inventory.close()

@@ -1,0 +1,1 @@
+"""What the history says about demand: usage rollups and requests for missing models."""
