@@ -9,7 +9,14 @@ from typing import Any
 from app.auth.tokens import Principal
 from app.dispatch.dispatcher import ModelDispatcher
 from app.engines.manager import EngineManager
-from app.errors import JobAlreadyFinished, JobNotFound, PermissionDenied
+from app.errors import (
+    JobAlreadyFinished,
+    JobNotFound,
+    ModelUnavailable,
+    PermissionDenied,
+    UnknownModel,
+)
+from app.history.missing import MissingModels
 from app.models import ModelRegistry
 from app.queue.idempotency import admit_or_reuse
 from app.queue.jobs import Doc, JobState, ListingCursor, Submission, request_fingerprint
@@ -17,12 +24,37 @@ from app.queue.priority import Priority
 from app.queue.service import JobQueue
 
 
-def resolve_for(registry: ModelRegistry, principal: Principal, label: str) -> str:
-    """The model's canonical name, if this caller may use it (API keys can be model-scoped)."""
-    model = registry.resolve(label)
+def resolve_for(
+    registry: ModelRegistry,
+    principal: Principal,
+    label: str,
+    missing: MissingModels | None = None,
+    client_id: str = "",
+) -> str:
+    """The model's canonical name, if this caller may use it (API keys can be model-scoped).
+    An unknown name is recorded as a missing model (operators see what clients expect)."""
+    try:
+        model = registry.resolve(label)
+    except UnknownModel:
+        if missing is not None:
+            missing.record(label, client_id, configured=False)
+        raise
     if not principal.may_use(model):
         raise PermissionDenied(f"this API key may not use model {model!r}")
     return model
+
+
+def ensure_servable(
+    engines: EngineManager, model: str, missing: MissingModels | None, client_id: str
+) -> None:
+    """Admission's check that the model is (or is becoming) loaded; a refusal is demand that
+    leaves no job behind, so it is recorded for auto-switch."""
+    try:
+        engines.ensure_servable(model)
+    except ModelUnavailable:
+        if missing is not None:
+            missing.record(model, client_id, configured=True)
+        raise
 
 
 class ChatService:
@@ -32,11 +64,13 @@ class ChatService:
         engines: EngineManager,
         queue: JobQueue,
         dispatchers: dict[str, ModelDispatcher],
+        missing: MissingModels | None = None,
     ) -> None:
         self._registry = registry
         self._engines = engines
         self._queue = queue
         self._dispatchers = dispatchers
+        self._missing = missing
 
     async def complete(
         self,
@@ -75,10 +109,10 @@ class ChatService:
         idempotency_key: str | None,
     ) -> tuple[Doc, bool]:
         """The job for this request: newly admitted (True), or the one its Idempotency-Key made."""
-        model, body = self._model_and_body(principal, request)
+        model, body = self._model_and_body(principal, request, client_id)
 
         async def admit() -> Doc:
-            self._engines.ensure_servable(model)
+            ensure_servable(self._engines, model, self._missing, client_id)
             sub = self._submission(
                 principal, model, body, client_id, priority, idempotency_key=idempotency_key
             )
@@ -91,17 +125,17 @@ class ChatService:
         self, principal: Principal, request: Doc, client_id: str, priority: Priority
     ) -> tuple[Doc, asyncio.Queue[tuple[str, Any]]]:
         """Admit a streamed job pinned to this instance; its events arrive on the returned queue."""
-        model, body = self._model_and_body(principal, request)
-        self._engines.ensure_servable(model)
+        model, body = self._model_and_body(principal, request, client_id)
+        ensure_servable(self._engines, model, self._missing, client_id)
         sub = self._submission(principal, model, body, client_id, priority, pinned_to=self._queue.worker_id)
         doc = await self._queue.admit(sub, self._dispatchers[model].direct_start())
         sink = self._queue.sink(doc["_id"])
         assert sink is not None
         return doc, sink
 
-    def _model_and_body(self, principal: Principal, request: Doc) -> tuple[str, Doc]:
+    def _model_and_body(self, principal: Principal, request: Doc, client_id: str) -> tuple[str, Doc]:
         """The canonical model name, and what the engine gets (the model is set per engine)."""
-        model = resolve_for(self._registry, principal, str(request["model"]))
+        model = resolve_for(self._registry, principal, str(request["model"]), self._missing, client_id)
         return model, {k: v for k, v in request.items() if k != "model" and v is not None}
 
     def _submission(

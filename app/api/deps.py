@@ -34,7 +34,7 @@ async def principal(request: Request, gw: GatewayDep) -> Principal:
     against its rate limit. The X-RateLimit-* headers are left in the request's state for the
     Hardening middleware, which puts them on whatever answer the request gets: a JSON body, a
     Response a route builds itself (an event stream), or an error raised after this point."""
-    caller = await _authenticate(request, gw)
+    caller = await authenticate(request, gw)
     assert gw.rate_limiter is not None
     state = gw.rate_limiter.hit(caller)
     if state is not None:
@@ -42,7 +42,8 @@ async def principal(request: Request, gw: GatewayDep) -> Principal:
     return caller
 
 
-async def _authenticate(request: Request, gw: Gateway) -> Principal:
+async def authenticate(request: Request, gw: Gateway) -> Principal:
+    """Who the credentials name, without counting a request against a rate limit."""
     assert gw.api_keys is not None and gw.users is not None
     api_key = request.headers.get("x-api-key")
     header = request.headers.get("authorization")

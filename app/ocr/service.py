@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from app.auth.tokens import Principal
-from app.chat import resolve_for
+from app.chat import ensure_servable, resolve_for
 from app.dispatch.dispatcher import ModelDispatcher
 from app.engines.manager import EngineManager
 from app.errors import DocumentTooLarge, InvalidRequest
+from app.history.missing import MissingModels
 from app.models import ModelRegistry
 from app.ocr.documents import PageImage, detect_format, load_pages, parse_resolution, resize_for_mode
 from app.ocr.pages import PageStore
@@ -56,6 +57,7 @@ class OcrService:
         pages: PageStore,
         default_resolution: DefaultResolution,
         settings: OcrSettings,
+        missing: MissingModels | None = None,
     ) -> None:
         self._registry = registry
         self._engines = engines
@@ -64,11 +66,12 @@ class OcrService:
         self._pages = pages
         self.default_resolution = default_resolution
         self._settings = settings
+        self._missing = missing
 
-    def model_for(self, principal: Principal, label: str | None) -> str:
+    def model_for(self, principal: Principal, label: str | None, client_id: str = "") -> str:
         if label is None:
             label = self._settings.default_model or self._first_ocr_model()
-        name = resolve_for(self._registry, principal, label)
+        name = resolve_for(self._registry, principal, label, self._missing, client_id)
         kind = self._registry.models[name].kind
         if kind not in OCR_KINDS:
             known = ", ".join(self._ocr_models()) or "none configured"
@@ -103,7 +106,7 @@ class OcrService:
             raise DocumentTooLarge(
                 f"file is {len(ask.document)} bytes; the limit is {self._settings.max_upload_bytes}"
             )
-        model = self.model_for(principal, ask.model)
+        model = self.model_for(principal, ask.model, client_id)
         mode = parse_resolution(ask.resolution) if ask.resolution else await self.default_resolution.get()
         request: Doc = {
             "document": {
@@ -125,7 +128,7 @@ class OcrService:
         async def admit() -> Doc:
             pages = await asyncio.to_thread(self._render, ask.document, ask.pages, mode)
             request["document"]["page_numbers"] = [number for number, *_ in pages]
-            self._engines.ensure_servable(model)
+            ensure_servable(self._engines, model, self._missing, client_id)
             job_id = new_job_id()
             await self._pages.save(job_id, pages, self._queue.clock.now() + PAGES_KEPT)
             sub = Submission(

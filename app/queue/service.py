@@ -18,6 +18,7 @@ from typing import Any
 from app.clock import Clock
 from app.errors import JobNotFound, QueueFull
 from app.logs import event
+from app.metrics import Metrics
 from app.queue.jobs import Doc, JobState, Submission, build_document, new_job_id
 from app.queue.slots import SlotBook, slot_index, slot_key
 from app.queue.stats import OutcomeCounters
@@ -45,6 +46,7 @@ class JobQueue:
         lease_seconds: float,
         poll_interval: float,
         counters: OutcomeCounters | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -56,6 +58,7 @@ class JobQueue:
         self._waiting: dict[str, int] = {}  # handlers waiting per job (repeated idempotency keys share one)
         self._listeners: dict[str, Callable[[], None]] = {}
         self.counters = counters
+        self._metrics = metrics or Metrics()
         self._local: set[str] = set()  # jobs running in this process: their waiters need no polling
         # streamed jobs: events for the handler holding the client connection
         self._sinks: dict[str, asyncio.Queue[tuple[str, Any]]] = {}
@@ -101,6 +104,7 @@ class JobQueue:
                 if refreshed:
                     if direct:
                         direct.cancel()
+                    self._metrics.rejected(sub.model, "queue_full")
                     raise QueueFull(sub.model, book.capacity, retry_after_s=1)
                 await self._refresh(sub.model, book)
                 refreshed = True
@@ -128,6 +132,7 @@ class JobQueue:
             event(log, "job.admitted", logging.DEBUG, job=job_id, model=sub.model, state=doc["state"])
             if direct:
                 self._local.add(job_id)
+                self._metrics.queue_wait(sub.model, now, now)
                 direct.accept(doc)
             else:
                 self._wake(sub.model)
@@ -163,6 +168,16 @@ class JobQueue:
         """Nobody will wait on this job here (an async submission): drop its future now."""
         if not self._waiting.get(job_id):
             self._waiters.pop(job_id, None)
+
+    async def depth(self) -> dict[tuple[str, str], int]:
+        """Queued jobs per (model, priority) in the shared queue, from one read of the active jobs
+        (never a count over history: the partial index holds only live jobs)."""
+        depth: dict[tuple[str, str], int] = {}
+        for doc in await self.store.active_states():
+            if doc.get("state") == JobState.QUEUED.value:
+                key = (str(doc.get("model")), str(doc.get("priority")))
+                depth[key] = depth.get(key, 0) + 1
+        return depth
 
     async def position(self, doc: Doc) -> int | None:
         """1-based place of a queued job among its model's queued jobs (claim order); None if not queued.
@@ -242,10 +257,12 @@ class JobQueue:
         if book is not None and "slot" in doc:
             book.release(slot_index(doc["slot"]))
         self._local.discard(doc["_id"])
+        timed_out = outcome == "failed" and (doc.get("error") or {}).get("type") == "timeout"
         if self.counters is not None:
             self.counters.record(doc["model"], outcome)
-            if outcome == "failed" and (doc.get("error") or {}).get("type") == "timeout":
+            if timed_out:
                 self.counters.record(doc["model"], "timeouts")
+        self._metrics.job_finished(doc["model"], "timeout" if timed_out else outcome)
         sink = self._sinks.get(doc["_id"])
         if sink is not None:
             sink.put_nowait(("done", doc) if outcome == "succeeded" else ("error", doc))
@@ -260,6 +277,7 @@ class JobQueue:
         until the first of them may run.
         """
         now = self.clock.now()
+        began = self._metrics.now()
         candidates = await self.store.queued_candidates(model, limit + 10)
         ready = [
             d
@@ -276,6 +294,7 @@ class JobQueue:
         won_flags = await asyncio.gather(
             *(self.store.claim(d, self.worker_id, now, lease_until) for d in ready)
         )
+        self._metrics.db_operation("claim", began)
         won = []
         for doc, ok in zip(ready, won_flags, strict=True):
             if ok:
@@ -287,6 +306,8 @@ class JobQueue:
                     started_at=now,
                     attempts=doc["attempts"] + 1,
                 )
+                if doc["attempts"] == 1:  # the queue wait a client feels: until its first dispatch
+                    self._metrics.queue_wait(model, doc["enqueued_at"], now)
                 won.append(doc)
         return won, (min(waits) if waits else None)
 
@@ -313,6 +334,7 @@ class JobQueue:
         if await self.store.requeue(doc, self.clock.now() + timedelta(seconds=delay_s), error):
             if self.counters is not None:
                 self.counters.record(doc["model"], "retries")
+            self._metrics.retry(doc["model"])
             self._wake(doc["model"])
             return True
         return False
@@ -354,5 +376,6 @@ class JobQueue:
             return ok
         ok = await self.store.requeue(doc, now + timedelta(seconds=retry_delay_s), error)
         if ok:
+            self._metrics.retry(doc["model"])
             self._wake(doc["model"])
         return ok

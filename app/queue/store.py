@@ -67,6 +67,11 @@ class JobStore:
         cursor = self._jobs.find(query, {"request": 0})
         return [doc async for doc in cursor]
 
+    async def active_states(self) -> list[Doc]:
+        """Model, state and priority of every queued and running job (for the queue gauges)."""
+        cursor = self._jobs.find(ACTIVE, {"model": 1, "state": 1, "priority": 1})
+        return [doc async for doc in cursor]
+
     async def listing(
         self,
         *,

@@ -31,6 +31,10 @@ class Database:
     rate_limits: AsyncCollection[Doc]
     runtime_settings: AsyncCollection[Doc]  # what admins change at run time (OCR resolution, ...)
     queue_stats: AsyncCollection[Doc]
+    missing_models: AsyncCollection[Doc]
+    usage: AsyncCollection[Doc]  # hourly rollups: recomputed from jobs, so not journaled
+    autoswitch_decisions: AsyncCollection[Doc]
+    leaders: AsyncCollection[Doc]  # leases: which instance runs a once-per-host loop
 
     async def ping(self) -> bool:
         try:
@@ -68,6 +72,10 @@ async def connect(uri: str, name: str, write_concern: str) -> Database:
         rate_limits=db.get_collection("rate_limits"),
         runtime_settings=durable.get_collection("runtime_settings"),
         queue_stats=db.get_collection("queue_stats"),
+        missing_models=db.get_collection("missing_model_requests"),
+        usage=db.get_collection("usage"),
+        autoswitch_decisions=durable.get_collection("autoswitch_decisions"),
+        leaders=durable.get_collection("leaders"),
     )
 
 
