@@ -18,7 +18,7 @@ import asyncio
 import logging
 import secrets
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -186,7 +186,8 @@ class Switcher:
         hourly = await self._usage.hourly(since)
         recent = await self._usage.recent(now - timedelta(seconds=config.recent_window_s))
         missing = await self._missing.configured_since(now - timedelta(seconds=config.recent_window_s))
-        capacity, costs = self._capacity()
+        capacity, costs, unplaceable = self._capacity()
+        eligible = set(self.eligible) - unplaceable
         views = []
         for name, engine in self._engines.engines.items():
             views.append(
@@ -195,7 +196,7 @@ class Switcher:
                     state=engine.state.value,
                     cost=costs[name],
                     busy=len(await self._jobs.active(name)),
-                    eligible=name in self.eligible,
+                    eligible=name in eligible,
                     load_seconds=engine.load_seconds,
                     last_switch=self._last_switch.get(name),
                 )
@@ -209,6 +210,11 @@ class Switcher:
             now,
             missing={m: n for m, n in missing.items() if m in known},
         )
+        if unplaceable:
+            names = ", ".join(sorted(unplaceable))
+            reason = self._engines.inventory.reason or "no GPU was found on this machine"
+            note = f"not managed: {names} (needs a GPU; {reason})"
+            decision = replace(decision, notes=(note, *decision.notes))
         inputs = {
             "capacity": {"budget": capacity.budget, "unit": "slots" if self._settings.slots else "bytes"},
             "models": [
@@ -220,24 +226,28 @@ class Switcher:
         }
         return Evaluation(decision, trigger, inputs)
 
-    def _capacity(self) -> tuple[Capacity, dict[str, int]]:
-        """The budget and each model's cost: slots when configured, else GPU memory in bytes
-        (what placement would reserve on the first GPU the model may use, times its count)."""
+    def _capacity(self) -> tuple[Capacity, dict[str, int], set[str]]:
+        """The budget, each model's cost and the GPU models that cannot be placed at all (no
+        GPU here): slots when configured, else GPU memory in bytes (what placement would reserve
+        on the first GPU the model may use, times its count)."""
         eligible = set(self.eligible)
         engines = self._engines.engines
         if self._settings.slots is not None:
-            return Capacity.slots(self._settings.slots), {n: int(n in eligible) for n in engines}
+            return Capacity.slots(self._settings.slots), {n: int(n in eligible) for n in engines}, set()
         gpus = self._engines.inventory.snapshot()
         by_index = {g.index: g for g in gpus}
         costs: dict[str, int] = {}
+        unplaceable: set[str] = set()
         for name, engine in engines.items():
-            needs = engine.settings.gpu
-            if not engine_needs_gpu(engine.settings.kind) or not gpus:
-                costs[name] = 0 if not engine_needs_gpu(engine.settings.kind) else 1 << 62
+            needs, kind = engine.settings.gpu, engine.settings.kind
+            if not engine_needs_gpu(kind) or not gpus:
+                costs[name] = 0
+                if engine_needs_gpu(kind) and name in eligible:
+                    unplaceable.add(name)
                 continue
             first = next((by_index[i] for i in needs.devices or [] if i in by_index), gpus[0])
-            costs[name] = needs.count * required_bytes(needs, engine.settings.kind, first)
-        return Capacity(sum(g.total_bytes for g in gpus)), costs
+            costs[name] = needs.count * required_bytes(needs, kind, first)
+        return Capacity(sum(g.total_bytes for g in gpus)), costs, unplaceable
 
     # -- applying ----------------------------------------------------------------------------
 

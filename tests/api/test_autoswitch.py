@@ -213,3 +213,26 @@ async def test_every_history_collection_expires_its_documents(gateway_factory: G
         left, lambda found: all(f"old-{n}" not in ids for n, ids in found.items()), "expired documents pruned"
     )
     assert all(f"new-{name}" in ids for name, ids in remaining.items()), remaining
+
+
+async def test_capacity_is_gpu_memory_and_gpu_models_without_a_gpu_are_explained(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gpu_models = {
+        "big": {"kind": "vllm", "autostart": False, "gpu": {"count": 1, "memory_fraction": 0.8}},
+        "small": {"kind": "vllm", "autostart": False, "gpu": {"count": 1, "memory_fraction": 0.25}},
+    }
+    gw = await gateway_factory(
+        gpu_models, engines={"fake_gpus": [{"name": "fake-a", "total_gib": 40, "free_gib": 40}]}
+    )
+    body = (await gw.http.post("/admin/autoswitch/evaluate", headers=gw.headers(gw.admin_token))).json()
+    gib = 1024**3
+    assert body["inputs"]["capacity"] == {"budget": 40 * gib, "unit": "bytes"}
+    costs = {m["name"]: (m["cost"], m["eligible"]) for m in body["inputs"]["models"]}
+    assert costs == {"big": (32 * gib, True), "small": (10 * gib, True)}
+
+    bare = await gateway_factory(gpu_models)  # no NVIDIA driver on this machine
+    body = (await bare.http.post("/admin/autoswitch/evaluate", headers=bare.headers(bare.admin_token))).json()
+    assert body["notes"][0].startswith("not managed: big, small (needs a GPU;"), body["notes"]
+    assert all(not m["eligible"] for m in body["inputs"]["models"])
+    assert body["actions"] == []
