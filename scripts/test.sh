@@ -11,12 +11,16 @@ fi
 ./scripts/install_deps.sh dev
 
 # Debian tools the shell API scripts use (curl, jq) and the browser the dashboard tests drive
-# (chromium, through Playwright: Playwright's own browser downloads are never used); install
-# only what is missing.
+# (chromium, through Playwright: Playwright's own browser downloads are never used); nginx and
+# openssl, with which tests/unit/test_docker_files.py runs docker/nginx.conf (`nginx -t`, then a
+# local proxy; the machine's policy-rc.d keeps the package from starting a server); install only
+# what is missing.
 missing=()
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+[ -x /usr/sbin/nginx ] || missing+=(nginx)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
