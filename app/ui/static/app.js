@@ -12,6 +12,7 @@ const AUTOSWITCH_RECHECK_MS = 30000; // after a 404: the endpoint is not built/e
 const JOBS_LIMIT = 20;
 const CRASHES_LIMIT = 20;
 const DECISIONS_LIMIT = 20;
+const PAUSED = "paused while the tab is hidden";
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -222,7 +223,7 @@ document.addEventListener("visibilitychange", () => {
   if (document.hidden) {
     clearTimeout(timer);
     timer = null;
-    setRefreshState("paused while the tab is hidden");
+    setRefreshState(PAUSED);
   } else {
     refreshNow();
   }
@@ -253,7 +254,7 @@ async function refresh() {
   setForbidden(adminDenied);
   pollProblems = problems.filter((p) => p.err.status !== 403).map((p) => `${p.what}: ${p.err.message}`);
   renderBanner();
-  setRefreshState(`updated ${new Date().toLocaleTimeString()}`);
+  setRefreshState(document.hidden ? PAUSED : `updated ${new Date().toLocaleTimeString()}`);
 }
 
 // -- models and queues --------------------------------------------------------------------
@@ -588,6 +589,8 @@ $("#login-form").addEventListener("submit", async (event) => {
     showDashboard();
   } catch (err) {
     showLogin(`Sign-in failed: ${err.message}`);
+    $("#password").value = "";
+    $("#password").focus();
   } finally {
     submit.disabled = false;
   }
