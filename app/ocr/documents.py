@@ -22,7 +22,7 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, cast
@@ -185,16 +185,26 @@ def encode_data_url(image: Image.Image) -> str:
 def load_pages(
     data: bytes, *, pages: str | None, max_pages: int, max_pixels: int, dpi: int = 144
 ) -> list[PageImage]:
-    """Every selected page as an upright RGB image, or a clear error before any heavy work.
+    """Every selected page as an upright RGB image, or a clear error (see iter_pages)."""
+    return list(iter_pages(data, pages=pages, max_pages=max_pages, max_pixels=max_pixels, dpi=dpi))
+
+
+def iter_pages(
+    data: bytes, *, pages: str | None, max_pages: int, max_pixels: int, dpi: int = 144
+) -> Iterator[PageImage]:
+    """The selected pages one at a time, each checked before it is decoded.
 
     Multi-frame TIFFs give one page per frame; other images are one page. PDF pages are
     rendered at `dpi`, lower for large-format pages that would exceed `max_pixels` (a poster
-    is not an attack, and the image is downscaled for the engine anyway).
+    is not an attack, and the image is downscaled for the engine anyway). One at a time because
+    a caller that shrinks each page before asking for the next holds one full-size page in
+    memory, not `max_pages` of them (20 blank 50-megapixel TIFF frames took ~4 GB at once).
     """
     kind = detect_format(data)
     if kind == "pdf":
-        return _load_pdf(data, pages=pages, max_pages=max_pages, max_pixels=max_pixels, dpi=dpi)
-    return _load_image(data, kind, pages=pages, max_pages=max_pages, max_pixels=max_pixels)
+        yield from _load_pdf(data, pages=pages, max_pages=max_pages, max_pixels=max_pixels, dpi=dpi)
+    else:
+        yield from _load_image(data, kind, pages=pages, max_pages=max_pages, max_pixels=max_pixels)
 
 
 def _select(pages: str | None, count: int, max_pages: int, what: str) -> list[int]:
@@ -210,7 +220,7 @@ def _select(pages: str | None, count: int, max_pages: int, what: str) -> list[in
 
 def _load_image(
     data: bytes, kind: str, *, pages: str | None, max_pages: int, max_pixels: int
-) -> list[PageImage]:
+) -> Iterator[PageImage]:
     try:
         # Only the detected format's plugin may parse it: less attack surface, clearer errors.
         source = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[kind]])
@@ -223,7 +233,6 @@ def _load_image(
     with source:
         frames = _frame_count(source) if kind == "tiff" else 1
         numbers = _select(pages, frames, max_pages, "TIFF")
-        result = []
         for number in numbers:
             prefix = f"page {number}: " if frames > 1 else ""
             try:
@@ -240,8 +249,7 @@ def _load_image(
                 source.load()  # decode fully now: a truncated file must fail here, not in the engine
             except _DECODE_ERRORS as exc:
                 raise InvalidDocument(f"{prefix}image is truncated or corrupt") from exc
-            result.append(PageImage.of(number, _to_rgb(_upright(source), prefix)))
-    return result
+            yield PageImage.of(number, _to_rgb(_upright(source), prefix))
 
 
 def _frame_count(image: Image.Image) -> int:
@@ -290,7 +298,7 @@ def _stretch_to_8bit(image: Image.Image) -> Image.Image:
 
 def _load_pdf(
     data: bytes, *, pages: str | None, max_pages: int, max_pixels: int, dpi: int
-) -> list[PageImage]:
+) -> Iterator[PageImage]:
     with _PDFIUM_LOCK:
         pdf = _open_pdf(data)
         try:
@@ -299,7 +307,8 @@ def _load_pdf(
                 raise InvalidDocument("PDF has no pages")
             numbers = _select(pages, count, max_pages, "PDF")
             pdf.init_forms()  # so filled-in form fields are rendered, and so read
-            return [PageImage.of(n, _render(pdf, n, dpi, max_pixels)) for n in numbers]
+            for number in numbers:
+                yield PageImage.of(number, _render(pdf, number, dpi, max_pixels))
         finally:
             pdf.close()
 

@@ -20,7 +20,7 @@ from app.engines.manager import EngineManager
 from app.errors import DocumentTooLarge, InvalidRequest
 from app.history.missing import MissingModels
 from app.models import ModelRegistry
-from app.ocr.documents import PageImage, detect_format, load_pages, parse_resolution, resize_for_mode
+from app.ocr.documents import PageImage, detect_format, iter_pages, parse_resolution, resize_for_mode
 from app.ocr.pages import PageStore
 from app.ocr.requests import Output
 from app.ocr.resolution import DefaultResolution
@@ -160,10 +160,10 @@ class OcrService:
     def _render(self, document: bytes, pages: str | None, mode: str) -> list[tuple[int, bytes, int, int]]:
         """Check and render every selected page, sized for the mode, as PNG (in a thread)."""
         s = self._settings
-        loaded = load_pages(
+        loaded = iter_pages(
             document, pages=pages, max_pages=s.max_pages, max_pixels=s.max_pixels, dpi=s.pdf_dpi
         )
-        return [_png(page, mode) for page in loaded]
+        return [_png(page, mode) for page in loaded]  # each full-size page is dropped once encoded
 
 
 def _png(page: PageImage, mode: str) -> tuple[int, bytes, int, int]:

@@ -16,6 +16,7 @@ from app.ocr.documents import (
     RESOLUTIONS,
     detect_format,
     encode_data_url,
+    iter_pages,
     load_pages,
     parse_page_spec,
     parse_resolution,
@@ -119,6 +120,18 @@ def test_tiff_frame_over_the_pixel_limit_is_named() -> None:
     data = encode(frames[0], "TIFF", save_all=True, append_images=frames[1:])
     with pytest.raises(DocumentTooLarge, match=r"page 2: image is 400x400"):
         load_pages(data, pages=None, max_pages=5, max_pixels=50_000)
+
+
+def test_pages_are_decoded_one_at_a_time() -> None:
+    """A caller that shrinks each page before asking for the next holds one full-size page, not
+    all of them (20 blank 50-megapixel TIFF frames once took ~4 GB): page 1 is handed over
+    before page 2 is even looked at."""
+    frames = [page(100, 100), page(400, 400)]
+    data = encode(frames[0], "TIFF", save_all=True, append_images=frames[1:])
+    pages = iter_pages(data, pages=None, max_pages=5, max_pixels=50_000)
+    assert next(pages).number == 1
+    with pytest.raises(DocumentTooLarge, match=r"page 2: image is 400x400"):
+        next(pages)
 
 
 def test_transparent_background_becomes_white_not_black() -> None:
