@@ -58,6 +58,7 @@ _DEEPSEEK_OCR_OWNED = {
     "--trust-remote-code": "the deepseek_ocr kind",
 }
 _SERVER_OWNED = {
+    "--host": "the gateway (engines listen on 127.0.0.1 only)",
     "--port": "the gateway (models.{name}.port or a free port)",
     "--model-name": "models.{name}.served_name",
 }
@@ -97,7 +98,8 @@ def build_command(name: str, model: ModelSettings, *, port: int, python: str) ->
         _check_args(name, model.args, _SERVER_OWNED)
         module = _SERVER_MODULES[model.kind]
         served = served_name(name, model)
-        return [python, "-m", module, "--port", str(port), "--model-name", served, *model.args]
+        host = ["--host", "127.0.0.1"]
+        return [python, "-m", module, *host, "--port", str(port), "--model-name", served, *model.args]
     owned = dict(_VLLM_OWNED)
     if model.kind == "deepseek_ocr":
         owned.update(_DEEPSEEK_OCR_OWNED)

@@ -119,14 +119,25 @@ def test_deepseek_ocr_uses_a_configured_path_and_keeps_its_flags_with_tensor_par
 def test_stub_command_keeps_the_walking_skeleton_shape() -> None:
     cfg = model("stub", served_name="fake", args=["--latency-ms", "5"])
     argv = build_command("s", cfg, port=9300, python=PY)
-    assert argv[:7] == [PY, "-m", "app.engines.stub", "--port", "9300", "--model-name", "fake"]
-    assert argv[7:] == ["--latency-ms", "5"]
+    assert argv[:9] == [
+        PY,
+        "-m",
+        "app.engines.stub",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "9300",
+        "--model-name",
+        "fake",
+    ]
+    assert argv[9:] == ["--latency-ms", "5"]
 
 
 def test_cpu_ocr_command() -> None:
     argv = build_command("ocr-cpu", model("cpu_ocr", args=["--threads", "4"]), port=9400, python=PY)
-    assert argv[:7] == [PY, "-m", "app.engines.cpu_ocr", "--port", "9400", "--model-name", "ocr-cpu"]
-    assert argv[7:] == ["--threads", "4"]
+    assert argv[:5] == [PY, "-m", "app.engines.cpu_ocr", "--host", "127.0.0.1"]
+    assert argv[5:9] == ["--port", "9400", "--model-name", "ocr-cpu"]
+    assert argv[9:] == ["--threads", "4"]
 
 
 @pytest.mark.parametrize(
@@ -145,6 +156,8 @@ def test_cpu_ocr_command() -> None:
         ("deepseek_ocr", "--trust-remote-code", "--trust-remote-code"),
         ("stub", "--port=1", "--port"),
         ("cpu_ocr", "--model-name", "--model-name"),
+        ("cpu_ocr", "--host", "--host"),  # an engine on 0.0.0.0 would bypass the gateway's auth
+        ("stub", "--host=0.0.0.0", "--host"),
     ],
 )
 def test_args_that_repeat_a_gateway_flag_are_refused_naming_model_and_flag(
