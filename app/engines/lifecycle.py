@@ -55,6 +55,7 @@ class EngineRecord:
     ready_at: datetime | None = None
     load_seconds: float | None = None  # how long the last load took
     last_error: str | None = None
+    placement_failed: bool = False  # the last start was refused by placement (503 insufficient_gpu)
     crashes: list[float] = field(default_factory=list)  # monotonic times, inside the window
     health_failures: int = 0
 

@@ -30,7 +30,7 @@ from app.engines.crashes import CrashLog
 from app.engines.gpus import GIB, GpuInfo, GpuInventory, memory_released
 from app.engines.lifecycle import EngineRecord, EngineState
 from app.engines.placement import place, required_bytes
-from app.errors import GatewayError, ModelBusy, ModelUnavailable
+from app.errors import GatewayError, ModelBusy, ModelUnavailable, PlacementFailed
 from app.logs import event
 from app.metrics import Metrics
 from app.proxy.client import EngineClient
@@ -142,6 +142,8 @@ class EngineManager:
             self.begin_start(name)
             return
         if engine.state == EngineState.FAILED:
+            if engine.placement_failed:  # its reason names the model, the GPUs and who holds them
+                raise PlacementFailed(name, engine.reason)
             raise ModelUnavailable(f"model {name!r} cannot be served now: {engine.reason}")
         raise ModelUnavailable(
             f"model {name!r} is stopped; an admin can start it (POST /admin/models/{name}/start)"
@@ -171,8 +173,10 @@ class EngineManager:
             if engine.state != EngineState.FAILED:
                 engine.move(EngineState.FAILED, exc.message)
             engine.reason = engine.last_error = exc.message
+            engine.placement_failed = isinstance(exc, PlacementFailed)
             raise
         engine.move(EngineState.STARTING)
+        engine.placement_failed = False
         engine.port, engine.gpus, engine.adopted = port, gpus, False
         engine.started_at, engine.ready_at, engine.load_seconds = self._clock.now(), None, None
         if self._spawn(engine, argv):  # now, so the caller sees the pid and a second start joins

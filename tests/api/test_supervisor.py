@@ -225,6 +225,9 @@ async def test_gpus_without_a_driver_and_logs_and_unknown_models(gateway_factory
     assert refused.status_code == 503
     assert "needs a GPU but none is usable: NVML not available" in refused.json()["detail"]
     assert (await _model(gw, "gpu"))["state"] == "failed"
+    chat = await gw.chat("gpu")  # a request for it gets placement's reason and code, once
+    assert (chat.status_code, chat.json()["code"]) == (503, "insufficient_gpu"), chat.text
+    assert chat.json()["detail"] == refused.json()["detail"]
 
     logs = await _admin(gw, "GET", "/admin/models/demo/logs", lines=5)
     assert logs.status_code == 200
