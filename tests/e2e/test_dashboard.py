@@ -304,6 +304,28 @@ async def test_admin_starts_and_stops_a_model(ui: Ui, daemon: Daemon) -> None:
     await ui.shot("stopped")
 
 
+async def test_admin_turns_auto_switch_on_and_off(ui: Ui, daemon: Daemon) -> None:
+    page = ui.page
+    await ui.open()
+    await ui.login(ADMIN)
+    toggle = page.get_by_test_id("autoswitch-toggle")
+    status = page.locator("#autoswitch-status")
+    await expect(toggle).to_have_text("Enable")
+    await expect(status).to_contain_text("disabled")
+    await toggle.click()
+    await expect(status).to_contain_text("enabled")
+    await expect(status).to_contain_text("next run")
+    await expect(toggle).to_have_text("Disable")
+    async with httpx.AsyncClient(base_url=daemon.url) as client:
+        state = (await client.get("/admin/autoswitch", headers=_admin(daemon))).json()
+        assert state["enabled"] is True
+        await ui.shot("enabled")
+        await toggle.click()
+        await expect(toggle).to_have_text("Enable")
+        assert (await client.get("/admin/autoswitch", headers=_admin(daemon))).json()["enabled"] is False
+    await expect(page.get_by_test_id("banner")).to_be_hidden()
+
+
 async def _chat(client: httpx.AsyncClient, daemon: Daemon, i: int, model: str = "slow") -> httpx.Response:
     return await client.post(
         "/api/chat",

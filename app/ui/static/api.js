@@ -71,8 +71,9 @@ export function errorMessage(body, response) {
  * One API call. Resolves to the parsed JSON body; rejects with ApiError (status 0 when the
  * gateway could not be reached at all).
  */
-export async function api(path, { method = "GET", form = null, auth = true } = {}) {
+export async function api(path, { method = "GET", form = null, json = null, auth = true } = {}) {
   const headers = { Accept: "application/json" };
+  if (json !== null) headers["Content-Type"] = "application/json";
   const token = session.token;
   if (auth && token) {
     headers.Authorization = `Bearer ${token}`;
@@ -83,7 +84,7 @@ export async function api(path, { method = "GET", form = null, auth = true } = {
       method,
       headers,
       // URLSearchParams: sent as application/x-www-form-urlencoded, the form POST /auth/token reads.
-      body: form ? new URLSearchParams(form) : undefined,
+      body: form ? new URLSearchParams(form) : json !== null ? JSON.stringify(json) : undefined,
       credentials: "omit",
       cache: "no-store",
     });

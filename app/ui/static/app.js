@@ -541,6 +541,10 @@ async function loadAutoswitch() {
   if (body.last_run) parts.push(`last run ${fmtTime(body.last_run)}`);
   if (body.next_run) parts.push(`next run ${fmtTime(body.next_run)}`);
   $("#autoswitch-status").textContent = parts.join(" · ");
+  const toggle = $("#autoswitch-toggle");
+  toggle.hidden = typeof body.enabled !== "boolean";
+  toggle.dataset.enabled = String(body.enabled === true);
+  toggle.textContent = body.enabled === true ? "Disable" : "Enable";
 
   const decisions = asList(body.decisions).slice(0, DECISIONS_LIMIT);
   const items = decisions.map((decision) => {
@@ -594,6 +598,26 @@ $("#login-form").addEventListener("submit", async (event) => {
   } finally {
     submit.disabled = false;
   }
+});
+
+$("#autoswitch-toggle").addEventListener("click", async (event) => {
+  const toggle = event.currentTarget;
+  const enabled = toggle.dataset.enabled !== "true";
+  toggle.disabled = true;
+  try {
+    await api("/admin/autoswitch", { method: "POST", json: { enabled } });
+    actionProblem = null;
+  } catch (err) {
+    if (err.status === 401) {
+      sessionEnded(err);
+      return;
+    }
+    actionProblem = `${enabled ? "enable" : "disable"} auto-switch: ${err.message}`;
+  } finally {
+    toggle.disabled = false;
+  }
+  renderBanner();
+  refreshNow();
 });
 
 $("#logout").addEventListener("click", () => {
