@@ -24,6 +24,11 @@ HTTP (the engine floor), and POST /api/ocr on the gateway (upload, render and re
 one queued job, the same engine kind); then a 10-page PDF through the gateway vs its pages sent to
 the engine one after another, as pages per second.
 
+A metrics phase (on the empty database) measures what Prometheus metrics cost the request path:
+two fresh gateways configured alike except `metrics.enabled`, the same 0 ms engine at c=10, in
+interleaved rounds (on/off, then off/on, ...) so drift on a shared machine hits both alike; then it
+scrapes /metrics once and checks that gateway_requests_total counted every answered request.
+
 Every process it starts is stopped by pid at the end, also on errors and Ctrl-C.
 
     .venv/bin/python scripts/bench.py                 # full run (about 15 minutes)
@@ -31,6 +36,7 @@ Every process it starts is stopped by pid at the end, also on errors and Ctrl-C.
     .venv/bin/python scripts/bench.py --skip-100k --json /tmp/bench.json
     .venv/bin/python scripts/bench.py --only-streaming    # streaming phase only, about a minute
     .venv/bin/python scripts/bench.py --only-ocr          # OCR phase only, ~3.5 minutes on 2 idle cores
+    .venv/bin/python scripts/bench.py --only-metrics      # metrics on vs off only, about 2 minutes
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import re
 import secrets
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,6 +72,7 @@ import aiohttp
 import psutil
 import yaml
 from PIL import Image, ImageDraw, ImageFont
+from prometheus_client.parser import text_string_to_metric_families
 from pymongo import MongoClient, monitoring
 
 REPO = Path(__file__).resolve().parent.parent
@@ -460,6 +468,79 @@ class OcrResult:
         return sum(self.errors.values()) + sum(self.pdf_errors.values())
 
 
+@dataclass(frozen=True)
+class MetricsScenario:
+    """Metrics on vs off: `rounds` interleaved rounds of `requests` per side, 0 ms engine."""
+
+    concurrency: int
+    requests: int
+    rounds: int
+    warmup: int
+
+
+def metrics_scenario(quick: bool) -> MetricsScenario:
+    """c=10 with a 0 ms engine: the gateway's own cost is all there is, so a cost shows most."""
+    return MetricsScenario(10, 150, 4, 30) if quick else MetricsScenario(10, 500, 10, 100)
+
+
+@dataclass
+class MetricsResult:
+    """The metrics phase (also what --json writes under "metrics")."""
+
+    concurrency: int
+    requests: int
+    rounds: int
+    on_ok: int
+    on_wall_s: float
+    on_cpu_s: float
+    off_ok: int
+    off_wall_s: float
+    off_cpu_s: float
+    round_ratios: list[float]  # per round: rps with metrics / rps without
+    errors: int
+    answered: int  # 200s the metrics-on gateway gave, warmup included
+    counted: float  # its gateway_requests_total{outcome="succeeded"} after the phase
+    scrape_ms: float  # GET /metrics on it after the phase, median of 5
+    off_status: int  # GET /metrics on the metrics-off gateway (404 expected)
+    calls_us_per_req: float  # the metric calls one request makes, timed in the bench's process
+    foreign_cores: float
+    first_error: str | None = None
+
+    @property
+    def on_rps(self) -> float:
+        return self.on_ok / self.on_wall_s if self.on_wall_s > 0 else math.nan
+
+    @property
+    def off_rps(self) -> float:
+        return self.off_ok / self.off_wall_s if self.off_wall_s > 0 else math.nan
+
+    @property
+    def ratio(self) -> float:
+        return self.on_rps / self.off_rps if self.off_rps else math.nan
+
+    @property
+    def median_round_ratio(self) -> float:
+        """Robust to one round that a neighbour's burst hit (the machine may be shared)."""
+        return statistics.median(self.round_ratios) if self.round_ratios else math.nan
+
+    @property
+    def cost_pct(self) -> float:
+        return (1 - self.median_round_ratio) * 100
+
+    @property
+    def calls_share_pct(self) -> float:
+        """The metric calls' CPU as a share of what a request costs the metrics-off gateway."""
+        return self.calls_us_per_req / 1000 / self.off_cpu_ms * 100 if self.off_cpu_ms else math.nan
+
+    @property
+    def on_cpu_ms(self) -> float:
+        return self.on_cpu_s * 1000 / max(1, self.on_ok)
+
+    @property
+    def off_cpu_ms(self) -> float:
+        return self.off_cpu_s * 1000 / max(1, self.off_ok)
+
+
 # -- processes ----------------------------------------------------------------------------------
 
 
@@ -853,6 +934,7 @@ class Stack:
     stream_url: str | None  # the bench's own token-paced stub; None when streaming is skipped
     ocr_url: str | None  # the bench's own cpu_ocr engine; None when the OCR phase is skipped
     own_pids: list[int]  # the bench, its stubs, the database, the gateway and the gateway's engines
+    db_uri: str
 
 
 def python_env(extra: dict[str, str]) -> dict[str, str]:
@@ -901,44 +983,40 @@ async def start_stub(
     return f"http://127.0.0.1:{port}"
 
 
-async def start_stack(procs: Processes, tmp: Path, *, chat: bool, streaming: bool, ocr: bool) -> Stack:
+@dataclass(frozen=True)
+class GatewayProcess:
+    """One gateway the bench started: `python -m app` with its own config file and database."""
+
+    pid: int
+    url: str
+    token: str
+
+
+async def start_database(procs: Processes, tmp: Path) -> tuple[str, int]:
+    """The SecantusDB server, under the bench's control so its CPU and opcounters are ours to read."""
     from app.store.embedded import EmbeddedDatabase  # the repo root is on sys.path (see main)
 
-    # 1. the database, under the bench's control so its CPU and opcounters are ours to read
     embedded = EmbeddedDatabase(tmp / "secantus", "secantusd-py", 60.0)
     uri = await embedded.start()
     assert embedded._pid is not None
-    procs.extra_pids.append(("secantusd", embedded._pid))  # stopped last, after the gateway
-    db = DbProbe(uri, embedded._pid)
+    procs.extra_pids.append(("secantusd", embedded._pid))  # stopped last, after the gateways
+    return uri, embedded._pid
 
-    # 2. the bench's own engines, the "direct" floor (the OCR one as the gateway starts its own)
-    direct_urls: dict[int, str] = {}
-    for latency in MODEL_BY_LATENCY if chat else ():
-        direct_urls[latency] = await start_stub(
-            procs, tmp, f"stub-{latency}ms", ["--latency-ms", str(latency)]
-        )
-    stream_args = ["--token-latency-ms", str(STREAM_TOKEN_LATENCY_MS)]
-    stream_url = await start_stub(procs, tmp, "stub-stream", stream_args) if streaming else None
-    ocr_args = ["--model-name", OCR_MODEL]
-    ocr_url = await start_stub(procs, tmp, "cpu-ocr", ocr_args, "app.engines.cpu_ocr") if ocr else None
 
-    # 3. the gateway, configured as an operator would, plus an admin user made with the CLI
+async def start_gateway(
+    procs: Processes, tmp: Path, uri: str, label: str, database: str, models: Doc, extra: Doc | None = None
+) -> GatewayProcess:
+    """A gateway configured as an operator would (plus `extra` config sections), an admin user
+    made with the CLI, its engines ready, and a token for that user."""
     port = free_port()
     config: Doc = {
         "server": {"host": "127.0.0.1", "port": port, "log_level": "WARNING"},
-        "data_dir": str(tmp / "gateway-data"),
-        "database": {"name": DB_NAME},
-        "models": {
-            name: {"kind": "stub", "args": ["--latency-ms", str(latency)], **CAPACITY}
-            for latency, name in (MODEL_BY_LATENCY.items() if chat else ())
-        },
+        "data_dir": str(tmp / f"{label}-data"),
+        "database": {"name": database},
+        "models": models,
+        **(extra or {}),
     }
-    # Each further model only when its phase runs: its dispatcher adds to the idle DB rate.
-    if streaming:
-        config["models"][STREAM_MODEL] = {"kind": "stub", "args": stream_args, **CAPACITY}
-    if ocr:
-        config["models"][OCR_MODEL] = {"kind": "cpu_ocr", **OCR_CAPACITY}
-    config_path = tmp / "gateway.yaml"
+    config_path = tmp / f"{label}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     gw_env = python_env({"MONGODB_URI": uri, "GATEWAY_JWT_SECRET": secrets.token_hex(32)})
     cli = [
@@ -961,10 +1039,9 @@ async def start_stack(procs: Processes, tmp: Path, *, chat: bool, streaming: boo
     output, _ = await asyncio.wait_for(made.communicate(), timeout=120)
     if made.returncode != 0:
         raise RuntimeError(f"creating the bench user failed: {output.decode(errors='replace')}")
-    log_path = tmp / "gateway.log"
-    gateway = procs.spawn(
-        "gateway", [sys.executable, "-m", "app", "--config", str(config_path)], gw_env, log_path
-    )
+    log_path = tmp / f"{label}.log"
+    argv = [sys.executable, "-m", "app", "--config", str(config_path)]
+    gateway = procs.spawn(label, argv, gw_env, log_path)
     base = f"http://127.0.0.1:{port}"
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 180  # a cpu_ocr engine loads its model before it answers
@@ -977,7 +1054,7 @@ async def start_stack(procs: Processes, tmp: Path, *, chat: bool, streaming: boo
             raise RuntimeError(f"gateway engines not ready: {health}")
         await asyncio.sleep(0.2)
     for child in psutil.Process(gateway.pid).children(recursive=True):
-        procs.extra_pids.insert(0, (f"gateway engine pid {child.pid}", child.pid))
+        procs.extra_pids.insert(0, (f"{label} engine pid {child.pid}", child.pid))
 
     async with aiohttp.ClientSession() as session:
         form = {"username": "bench", "password": PASSWORD}
@@ -985,19 +1062,54 @@ async def start_stack(procs: Processes, tmp: Path, *, chat: bool, streaming: boo
             if response.status != 200:
                 raise RuntimeError(f"/auth/token answered {response.status}: {await response.text()}")
             token = str((await response.json())["access_token"])
-    own_pids = [os.getpid(), embedded._pid, *procs.pids(), *(pid for _, pid in procs.extra_pids)]
+    return GatewayProcess(gateway.pid, base, token)
+
+
+def bench_pids(procs: Processes) -> list[int]:
+    """The bench, its stubs, the database, the gateways and the gateways' engines."""
+    return sorted({os.getpid(), *procs.pids(), *(pid for _, pid in procs.extra_pids)})
+
+
+async def start_stack(procs: Processes, tmp: Path, *, chat: bool, streaming: bool, ocr: bool) -> Stack:
+    # 1. the database
+    uri, db_pid = await start_database(procs, tmp)
+    db = DbProbe(uri, db_pid)
+
+    # 2. the bench's own engines, the "direct" floor (the OCR one as the gateway starts its own)
+    direct_urls: dict[int, str] = {}
+    for latency in MODEL_BY_LATENCY if chat else ():
+        direct_urls[latency] = await start_stub(
+            procs, tmp, f"stub-{latency}ms", ["--latency-ms", str(latency)]
+        )
+    stream_args = ["--token-latency-ms", str(STREAM_TOKEN_LATENCY_MS)]
+    stream_url = await start_stub(procs, tmp, "stub-stream", stream_args) if streaming else None
+    ocr_args = ["--model-name", OCR_MODEL]
+    ocr_url = await start_stub(procs, tmp, "cpu-ocr", ocr_args, "app.engines.cpu_ocr") if ocr else None
+
+    # 3. the gateway, configured as an operator would, plus an admin user made with the CLI
+    models: Doc = {
+        name: {"kind": "stub", "args": ["--latency-ms", str(latency)], **CAPACITY}
+        for latency, name in (MODEL_BY_LATENCY.items() if chat else ())
+    }
+    # Each further model only when its phase runs: its dispatcher adds to the idle DB rate.
+    if streaming:
+        models[STREAM_MODEL] = {"kind": "stub", "args": stream_args, **CAPACITY}
+    if ocr:
+        models[OCR_MODEL] = {"kind": "cpu_ocr", **OCR_CAPACITY}
+    gateway = await start_gateway(procs, tmp, uri, "gateway", DB_NAME, models)
     return Stack(
         tmp,
         procs,
         db,
         db.version(),
         gateway.pid,
-        base,
-        token,
+        gateway.url,
+        gateway.token,
         direct_urls,
         stream_url,
         ocr_url,
-        sorted(set(own_pids)),
+        bench_pids(procs),
+        uri,
     )
 
 
@@ -1130,6 +1242,160 @@ async def measure_idle(stack: Stack, history: int, seconds: float) -> Idle:
         db_cpu_pct=cost.db_cpu_s / seconds * 100,
         db_ops=cost.db_ops,
     )
+
+
+# -- the metrics phase ---------------------------------------------------------------------------
+
+
+def succeeded_count(text: str, model: str) -> float:
+    """gateway_requests_total{model, outcome="succeeded"} in a Prometheus text exposition."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "gateway_requests_total"
+        and sample.labels.get("model") == model
+        and sample.labels.get("outcome") == "succeeded"
+    )
+
+
+def metric_calls_us(rounds: int = 20_000) -> float:
+    """Microseconds of the metric calls one request makes on the direct-start path (queue wait,
+    engine call, outcome, and two batched writes counted as if each were its own batch: an
+    upper bound), on the gateway's own PrometheusMetrics in this process: a figure that does not
+    move with the machine's other load, unlike the throughput ratio."""
+    from app.clock import SystemClock
+    from app.metrics import PrometheusMetrics
+
+    metrics = PrometheusMetrics(SystemClock(), {FAST_MODEL: (32, 32)}, "bench", "bench")
+    now = datetime.now(UTC)
+    began = time.perf_counter()
+    for _ in range(rounds):
+        metrics.queue_wait(FAST_MODEL, now, now)
+        metrics.engine_call(FAST_MODEL, metrics.now())
+        metrics.job_finished(FAST_MODEL, "succeeded")
+        metrics.db_operation("batch_write", metrics.now())
+        metrics.db_operation("batch_write", metrics.now())
+    return (time.perf_counter() - began) / rounds * 1e6
+
+
+async def run_metrics_phase(procs: Processes, tmp: Path, uri: str, sc: MetricsScenario) -> MetricsResult:
+    """Two fresh gateways, alike but for `metrics.enabled`, each with its own 0 ms engine and
+    database (on the one server); interleaved rounds, the order flipped every round."""
+    models = {FAST_MODEL: {"kind": "stub", "args": ["--latency-ms", "0"], **CAPACITY}}
+    on = await start_gateway(procs, tmp, uri, "gateway-metrics-on", "bench_metrics_on", models)
+    off = await start_gateway(
+        procs, tmp, uri, "gateway-metrics-off", "bench_metrics_off", models, {"metrics": {"enabled": False}}
+    )
+    sides = {"on": on, "off": off}
+    body = request_body(FAST_MODEL)
+    ok = {"on": 0, "off": 0}
+    wall = {"on": 0.0, "off": 0.0}
+    cpu = {"on": 0.0, "off": 0.0}
+    ratios: list[float] = []
+    errors = 0
+    first_error: str | None = None
+    answered = 0
+    foreign = ForeignLoad(bench_pids(procs))
+    foreign.start()
+    async with LoadClient(sc.concurrency) as on_client, LoadClient(sc.concurrency) as off_client:
+        clients = {"on": on_client, "off": off_client}
+
+        def target(side: str) -> tuple[str, dict[str, str]]:
+            gw = sides[side]
+            return f"{gw.url}/api/chat", {"Authorization": f"Bearer {gw.token}", "X-Client-ID": "bench"}
+
+        for side in ("on", "off"):
+            warm = await clients[side].run(*target(side), body, sc.warmup)
+            answered += warm.ok if side == "on" else 0
+        for index in range(sc.rounds):
+            rps: dict[str, float] = {}
+            for side in ("on", "off") if index % 2 == 0 else ("off", "on"):
+                cpu0 = cpu_seconds(sides[side].pid)
+                batch = await clients[side].run(*target(side), body, sc.requests)
+                cpu[side] += cpu_seconds(sides[side].pid) - cpu0
+                ok[side] += batch.ok
+                wall[side] += batch.wall_s
+                errors += batch.errors
+                first_error = first_error or batch.first_error
+                rps[side] = batch.rps
+                answered += batch.ok if side == "on" else 0
+            ratios.append(rps["on"] / rps["off"] if rps["off"] else math.nan)
+    foreign_cores = foreign.stop()
+    async with aiohttp.ClientSession() as session:
+        scrapes: list[float] = []
+        text = ""
+        for _ in range(5):  # the first one also loads NVML (or finds it missing): report the median
+            began = time.perf_counter()
+            async with session.get(f"{on.url}/metrics") as response:  # from 127.0.0.1: no credentials
+                text = await response.text()
+                if response.status != 200:
+                    raise RuntimeError(f"/metrics answered {response.status}: {text[:300]}")
+            scrapes.append((time.perf_counter() - began) * 1000)
+        scrape_ms = statistics.median(scrapes)
+        async with session.get(f"{off.url}/metrics") as response:
+            off_status = response.status
+    return MetricsResult(
+        concurrency=sc.concurrency,
+        requests=sc.requests,
+        rounds=sc.rounds,
+        on_ok=ok["on"],
+        on_wall_s=wall["on"],
+        on_cpu_s=cpu["on"],
+        off_ok=ok["off"],
+        off_wall_s=wall["off"],
+        off_cpu_s=cpu["off"],
+        round_ratios=ratios,
+        errors=errors,
+        answered=answered,
+        counted=succeeded_count(text, FAST_MODEL),
+        scrape_ms=scrape_ms,
+        off_status=off_status,
+        calls_us_per_req=metric_calls_us(),
+        foreign_cores=foreign_cores,
+        first_error=first_error,
+    )
+
+
+def metrics_report(m: MetricsResult) -> list[str]:
+    ratios = [r for r in m.round_ratios if not math.isnan(r)]
+    spread = f"{min(ratios):.3f} to {max(ratios):.3f}" if ratios else "n/a"
+    return [
+        f"Metrics (history 0): two gateways alike but for metrics.enabled, 0 ms engine, c={m.concurrency}, "
+        f"{m.rounds} interleaved rounds of {m.requests} requests per side.",
+        "",
+        "| metrics | requests | req/s | gateway CPU ms/req |",
+        "|---|---|---|---|",
+        f"| on | {m.on_ok} | {fmt(m.on_rps, 1)} | {fmt(m.on_cpu_ms, 3)} |",
+        f"| off | {m.off_ok} | {fmt(m.off_rps, 1)} | {fmt(m.off_cpu_ms, 3)} |",
+        "",
+        f"on/off req/s: median of rounds {fmt(m.median_round_ratio, 3)} (cost {fmt(m.cost_pct, 1)} %; "
+        f"rounds {spread}), all rounds pooled {fmt(m.ratio, 3)}; gateway CPU per request "
+        f"{m.on_cpu_ms - m.off_cpu_ms:+.3f} ms; the metric calls of one request take "
+        f"{fmt(m.calls_us_per_req, 1)} µs ({fmt(m.calls_share_pct, 2)} % of the CPU a request costs); "
+        f"/metrics counted {m.counted:.0f} of {m.answered} answered requests; "
+        f"a scrape takes {m.scrape_ms:.1f} ms (median of 5); the metrics-off gateway answers "
+        f"/metrics with {m.off_status}; other load {m.foreign_cores:.2f} cores.",
+    ]
+
+
+def metrics_targets(m: MetricsResult | None) -> list[tuple[str, bool | None, str]]:
+    if m is None:
+        return [("metrics cost < 2 % of throughput (0 ms engine, c=10)", None, "skipped")]
+    return [
+        (
+            "metrics cost < 2 % of throughput (0 ms engine, c=10)",
+            m.cost_pct < 2,
+            f"median round ratio {m.median_round_ratio:.3f} "
+            f"(pooled {m.on_rps:.1f} vs {m.off_rps:.1f} req/s); CPU {m.on_cpu_ms:.3f} vs "
+            f"{m.off_cpu_ms:.3f} ms/req; metric calls {m.calls_us_per_req:.1f} µs/req",
+        ),
+        (
+            "/metrics counts every answered request exactly",
+            m.counted == m.answered and m.off_status == 404,
+            f"{m.counted:.0f} counted, {m.answered} answered; metrics off: {m.off_status}",
+        ),
+    ]
 
 
 # -- the OCR phase --------------------------------------------------------------------------------
@@ -1711,6 +1977,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only the OCR phase (no request scenarios, no streaming, no history phase)",
     )
+    parser.add_argument("--skip-metrics", action="store_true", help="no metrics on/off phase")
+    parser.add_argument(
+        "--only-metrics",
+        action="store_true",
+        help="only the metrics on/off phase (two fresh gateways and the database): about 2 minutes",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (gateway and engine logs)")
     args = parser.parse_args(argv)
@@ -1718,6 +1990,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--only-streaming", "--skip-streaming"),
         ("--only-streaming", "--only-ocr"),
         ("--only-ocr", "--skip-ocr"),
+        ("--only-metrics", "--skip-metrics"),
+        ("--only-metrics", "--only-streaming"),
+        ("--only-metrics", "--only-ocr"),
     ]
     for first, second in clashes:
         if getattr(args, first[2:].replace("-", "_")) and getattr(args, second[2:].replace("-", "_")):
@@ -1725,7 +2000,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+async def bench_metrics_only(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
+    """--only-metrics: the database and the two gateways of the metrics phase, nothing else."""
+    uri, db_pid = await start_database(procs, tmp)
+    db = DbProbe(uri, db_pid)
+    try:
+        print(machine_line(db.version()), flush=True)
+        sc = metrics_scenario(args.quick)
+        print(f"# metrics on vs off: {sc.rounds} rounds x {sc.requests} requests ...", file=sys.stderr)
+        result = await run_metrics_phase(procs, tmp, uri, sc)
+        print()
+        for line in metrics_report(result):
+            print(line)
+        print()
+        print("| target | met | measured |")
+        print("|---|---|---|")
+        checks = metrics_targets(result)
+        for name, met, detail in checks:
+            print(f"| {name} | {'n/a' if met is None else ('yes' if met else 'NO')} | {detail} |")
+        if result.errors:
+            print(f"# errors in the metrics phase: {result.first_error}", file=sys.stderr)
+        if args.json is not None:
+            payload = {
+                **asdict(result),
+                "ratio": result.ratio,
+                "median_round_ratio": result.median_round_ratio,
+                "calls_share_pct": result.calls_share_pct,
+                "cost_pct": result.cost_pct,
+                "on_cpu_ms": result.on_cpu_ms,
+                "off_cpu_ms": result.off_cpu_ms,
+            }
+            targets_json = [{"target": n, "met": m, "measured": d} for n, m, d in checks]
+            args.json.write_text(json.dumps({"metrics": payload, "targets": targets_json}, indent=2))
+        return 1 if result.errors else 0
+    finally:
+        db.close()
+
+
 async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
+    if args.only_metrics:
+        return await bench_metrics_only(args, procs, tmp)
     chat = not (args.only_streaming or args.only_ocr)
     streaming = not (args.skip_streaming or args.only_ocr)
     ocr = not (args.skip_ocr or args.only_streaming)
@@ -1767,6 +2081,11 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
                     flush=True,
                 )
                 ocr_result = await run_ocr_phase(stack, osc, history, idle)
+        metrics_result: MetricsResult | None = None
+        if chat and not args.skip_metrics:  # last: its two gateways must not idle through the rest
+            msc = metrics_scenario(args.quick)
+            print(f"# metrics on vs off: {msc.rounds} rounds x {msc.requests} requests ...", file=sys.stderr)
+            metrics_result = await run_metrics_phase(stack.procs, stack.tmp, stack.db_uri, msc)
         if results:
             print()
             for line in table(results):
@@ -1800,6 +2119,10 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
             )
             print()
             for line in ocr_table(o):
+                print(line)
+        if metrics_result is not None:
+            print()
+            for line in metrics_report(metrics_result):
                 print(line)
         print()
         print(
@@ -1836,6 +2159,8 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
             checks += stream_targets(stream_results)
         if ocr:
             checks += ocr_targets(ocr_result)
+        if chat:
+            checks += metrics_targets(metrics_result)
         for name, met, detail in checks:
             print(f"| {name} | {'n/a' if met is None else ('yes' if met else 'NO')} | {detail} |")
         errors = [r for r in rows if r.gateway_errors or r.direct_errors]
@@ -1881,13 +2206,27 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
                             },
                             "pdf_outside_s_per_page": ocr_result.pdf_outside_s_per_page,
                         },
+                        "metrics": None
+                        if metrics_result is None
+                        else {
+                            **asdict(metrics_result),
+                            "ratio": metrics_result.ratio,
+                            "median_round_ratio": metrics_result.median_round_ratio,
+                            "calls_share_pct": metrics_result.calls_share_pct,
+                            "cost_pct": metrics_result.cost_pct,
+                            "on_cpu_ms": metrics_result.on_cpu_ms,
+                            "off_cpu_ms": metrics_result.off_cpu_ms,
+                        },
                         "idle": [asdict(i) for i in idles],
                         "targets": [{"target": n, "met": m, "measured": d} for n, m, d in checks],
                     },
                     indent=2,
                 )
             )
-        return 1 if errors or (ocr_result is not None and ocr_result.total_errors) else 0
+        if metrics_result is not None and metrics_result.errors:
+            print(f"# errors in the metrics phase: {metrics_result.first_error}", file=sys.stderr)
+        failed = errors or (ocr_result is not None and ocr_result.total_errors)
+        return 1 if failed or (metrics_result is not None and metrics_result.errors) else 0
     finally:
         stack.db.close()
 
