@@ -136,8 +136,8 @@ async def run(days: int, per_day: int, seed: int) -> dict[str, Any]:
 
             inputs_s, _ = await timed(policy_inputs)
             rollup_docs = await db.usage.count_documents({})
-            hour = clock.now().replace(minute=0, second=0, microsecond=0)
-            current_jobs = await db.jobs.count_documents({"enqueued_at": {"$gte": hour}})
+            current_hour = clock.now().replace(minute=0, second=0, microsecond=0)
+            current_jobs = await db.jobs.count_documents({"enqueued_at": {"$gte": current_hour}})
             await db.close()
         finally:
             await server.stop()
