@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from app.api.deps import AdminDep, GatewayDep
+from app.errors import InvalidRequest
 
 router = APIRouter(prefix="/admin")
 
@@ -63,8 +63,7 @@ async def change_user(username: str, body: UserChange, gw: GatewayDep, admin: Ad
         doc = await gw.users.update(username, disabled=body.disabled, role=body.role)
         await gw.audit.record(admin.subject, "user.update", username, disabled=body.disabled, role=body.role)
     if doc is None:
-        await gw.users.update(username)  # raises: nothing to change
-    assert doc is not None
+        raise InvalidRequest("nothing to change: send disabled, role and/or password", param="disabled")
     return _user_view(doc)
 
 
@@ -73,7 +72,7 @@ class NewKey(BaseModel):
     name: str = Field(..., min_length=1, max_length=64)
     role: Literal["admin", "client"] = "client"
     models: list[str] | None = Field(None, description="model names or aliases; none = all models")
-    expires_at: datetime | None = None
+    expires_at: AwareDatetime | None = Field(None, description="with a time zone, e.g. 2030-01-01T00:00:00Z")
     rate_limit_per_minute: int | None = Field(None, ge=1, le=1_000_000)
 
 

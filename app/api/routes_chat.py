@@ -8,8 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
 from app.api.deps import GatewayDep, PrincipalDep, client_id, idempotency_key
-from app.api.routes_ocr import read_ocr_request
-from app.api.schemas import ChatRequest, JobRequest, parse_json_body
+from app.api.routes_ocr import OCR_FORM_SCHEMA, read_ocr_request
+from app.api.schemas import ChatRequest, JobRequest, inline_schema, parse_json_body
 from app.api.views import chat_answer, job_view
 from app.errors import InvalidRequest, JobNotFound
 from app.queue.jobs import JobState, ListingCursor
@@ -37,7 +37,16 @@ async def chat(
     return chat_answer(doc)
 
 
-@router.post("/api/jobs", status_code=202)
+_JOB_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": inline_schema(JobRequest)},
+        "multipart/form-data": {"schema": OCR_FORM_SCHEMA},
+    },
+}
+
+
+@router.post("/api/jobs", status_code=202, openapi_extra={"requestBody": _JOB_REQUEST_BODY})
 async def submit_job(
     request: Request,
     response: Response,

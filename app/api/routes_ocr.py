@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message
 
 from app.api.deps import AdminDep, GatewayDep, PrincipalDep, client_id, idempotency_key
-from app.api.schemas import parse_json_body
+from app.api.schemas import inline_schema, parse_json_body
 from app.api.views import ocr_answer
 from app.errors import DocumentTooLarge, InvalidRequest
 from app.ocr.documents import RESOLUTIONS
@@ -26,23 +26,6 @@ from app.queue.priority import Priority
 
 router = APIRouter()
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and the small form fields around the file
-
-
-@router.post("/api/ocr")
-async def ocr(
-    request: Request,
-    gw: GatewayDep,
-    user: PrincipalDep,
-    client: Annotated[str, Depends(client_id)],
-    key: Annotated[str | None, Depends(idempotency_key)],
-    x_priority: Annotated[str | None, Header()] = None,
-    x_resolution: Annotated[str | None, Header()] = None,
-) -> dict[str, Any]:
-    """The whole document is one job in the model's queue; the answer has every page."""
-    assert gw.ocr is not None
-    ask = await read_ocr_request(request, gw.settings.ocr.max_upload_bytes, x_resolution)
-    doc = await gw.ocr.submit(user, ask, client, Priority.parse(x_priority), key, wait=True)
-    return ocr_answer(doc)
 
 
 async def read_ocr_request(request: Request, limit: int, resolution: str | None) -> OcrAsk:
@@ -196,6 +179,46 @@ def _max_tokens(value: str | None) -> int | None:
     return int(value)
 
 
+OCR_FORM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["file"],
+    "additionalProperties": False,
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": "the image or PDF"},
+        "model": {"type": "string", "maxLength": 128},
+        "output": {"type": "string", "enum": ["text", "markdown"]},
+        "pages": {"type": "string", "description": "e.g. 1-3,5 (PDF pages)"},
+        "resolution": {"type": "string", "enum": list(RESOLUTIONS)},
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": 131072},
+    },
+}
+# documented here because the route reads its body itself (two forms, and a size counted as it is read)
+OCR_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {"schema": OCR_FORM_SCHEMA},
+        "application/json": {"schema": inline_schema(OcrJsonRequest)},
+    },
+}
+
+
+@router.post("/api/ocr", openapi_extra={"requestBody": OCR_REQUEST_BODY})
+async def ocr(
+    request: Request,
+    gw: GatewayDep,
+    user: PrincipalDep,
+    client: Annotated[str, Depends(client_id)],
+    key: Annotated[str | None, Depends(idempotency_key)],
+    x_priority: Annotated[str | None, Header()] = None,
+    x_resolution: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    """The whole document is one job in the model's queue; the answer has every page."""
+    assert gw.ocr is not None
+    ask = await read_ocr_request(request, gw.settings.ocr.max_upload_bytes, x_resolution)
+    doc = await gw.ocr.submit(user, ask, client, Priority.parse(x_priority), key, wait=True)
+    return ocr_answer(doc)
+
+
 # -- admin: default resolution ---------------------------------------------------------------
 
 
@@ -211,7 +234,15 @@ async def get_resolution(gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
     return {"resolution": await gw.ocr.default_resolution.get(), "modes": dict(RESOLUTIONS)}
 
 
-@router.post("/admin/ocr/resolution")
+@router.post(
+    "/admin/ocr/resolution",
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": inline_schema(ResolutionBody)}},
+        }
+    },
+)
 async def set_resolution(
     request: Request, gw: GatewayDep, user: AdminDep, resolution: str | None = None
 ) -> dict[str, Any]:

@@ -63,7 +63,7 @@ class RefreshRequest(BaseModel):
 async def refresh(gw: GatewayDep, body: Annotated[RefreshRequest, Body()]) -> dict[str, Any]:
     assert gw.users is not None
     claimed = gw.tokens.verify(body.refresh_token, use="refresh")
-    user = await gw.users.active_principal(claimed.subject)
+    user = await gw.users.active_principal(claimed)
     if user.role != claimed.role:
         raise AuthenticationFailed("token is invalid")
     return _token_answer(gw, user.subject, user.role)

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import GatewayDep, PrincipalDep, idempotency_key, optional_client_id
 from app.api.schemas import ChatRequest
@@ -30,12 +30,18 @@ _DEFAULT_CLIENT = "openai-api"
 KEEPALIVE_S = 10.0
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # accepted for the SDK; nothing is obfuscated
+
+
 class OpenAIChatRequest(ChatRequest):
     """The OpenAI body: /api/chat's fields plus the ones the SDK may send."""
 
     n: int = Field(1, ge=1, le=1)
     user: str | None = Field(None, max_length=64)
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
 
     def engine_request(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True, exclude={"stream", "stream_options", "n", "user"})
@@ -109,7 +115,7 @@ async def _stream(
     assert gw.chat is not None and gw.queue is not None
     chat, queue = gw.chat, gw.queue
     doc, sink = await chat.start_stream(user, body.engine_stream_request(), client, priority)
-    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events() -> AsyncIterator[bytes]:
         finished = False

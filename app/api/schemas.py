@@ -13,6 +13,28 @@ from app.errors import InvalidRequest
 Body = TypeVar("Body", bound=BaseModel)
 
 
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with every `$ref` resolved in place: for the OpenAPI request
+    bodies of routes that read their body themselves (`openapi_extra`), where `#/$defs/...`
+    would point into the wrong document."""
+    schema = model.model_json_schema()
+    defs: dict[str, Any] = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return resolve({**defs[ref.removeprefix("#/$defs/")], **rest})
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
 def parse_json_body(model: type[Body], raw: bytes) -> Body:
     """A body a route reads itself (it also takes other content types), checked exactly as
     FastAPI checks a declared body: not JSON → 400 `invalid_json`; missing or of the wrong
@@ -31,10 +53,28 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ImageUrl(_Body):
+    url: str = Field(..., min_length=1, description="https URL or data URL of the image")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class ContentPart(_Body):
     type: Literal["text", "image_url"]
     text: str | None = Field(None, max_length=1_000_000)
-    image_url: dict[str, Any] | None = None
+    image_url: ImageUrl | None = None
+
+
+class ToolCallFunction(_Body):
+    name: str = Field(..., min_length=1, max_length=128)
+    arguments: str = Field(..., description="the arguments as a JSON text")
+
+
+class ToolCall(_Body):
+    """A tool call of an earlier assistant message, as the OpenAI API returned it."""
+
+    id: str = Field(..., min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class ChatMessage(_Body):
@@ -42,7 +82,7 @@ class ChatMessage(_Body):
     content: str | list[ContentPart] | None = Field(None)
     name: str | None = Field(None, max_length=64)
     tool_call_id: str | None = Field(None, max_length=128)
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)
 
 
 class ChatRequest(_Body):
@@ -52,7 +92,7 @@ class ChatRequest(_Body):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stream: bool = False

@@ -54,8 +54,26 @@ class ApiKeyService:
             raise InvalidRequest("key name must be 1-64 characters of letters, digits, _ . @ -", param="name")
         if role not in ("admin", "client"):
             raise InvalidRequest("role must be admin or client", param="role")
-        if expires_at is not None and expires_at <= self._clock.now():
+        now = self._clock.now()
+        if expires_at is not None and expires_at <= now:
             raise InvalidRequest("expires_at is in the past", param="expires_at")
+        # The name is the key's identity (subject `key:<name>`): its jobs and its rate-limit
+        # counter. Two usable keys of one name would share both, so a name is taken until its
+        # key is revoked or expires.
+        taken = await self._keys.find_one(
+            {
+                "name": name,
+                "revoked_at": None,
+                "$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}],
+            },
+            {"_id": 1},
+        )
+        if taken is not None:
+            raise InvalidRequest(
+                f"an active API key is named {name!r} (id {taken['_id'][:16]}); "
+                "revoke it or pick another name",
+                param="name",
+            )
         key = PREFIX + secrets.token_urlsafe(32)
         doc: Doc = {
             "_id": key_hash(key),

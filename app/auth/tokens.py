@@ -29,6 +29,7 @@ class Principal:
     models: frozenset[str] | None = None  # an API key's scope; None = every model
     rate_limit_per_minute: int | None = None  # an API key's own limit
     key_id: str | None = None
+    issued_at: int | None = None  # a token's `iat` (seconds): tokens older than a password change fail
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -79,10 +80,12 @@ class TokenService:
                     "verify_exp": False,
                 },
             )
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, ValueError):  # ValueError: text that is not UTF-8 (a lone surrogate)
             raise AuthenticationFailed("token is invalid") from None
         if claims.get("use", "access") != use or not isinstance(claims.get("role"), str):
             raise AuthenticationFailed("token is invalid")
-        if not isinstance(claims["exp"], int) or claims["exp"] <= int(self._clock.now().timestamp()):
+        if not isinstance(claims["exp"], int) or not isinstance(claims["iat"], int):
+            raise AuthenticationFailed("token is invalid")
+        if claims["exp"] <= int(self._clock.now().timestamp()):
             raise AuthenticationFailed("token has expired; request a new one at /auth/token")
-        return Principal(subject=str(claims["sub"]), role=claims["role"])
+        return Principal(subject=str(claims["sub"]), role=claims["role"], issued_at=claims["iat"])

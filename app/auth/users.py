@@ -27,7 +27,8 @@ class UserService:
         self._hasher = PasswordHash.recommended()
         # Verified against when the user does not exist, so timing does not reveal usernames.
         self._dummy_hash = self._hasher.hash("not-a-real-password-" + "x" * 16)
-        self._status: dict[str, tuple[float, str | None]] = {}  # user -> (checked at, role or None)
+        # user -> (checked at, role or None, tokens issued before this second are void)
+        self._status: dict[str, tuple[float, str | None, int]] = {}
 
     async def create(self, username: str, password: str, role: str) -> Doc:
         if not _USERNAME.match(username):
@@ -59,11 +60,15 @@ class UserService:
             raise AuthenticationFailed("incorrect username or password")
         return Principal(subject=username, role=doc["role"])
 
-    async def active_principal(self, username: str) -> Principal:
-        doc = await self._users.find_one({"_id": username}, {"role": 1, "disabled": 1})
-        if not doc or doc.get("disabled"):
+    async def active_principal(self, claimed: Principal) -> Principal:
+        """The user a refresh token names, read now: it must exist, be enabled, and not have
+        changed its password since the token was issued."""
+        doc = await self._users.find_one(
+            {"_id": claimed.subject}, {"role": 1, "disabled": 1, "tokens_after": 1}
+        )
+        if not doc or doc.get("disabled") or _predates(claimed, int(doc.get("tokens_after", 0))):
             raise AuthenticationFailed("token is invalid")
-        return Principal(subject=username, role=doc["role"])
+        return Principal(subject=claimed.subject, role=doc["role"])
 
     async def check_token_holder(self, claimed: Principal) -> Principal:
         """A token stays valid only while its user exists, is enabled and keeps that role.
@@ -74,14 +79,18 @@ class UserService:
         now = self._clock.monotonic()
         cached = self._status.get(claimed.subject)
         if cached is None or now - cached[0] >= STATUS_CACHE_SECONDS:
-            doc = await self._users.find_one({"_id": claimed.subject}, {"role": 1, "disabled": 1})
+            doc = await self._users.find_one(
+                {"_id": claimed.subject}, {"role": 1, "disabled": 1, "tokens_after": 1}
+            )
             role = None if doc is None or doc.get("disabled") else str(doc["role"])
-            cached = (now, role)
+            cached = (now, role, int(doc.get("tokens_after", 0)) if doc else 0)
             self._status[claimed.subject] = cached
         if cached[1] is None:
             raise AuthenticationFailed("token is invalid: the user is disabled or deleted")
         if cached[1] != claimed.role:
             raise AuthenticationFailed("token is invalid: the user's role changed; log in again")
+        if _predates(claimed, cached[2]):
+            raise AuthenticationFailed("token is invalid: the password was changed; log in again")
         return claimed
 
     async def list(self) -> list[Doc]:
@@ -102,15 +111,28 @@ class UserService:
     async def reset_password(self, username: str, password: str) -> Doc:
         if len(password) < 12:
             raise InvalidRequest("password must be at least 12 characters", param="password")
+        # every token issued before now stops working (sessions of whoever knew the old password)
         return await self._change(
-            username, {"password_hash": await asyncio.to_thread(self._hasher.hash, password)}
+            username,
+            {
+                "password_hash": await asyncio.to_thread(self._hasher.hash, password),
+                "tokens_after": int(self._clock.now().timestamp()),
+            },
         )
 
     async def _change(self, username: str, changes: Doc) -> Doc:
         doc = await self._users.find_one_and_update(
-            {"_id": username}, {"$set": changes}, projection={"password_hash": 0}, return_document=True
+            {"_id": username},
+            {"$set": changes},
+            projection={"password_hash": 0, "tokens_after": 0},
+            return_document=True,
         )
         if doc is None:
             raise NotFound(f"no user {username!r}")
         self._status.pop(username, None)
         return doc
+
+
+def _predates(claimed: Principal, tokens_after: int) -> bool:
+    """Issued in a second before the user's last password change (API keys carry no `iat`)."""
+    return claimed.issued_at is not None and claimed.issued_at < tokens_after

@@ -13,6 +13,9 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+import bson
+import bson.errors
+
 from app.errors import InvalidRequest
 from app.queue.priority import Priority
 
@@ -69,6 +72,27 @@ class Submission:
     # what identifies the request for an Idempotency-Key replay, when that is not the whole
     # `request` (OCR: the document's hash and the options, not the file name)
     request_hash: str | None = None
+
+    def __post_init__(self) -> None:
+        check_storable(self.request)
+
+
+def check_storable(request: Doc) -> None:
+    """Refuse (400) a request the database cannot store, before it is admitted.
+
+    The API's schemas leave little room, but this is the last line: a document BSON cannot
+    encode would fail the whole group-committed write it joined, other clients' jobs included.
+    """
+    try:
+        bson.encode({"request": request})
+    except OverflowError:
+        raise InvalidRequest("the request holds an integer beyond 64 bits; it cannot be stored") from None
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            "the request holds text that is not valid Unicode (a lone surrogate such as \\ud800)"
+        ) from None
+    except (bson.errors.InvalidDocument, ValueError) as exc:
+        raise InvalidRequest(f"the request cannot be stored: {str(exc)[:200]}") from None
 
 
 def idempotency_scope(owner: str, key: str) -> str:

@@ -216,3 +216,51 @@ async def test_jobs_of_others_stay_hidden(gateway_factory: GatewayFactory, role:
     job = (await gw.chat("demo")).json()["id"]
     assert (await gw.http.get(f"/api/jobs/{job}", headers=gw.headers(bob))).status_code == 404
     assert (await gw.http.get(f"/api/jobs/{job}", headers=gw.headers(gw.admin_token))).status_code == 200
+
+
+async def test_password_reset_ends_existing_sessions(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory({"demo": stub()})
+    await _user(gw, "dan")
+    now = int(datetime.now(UTC).timestamp())
+
+    def old_token(use: str) -> str:
+        claims = {
+            "sub": "dan",
+            "role": "client",
+            "use": use,
+            "iss": "model-gateway",
+            "aud": "model-gateway-clients",
+            "iat": now - 60,  # issued before the reset below
+            "exp": now + 3600,
+        }
+        return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+    stolen, stolen_refresh = old_token("access"), old_token("refresh")
+    assert (await gw.chat("demo", token=stolen)).status_code == 200
+    reset = await gw.http.patch(
+        "/admin/users/dan", json={"password": "dan-new-password-2"}, headers=gw.headers(gw.admin_token)
+    )
+    assert reset.status_code == 200 and "tokens_after" not in reset.json()
+    refused = await gw.chat("demo", token=stolen)
+    assert refused.status_code == 401 and "password was changed" in refused.json()["detail"]
+    again = await gw.http.post("/auth/refresh", json={"refresh_token": stolen_refresh})
+    assert again.status_code == 401
+    login = await gw.http.post("/auth/token", data={"username": "dan", "password": "dan-new-password-2"})
+    assert login.status_code == 200
+    assert (await gw.chat("demo", token=login.json()["access_token"])).status_code == 200
+    nothing = await gw.http.patch("/admin/users/dan", json={}, headers=gw.headers(gw.admin_token))
+    assert nothing.status_code == 400 and "disabled, role and/or password" in nothing.json()["detail"]
+
+
+async def test_an_api_key_name_is_one_identity(gateway_factory: GatewayFactory) -> None:
+    """Jobs and the rate-limit counter belong to `key:<name>`: two usable keys may not share it."""
+    gw = await gateway_factory({"demo": stub()})
+    admin = gw.headers(gw.admin_token)
+    first = await gw.http.post("/admin/api-keys", json={"name": "svc"}, headers=admin)
+    assert first.status_code == 201
+    second = await gw.http.post("/admin/api-keys", json={"name": "svc"}, headers=admin)
+    assert second.status_code == 400 and "an active API key is named 'svc'" in second.json()["detail"]
+    assert first.json()["id"] in second.json()["detail"]
+    await gw.http.delete(f"/admin/api-keys/{first.json()['id']}", headers=admin)
+    rotated = await gw.http.post("/admin/api-keys", json={"name": "svc"}, headers=admin)
+    assert rotated.status_code == 201  # the name is free again once its key is revoked
