@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import re
 import socket
 import sys
 from collections.abc import Callable
@@ -114,7 +116,7 @@ class EngineManager:
         return self.engines[name]
 
     def log_path(self, name: str) -> Path:
-        return self._log_dir / f"{name}.log"
+        return self._log_dir / log_file_name(name)
 
     def ready_url(self, name: str) -> str | None:
         """Where to send work: a ready engine, or one draining its admitted jobs before a stop."""
@@ -639,3 +641,14 @@ class EngineManager:
                 }
             )
         return {"available": self.inventory.available, "reason": self.inventory.reason or None, "gpus": gpus}
+
+
+def log_file_name(model: str) -> str:
+    """One flat file per model in the log directory. Model names may hold `/` and `:` (hub
+    ids such as `deepseek-ai/DeepSeek-OCR`); used as they are, `/` would point into a missing
+    directory and `..` segments outside the log directory. Such names are flattened, with a
+    short hash so that `a/b` and `a_b` do not share a file."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", model).lstrip(".") or "_"
+    if safe == model:
+        return f"{model}.log"
+    return f"{safe}-{hashlib.sha256(model.encode()).hexdigest()[:8]}.log"
