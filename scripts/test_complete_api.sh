@@ -84,4 +84,38 @@ for priority in high low; do
   expect "X-Priority: $priority completes" 200 "${CHAT_OK[@]}" '.priority == $p'
 done
 
+# -- operations: models, usage, missing models, auto-switch, metrics ----------------------------
+JQ_ARGS=(--arg model "$MODEL")
+call GET /admin/models -H "Authorization: Bearer $TOKEN"
+expect "GET /admin/models lists $MODEL with its state" 200 '.[$model].status | type == "string"' \
+  '.[$model].max_concurrent >= 1'
+
+call GET "/admin/usage?window=24h" -H "Authorization: Bearer $TOKEN"
+expect "GET /admin/usage?window=24h reports per model" 200 '.window_seconds == 86400' \
+  '.models | type == "object"' '.total_requests >= 0'
+
+call GET "/admin/usage?window=forever" -H "Authorization: Bearer $TOKEN"
+expect "GET /admin/usage with a bad window is 400" 400 '.detail | test("not a duration")'
+
+call GET /admin/missing-models -H "Authorization: Bearer $TOKEN"
+expect "GET /admin/missing-models lists the unknown model asked for above" 200 'type == "array"' \
+  '[.[] | select(.model_name | startswith("no-such-model")) | .configured == false] | any'
+
+call GET /admin/autoswitch -H "Authorization: Bearer $TOKEN"
+expect "GET /admin/autoswitch says whether it is on and shows decisions" 200 '.enabled | type == "boolean"' \
+  '.decisions | type == "array"'
+
+call POST /admin/autoswitch/evaluate -H "Authorization: Bearer $TOKEN"
+expect "POST /admin/autoswitch/evaluate is a dry run with reasons" 200 '.dry_run == true' \
+  '.summary | type == "string"' '.actions | type == "array"'
+
+METRICS=$(curl -sS --max-time 10 "$GATEWAY_URL/metrics" -H "Authorization: Bearer $TOKEN" || true)
+if printf '%s' "$METRICS" | grep -q '^gateway_build_info{'; then
+  ok "GET /metrics (admin token) is Prometheus text with gateway_build_info"
+elif [ -z "$METRICS" ] || printf '%s' "$METRICS" | grep -q '"code"'; then
+  skip "GET /metrics (disabled or not reachable with this token: $(printf '%s' "$METRICS" | head -c 120))"
+else
+  BODY=$METRICS STATUS=200 fail "GET /metrics" "no gateway_build_info line"
+fi
+
 echo "PASS  $CHECKS checks against $GATEWAY_URL"

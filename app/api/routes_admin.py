@@ -17,7 +17,9 @@ from app.queue.jobs import JobState
 router = APIRouter(prefix="/admin")
 
 
-def _model_view(gw: Gateway, engine: EngineRecord, processing: int, waiting: int) -> dict[str, Any]:
+def _model_view(
+    gw: Gateway, engine: EngineRecord, processing: int, waiting: int, resolution: str
+) -> dict[str, Any]:
     assert gw.engines is not None
     now = gw.clock.now()
     ready = engine.state == EngineState.READY
@@ -44,7 +46,8 @@ def _model_view(gw: Gateway, engine: EngineRecord, processing: int, waiting: int
         "is_healthy": ready,
         "processing": processing,
         "waiting": waiting,
-        "resolution": None,  # OCR models report their default resolution (OCR issue)
+        # OCR engines: the resolution a request without X-Resolution gets (older clients read it)
+        "resolution": resolution if engine.settings.kind in ("cpu_ocr", "deepseek_ocr") else None,
         "max_concurrent": engine.settings.max_concurrent,
         "max_waiting": engine.settings.max_waiting,
     }
@@ -63,13 +66,19 @@ async def _occupancy(gw: Gateway) -> dict[str, tuple[int, int]]:
     return counts
 
 
+async def _default_resolution(gw: Gateway) -> str:
+    assert gw.ocr is not None
+    return await gw.ocr.default_resolution.get()
+
+
 @router.get("/models")
 async def models(gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
     """Keyed by model name (the shape clients of the system we re-implement read)."""
     assert gw.engines is not None
     counts = await _occupancy(gw)
+    resolution = await _default_resolution(gw)
     return {
-        name: _model_view(gw, engine, *counts.get(name, (0, 0)))
+        name: _model_view(gw, engine, *counts.get(name, (0, 0)), resolution)
         for name, engine in gw.engines.engines.items()
     }
 
@@ -78,7 +87,8 @@ async def models(gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
 async def model(model: str, gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
     assert gw.engines is not None
     name = gw.registry.resolve(model)
-    return _model_view(gw, gw.engines.get(name), *(await _occupancy(gw)).get(name, (0, 0)))
+    counts = (await _occupancy(gw)).get(name, (0, 0))
+    return _model_view(gw, gw.engines.get(name), *counts, await _default_resolution(gw))
 
 
 @router.post("/models/{model}/start", status_code=202)

@@ -132,6 +132,8 @@ async def test_default_resolution_is_persisted(gw: GatewayClient, gateway_factor
     ).status_code == 403
     used = await _ocr(gw, _png(["SMALL TEXT"]))
     assert used.json()["mode"] == "tiny"
+    models = (await gw.http.get("/admin/models", headers=admin)).json()
+    assert (models["ocr"]["resolution"], models["llm"]["resolution"]) == ("tiny", None)
     # another gateway on the same database (a restart, or a second instance) sees it
     assert gw.gateway.ocr is not None
     database = gw.gateway.settings.database.name
