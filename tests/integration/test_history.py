@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
-
-import pytest
 
 from app.clock import ManualClock
 from app.history.missing import MissingModels
 from app.history.usage import STATE_ID, UsageRollup
-from app.store.database import Database, connect, ensure_indexes
+from app.store.database import Database
 from tests.conftest import eventually
 
 START = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)  # a Monday
-
-
-@pytest.fixture
-async def database(mongo_uri: str) -> AsyncIterator[Database]:
-    db = await connect(mongo_uri, "t_" + uuid.uuid4().hex[:12], "auto")
-    await ensure_indexes(db)
-    yield db
-    await db.client.drop_database(db.db.name)
-    await db.close()
 
 
 def job(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -22,17 +21,8 @@ from app.queue.service import JobQueue
 from app.queue.store import JobStore
 from app.queue.sweeper import Sweeper, worker_is_dead
 from app.store.batch import BatchWriter, DuplicateKey
-from app.store.database import Database, connect, ensure_indexes
+from app.store.database import Database
 from app.store.embedded import EmbeddedDatabase, ping
-
-
-@pytest.fixture
-async def database(mongo_uri: str) -> AsyncIterator[Database]:
-    db = await connect(mongo_uri, "t_" + uuid.uuid4().hex[:12], "auto")
-    await ensure_indexes(db)
-    yield db
-    await db.client.drop_database(db.db.name)
-    await db.close()
 
 
 @pytest.fixture
