@@ -596,6 +596,7 @@ class EngineManager:
             return
         engine.move(EngineState.STARTING)
         engine.gpus, engine.started_at = gpus, self._clock.now()
+        engine.adopted, engine.ready_at, engine.load_seconds = False, None, None  # a load of ours now
         self._metrics.engine_restarted(engine.name)
         await self._load(engine, argv)
 

@@ -13,6 +13,7 @@ import psutil
 import pytest
 from pymongo import AsyncMongoClient
 
+from tests.conftest import eventually
 from tests.e2e.conftest import Daemon
 
 pytestmark = pytest.mark.e2e
@@ -82,6 +83,15 @@ async def _crash_and_recover(tmp_path: Path, daemons: list[Daemon], kill_databas
         engine = await _admin_model(client, daemon, "slow")
         assert engine["pid"] == engine_pids[0] and engine["adopted"] is True, engine
         again = await asyncio.gather(*(_chat(client, daemon, i) for i in range(N)))
+        # the adopted engine dies: the supervisor restarts it as a load of its own
+        psutil.Process(engine_pids[0]).send_signal(signal.SIGKILL)
+        restarted = await eventually(
+            lambda: _admin_model(client, daemon, "slow"),
+            lambda m: m["state"] == "ready" and m["pid"] != engine_pids[0],
+            "the adopted engine restarted after its crash",
+            60,
+        )
+        assert restarted["adopted"] is False and restarted["load_seconds"] is not None, restarted
 
     assert [r.status_code for r in again] == [200] * N, [r.text for r in again]
     for i, response in enumerate(again):
