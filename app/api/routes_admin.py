@@ -83,15 +83,7 @@ async def models(gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
     }
 
 
-@router.get("/models/{model}")
-async def model(model: str, gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
-    assert gw.engines is not None
-    name = gw.registry.resolve(model)
-    counts = (await _occupancy(gw)).get(name, (0, 0))
-    return _model_view(gw, gw.engines.get(name), *counts, await _default_resolution(gw))
-
-
-@router.post("/models/{model}/start", status_code=202)
+@router.post("/models/{model:path}/start", status_code=202)
 async def start_model(model: str, gw: GatewayDep, admin: AdminDep, wait: bool = False) -> dict[str, Any]:
     """202 at once (a vLLM load takes minutes; poll GET /admin/models/{m}); `wait=true` blocks
     until ready or failed. A start of a loading model joins it; of a ready one is a no-op."""
@@ -114,7 +106,7 @@ async def start_model(model: str, gw: GatewayDep, admin: AdminDep, wait: bool = 
     }
 
 
-@router.post("/models/{model}/stop")
+@router.post("/models/{model:path}/stop")
 async def stop_model(
     model: str,
     gw: GatewayDep,
@@ -135,7 +127,7 @@ async def stop_model(
     return {"status": "stopped", "model": name, "force": forced, **outcome}
 
 
-@router.get("/models/{model}/logs")
+@router.get("/models/{model:path}/logs")
 async def model_logs(
     model: str, gw: GatewayDep, _: AdminDep, lines: Annotated[int, Query(ge=1, le=5000)] = 100
 ) -> dict[str, Any]:
@@ -144,6 +136,17 @@ async def model_logs(
     path = gw.engines.log_path(name)
     text = await asyncio.to_thread(log_tail, path, lines, 4 * 1024 * 1024)
     return {"model": name, "lines": text.splitlines(), "path": str(path)}
+
+
+# `{model:path}`: names and aliases may hold '/' (hub ids such as deepseek-ai/DeepSeek-OCR, which
+# clients of the system we re-implement put in these paths). The generic GET comes after
+# /logs, or it would take ".../logs" for a model name.
+@router.get("/models/{model:path}")
+async def model(model: str, gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
+    assert gw.engines is not None
+    name = gw.registry.resolve(model)
+    counts = (await _occupancy(gw)).get(name, (0, 0))
+    return _model_view(gw, gw.engines.get(name), *counts, await _default_resolution(gw))
 
 
 @router.get("/crashes")
@@ -182,7 +185,7 @@ async def gpus(gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
     return await asyncio.to_thread(gw.engines.gpus_view)
 
 
-@router.get("/queue/{model}")
+@router.get("/queue/{model:path}")
 async def queue_stats(model: str, gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
     assert gw.queue is not None
     name = gw.registry.resolve(model)

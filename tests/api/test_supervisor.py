@@ -250,3 +250,26 @@ async def test_gpus_without_a_driver_and_logs_and_unknown_models(gateway_factory
     client = await gw.http.post("/admin/models/demo/stop", headers=gw.headers())
     assert client.status_code == 403
     assert (await _admin(gw, "GET", "/admin/crashes", since="not-a-time")).status_code == 422
+
+
+async def test_models_whose_names_hold_a_slash_are_addressable_in_admin_paths(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory({"org/chat": stub(aliases=["deepseek-ai/DeepSeek-OCR"]), "plain": stub()})
+    admin = gw.headers(gw.admin_token)
+    for path in (
+        "/admin/models/org/chat",
+        "/admin/models/org%2Fchat",
+        "/admin/models/deepseek-ai/DeepSeek-OCR",
+    ):
+        response = await gw.http.get(path, headers=admin)
+        assert (response.status_code, response.json()["name"]) == (200, "org/chat"), path
+    queue = await gw.http.get("/admin/queue/deepseek-ai/DeepSeek-OCR", headers=admin)
+    assert queue.json()["model"] == "org/chat"
+    logs = await gw.http.get("/admin/models/org/chat/logs", params={"lines": 5}, headers=admin)
+    assert logs.json()["model"] == "org/chat" and logs.json()["lines"]
+    stopped = await gw.http.post("/admin/models/org/chat/stop", headers=admin)
+    assert (stopped.json()["model"], (await _model(gw, "plain"))["state"]) == ("org/chat", "ready")
+    started = await gw.http.post("/admin/models/org/chat/start", params={"wait": "true"}, headers=admin)
+    assert (started.json()["model"], started.json()["state"]) == ("org/chat", "ready")
+    assert (await gw.http.get("/admin/models/org/nope", headers=admin)).status_code == 404
