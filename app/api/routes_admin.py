@@ -32,7 +32,7 @@ def _model_view(
         "last_error": engine.last_error,
         "aliases": engine.settings.aliases,
         "served_name": engine.served_name,
-        "port": engine.port or None,
+        "port": (engine.port or None) if engine.process is not None else None,  # no process, no port
         "pid": engine.pid,
         "gpus": engine.gpus,
         "adopted": engine.adopted,

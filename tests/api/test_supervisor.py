@@ -152,7 +152,8 @@ async def test_stop_busy_model_needs_graceful_or_force(gateway_factory: GatewayF
     answer = await running
     assert answer.status_code == 200 and answer.json()["message"]["content"] == "stub reply to: finish me"
     assert not _alive(pid)
-    assert (await _model(gw, "busy"))["state"] == "stopped"
+    after = await _model(gw, "busy")
+    assert (after["state"], after["pid"], after["port"], after["gpus"]) == ("stopped", None, None, [])
     assert (await gw.chat("busy")).status_code == 503
     again = await _admin(gw, "POST", "/admin/models/busy/stop")
     assert again.status_code == 200 and again.json()["already"] is True
