@@ -543,13 +543,16 @@ class EngineManager:
         engine.move(EngineState.CRASHED, reason)
         engine.last_error = reason
         self._metrics.engine_crashed(engine.name)
+        # the jobs on it now, before their failed calls leave the dispatcher (the task runs later)
+        affected = list(self._workload.running(engine.name))
         self._tasks[engine.name] = asyncio.create_task(
-            self._recover(engine, code, reason), name=f"engine-restart:{engine.name}"
+            self._recover(engine, code, reason, affected), name=f"engine-restart:{engine.name}"
         )
 
-    async def _recover(self, engine: EngineRecord, code: int | None, reason: str) -> None:
+    async def _recover(
+        self, engine: EngineRecord, code: int | None, reason: str, affected: list[str]
+    ) -> None:
         """Record the crash, kill what is left (a hung engine still runs), restart with backoff."""
-        affected = self._workload.running(engine.name)
         tail = proc.log_tail(self.log_path(engine.name), 30)
         pid = engine.pid
         await self._kill(engine)  # a hung engine: its in-flight calls fail now and are retried
