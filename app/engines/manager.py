@@ -515,6 +515,21 @@ class EngineManager:
                 self._last_health_round = loop.time()
                 ready = [e for e in self.engines.values() if e.state == EngineState.READY]
                 await asyncio.gather(*(self._check_health(e) for e in ready))
+                await self._rotate_logs()
+
+    async def _rotate_logs(self) -> None:
+        """Engines that run for weeks write without end (vLLM logs every few seconds): their logs
+        are cut while they run, not only at a restart."""
+        for engine in self.engines.values():
+            if engine.process is None:
+                continue
+            path = self.log_path(engine.name)
+            limit, backups = self._defaults.log_max_bytes, self._defaults.log_backups
+            try:
+                if await asyncio.to_thread(proc.rotate_log, path, limit, backups, running=True):
+                    event(log, "engine.log_rotated", model=engine.name, path=str(path))
+            except OSError as exc:  # a full disk must not stop the watch loop
+                event(log, "engine.log_rotate_failed", logging.WARNING, model=engine.name, error=repr(exc))
 
     async def _check_health(self, engine: EngineRecord) -> None:
         healthy = await self._client.healthy(engine.base_url, timeout_s=self._defaults.health_check_timeout)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -94,21 +95,35 @@ def stop(process: SpawnedProcess, timeout_s: float) -> list[int]:
     return pids
 
 
-def rotate_log(path: Path, max_bytes: int, backups: int) -> None:
-    """Rotate at each (re)start: the engine holds its log open, so it cannot be cut while it runs."""
+def rotate_log(path: Path, max_bytes: int, backups: int, *, running: bool = False) -> bool:
+    """Keep `path` under `max_bytes` with `backups` older files; True if it rotated.
+
+    Before a (re)start the file is moved aside. While the engine runs it holds the file open,
+    so the content is copied aside and the file truncated in place (logrotate's copytruncate):
+    the engine opened it for appending, so its next write lands at the new start. Lines written
+    between the copy and the truncation are lost, a price paid only once per `max_bytes`.
+    """
     try:
         if path.stat().st_size < max_bytes:
-            return
+            return False
     except FileNotFoundError:
-        return
-    if backups == 0:
-        path.unlink(missing_ok=True)
-        return
+        return False
     for index in range(backups - 1, 0, -1):
         older = path.with_name(f"{path.name}.{index}")
         if older.exists():
             older.replace(path.with_name(f"{path.name}.{index + 1}"))
-    path.replace(path.with_name(f"{path.name}.1"))
+    first = path.with_name(f"{path.name}.1")
+    if not running:
+        if backups == 0:
+            path.unlink(missing_ok=True)
+        else:
+            path.replace(first)
+        return True
+    if backups > 0:
+        shutil.copyfile(path, first)
+    with path.open("r+b") as log_file:
+        log_file.truncate(0)
+    return True
 
 
 def is_same_process(pid: int, create_time: float) -> bool:

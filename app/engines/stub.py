@@ -54,6 +54,8 @@ class StubEngine:
         if not isinstance(messages, list) or not messages:
             return _error(400, "messages must be a non-empty list")
         self.requests += 1
+        if self.args.log_requests:  # like vLLM's request log lines: a log that keeps growing
+            print(f"request {self.requests}: {len(messages)} messages", flush=True)
         if self.args.crash_after and self.requests > self.args.crash_after:
             os._exit(3)  # a crash, on purpose: no cleanup, connections reset
         if self.args.hang:
@@ -192,6 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=4096, help="longer prompts get a 400, like vLLM")
     parser.add_argument("--max-tokens", type=int, default=16, help="default completion length")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-requests", action="store_true", help="print a line per chat request")
     return parser.parse_args(argv)
 
 

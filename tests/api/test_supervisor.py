@@ -274,3 +274,20 @@ async def test_models_whose_names_hold_a_slash_are_addressable_in_admin_paths(
     started = await gw.http.post("/admin/models/org/chat/start", params={"wait": "true"}, headers=admin)
     assert (started.json()["model"], started.json()["state"]) == ("org/chat", "ready")
     assert (await gw.http.get("/admin/models/org/nope", headers=admin)).status_code == 404
+
+
+async def test_a_running_engines_log_is_rotated_by_the_watch_loop(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(
+        {"chatty": stub("--log-requests")}, engines={**FAST_HEALTH, "log_max_bytes": 1024}
+    )
+    assert gw.gateway.engines is not None
+    log = gw.gateway.engines.log_path("chatty")
+    pid = (await _model(gw, "chatty"))["pid"]
+
+    async def rotated() -> bool:
+        assert (await gw.chat("chatty")).status_code == 200  # a log line per request
+        return log.with_name(log.name + ".1").exists()
+
+    await eventually(rotated, bool, "the engine's log rotated while it runs", 30)
+    assert (await _model(gw, "chatty"))["pid"] == pid  # cut in place, no restart
+    assert log.stat().st_size < log.with_name(log.name + ".1").stat().st_size
