@@ -49,4 +49,3 @@ def test_impossible_moves_are_refused(start: EngineState, to: EngineState) -> No
     with pytest.raises(IllegalTransition, match=f"{start.value} -> {to.value}"):
         record.move(to)
     assert record.state == start
-
