@@ -39,13 +39,16 @@ def no_process_left_behind() -> Iterator[None]:
     """
     yield
     me = psutil.Process()
-    deadline = time.monotonic() + 15
-    left: list[psutil.Process] = []
-    while time.monotonic() < deadline:
+    try:
+        eventually_sync(
+            lambda: [c for c in me.children(recursive=True) if _alive(c)],
+            lambda alive: not alive,
+            "every child process ended",
+            15,
+        )
+        return
+    except AssertionError:
         left = [c for c in me.children(recursive=True) if _alive(c)]
-        if not left:
-            return
-        time.sleep(0.1)
     described = [f"{c.pid}: {' '.join(c.cmdline())[:120]}" for c in left if _alive(c)]
     for child in left:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -128,6 +131,20 @@ async def eventually(
         await asyncio.sleep(0.02)
 
 
+def eventually_sync(
+    probe: Callable[[], T], done: Callable[[T], bool], what: str, timeout_s: float = 20.0
+) -> T:
+    """`eventually` for code outside an event loop (sync fixtures, threads)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if done(value):
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s:g} s; last saw {value!r}")
+        time.sleep(0.02)
+
+
 class GatewayClient:
     """An httpx client on the ASGI app, plus tokens for an admin and a client user."""
 
@@ -164,13 +181,16 @@ class GatewayClient:
         )
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while asyncio.get_running_loop().time() < deadline:
-            summary = (await self.http.get("/health")).json()["engines"]
-            if all(m["state"] in ("ready", "failed", "stopped") for m in summary.values()):
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"engines not ready: {summary}")
+        async def engines() -> dict[str, Any]:
+            summary: dict[str, Any] = (await self.http.get("/health")).json()["engines"]
+            return summary
+
+        await eventually(
+            engines,
+            lambda summary: all(m["state"] in ("ready", "failed", "stopped") for m in summary.values()),
+            "engines settled (ready, failed or stopped)",
+            timeout_s,
+        )
 
 
 GatewayFactory = Callable[..., Awaitable[GatewayClient]]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -11,7 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from pymongo import AsyncMongoClient
 
 from app.auth.tokens import TokenService
 from app.clock import SystemClock
+from tests.conftest import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,10 +89,21 @@ class Daemon:
             )
 
     async def wait_healthy(self, timeout_s: float = 60.0) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        return await self.wait_health(
+            lambda engines: all(m["state"] == "ready" for m in engines.values()),
+            "every engine ready",
+            timeout_s,
+        )
+
+    async def wait_health(
+        self, engines_done: Callable[[dict[str, Any]], bool], what: str, timeout_s: float = 60.0
+    ) -> dict[str, Any]:
+        """Poll /health until the gateway is healthy and its engines pass `engines_done`; fail at
+        once (with the log) if the gateway process exits. The users behind the tokens are
+        ensured before returning."""
         async with httpx.AsyncClient() as client:
-            while loop.time() < deadline:
+
+            async def health() -> dict[str, Any] | None:
                 assert self.proc is not None
                 if self.proc.poll() is not None:
                     raise AssertionError(
@@ -100,15 +111,20 @@ class Daemon:
                     )
                 try:
                     body: dict[str, Any] = (await client.get(f"{self.url}/health")).json()
-                    if body["status"] == "healthy" and all(
-                        m["state"] == "ready" for m in body["engines"].values()
-                    ):
-                        await self._ensure_token_holders()
-                        return body
+                    return body
                 except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise AssertionError(f"gateway not healthy in {timeout_s} s:\n{self.log.read_text()[-3000:]}")
+                    return None  # not listening yet
+
+            def done(body: dict[str, Any] | None) -> bool:
+                return body is not None and body["status"] == "healthy" and engines_done(body["engines"])
+
+            try:
+                body = await eventually(health, done, what, timeout_s)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{self.log.read_text()[-3000:]}") from None
+        assert body is not None
+        await self._ensure_token_holders()
+        return body
 
     async def _ensure_token_holders(self) -> None:
         """The tokens minted above are honoured only while their users exist and are enabled."""

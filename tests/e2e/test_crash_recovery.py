@@ -29,15 +29,15 @@ async def _job_states(daemon: Daemon) -> list[dict[str, object]]:
 
 
 async def _until_admitted(daemon: Daemon, running: int, queued: int, timeout_s: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    states: list[str] = []
-    while loop.time() < deadline:
-        states = [str(d["state"]) for d in await _job_states(daemon)]
-        if states.count("running") == running and states.count("queued") == queued:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"expected {running} running and {queued} queued, saw {states}")
+    async def states() -> list[str]:
+        return [str(d["state"]) for d in await _job_states(daemon)]
+
+    await eventually(
+        states,
+        lambda seen: seen.count("running") == running and seen.count("queued") == queued,
+        f"{running} running and {queued} queued",
+        timeout_s,
+    )
 
 
 async def _chat(client: httpx.AsyncClient, daemon: Daemon, i: int) -> httpx.Response:

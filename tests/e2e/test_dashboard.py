@@ -72,29 +72,12 @@ MODELS: dict[str, Any] = {
 
 async def _until_serving(daemon: Daemon, timeout_s: float = 60.0) -> None:
     """Healthy with the models in their starting states (not all ready, so not wait_healthy)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    states: dict[str, Any] = {}
-    async with httpx.AsyncClient() as client:
-        while loop.time() < deadline:
-            assert daemon.proc is not None
-            if daemon.proc.poll() is not None:
-                raise AssertionError(f"gateway exited:\n{daemon.log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                body = (await client.get(f"{daemon.url}/health")).json()
-                states = {name: m["state"] for name, m in body["engines"].items()}
-                if body["status"] == "healthy" and states == {
-                    "demo": "ready",
-                    "lazy": "stopped",
-                    "slow": "ready",
-                    "broken": "failed",
-                    "crashy": "ready",
-                }:
-                    await daemon._ensure_token_holders()
-                    return
-            await asyncio.sleep(0.1)
-    log = daemon.log.read_text()[-3000:]
-    raise AssertionError(f"gateway not serving in {timeout_s} s (engines {states}):\n{log}")
+    starting = {"demo": "ready", "lazy": "stopped", "slow": "ready", "broken": "failed", "crashy": "ready"}
+    await daemon.wait_health(
+        lambda engines: {name: m["state"] for name, m in engines.items()} == starting,
+        f"engines in their starting states {starting}",
+        timeout_s,
+    )
 
 
 @pytest.fixture(scope="module")

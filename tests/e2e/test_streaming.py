@@ -10,6 +10,7 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 from pymongo import AsyncMongoClient
 
+from tests.conftest import eventually
 from tests.e2e.conftest import Daemon
 
 pytestmark = pytest.mark.e2e
@@ -27,15 +28,9 @@ async def _job(daemon: Daemon, job_id: str) -> dict[str, object]:
 
 
 async def _until_state(daemon: Daemon, job_id: str, state: str, timeout_s: float = 15.0) -> dict[str, object]:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    doc: dict[str, object] = {}
-    while loop.time() < deadline:
-        doc = await _job(daemon, job_id)
-        if doc["state"] == state:
-            return doc
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"job {job_id} is {doc.get('state')}, expected {state}")
+    return await eventually(
+        lambda: _job(daemon, job_id), lambda doc: doc["state"] == state, f"job {job_id} {state}", timeout_s
+    )
 
 
 async def test_stream_chunks_usage_history_and_cancel(tmp_path: Path, daemons: list[Daemon]) -> None:

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from app.ocr.grounding import parse_grounding
+from tests.conftest import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 LINES = [(60, 60, "Invoice number 4711"), (60, 210, "Total amount due"), (60, 360, "Thank you for shopping")]
@@ -48,18 +49,19 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
+
+        def health() -> int:
             if process.poll() is not None:
                 pytest.fail(f"engine exited with {process.returncode}:\n{log_path.read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"engine not healthy within 60 s:\n{log_path.read_text()}")
             try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
+                return httpx.get(base + "/health", timeout=1).status_code
             except httpx.TransportError:
-                pass  # connection refused while the models load
-            time.sleep(0.05)
+                return 0  # connection refused while the models load
+
+        try:
+            eventually_sync(health, lambda status: status == 200, "engine healthy", 60)
+        except AssertionError as exc:
+            pytest.fail(f"{exc}:\n{log_path.read_text()}")
         yield base
     finally:
         process.terminate()
@@ -209,12 +211,15 @@ def test_health_answers_while_pages_are_being_read(engine: str) -> None:
     answered_while_busy: list[float] = []
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending = [pool.submit(ocr, engine, payload) for _ in range(2)]
-        while not all(f.done() for f in pending):
+
+        def health_while_busy() -> bool:
             started = time.monotonic()
             assert httpx.get(engine + "/health", timeout=5).status_code == 200
             if not all(f.done() for f in pending):
                 answered_while_busy.append(time.monotonic() - started)
-            time.sleep(0.05)  # poll, leaving the cores to the OCR
+            return all(f.done() for f in pending)
+
+        eventually_sync(health_while_busy, bool, "both OCR requests answered", 120)
         assert all(f.result().status_code == 200 for f in pending)
     assert answered_while_busy, "OCR finished before /health was asked; the test proved nothing"
     assert max(answered_while_busy) < 1.0, f"/health took up to {max(answered_while_busy):.2f} s during OCR"

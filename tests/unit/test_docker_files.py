@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from jsonschema.protocols import Validator
 from app.api.routes_ocr import MULTIPART_OVERHEAD
 from app.errors import ConfigError
 from app.settings import Settings, check_secret, parse_settings
+from tests.conftest import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -799,15 +799,14 @@ def proxy() -> Iterator[_Proxy]:
 
 
 def _wait_until_listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 10
-    while True:
+    def listening() -> bool:
         if process.poll() is not None:
             raise AssertionError(f"nginx exited: {process.stderr.read().decode() if process.stderr else ''}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"nginx did not listen on {port} within 10 s")
-        time.sleep(0.02)
+            return True
+        return False
+
+    eventually_sync(listening, bool, f"nginx listening on {port}", 10)
 
 
 def test_nginx_redirects_plain_http_to_https(proxy: _Proxy) -> None:
