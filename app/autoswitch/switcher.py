@@ -18,6 +18,7 @@ import asyncio
 import logging
 import secrets
 import socket
+from collections import Counter
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -188,6 +189,7 @@ class Switcher:
         missing = await self._missing.configured_since(now - timedelta(seconds=config.recent_window_s))
         capacity, costs, unplaceable = self._capacity()
         eligible = set(self.eligible) - unplaceable
+        busy = Counter(doc["model"] for doc in await self._jobs.active_states())  # one query, all models
         views = []
         for name, engine in self._engines.engines.items():
             views.append(
@@ -195,7 +197,7 @@ class Switcher:
                     name=name,
                     state=engine.state.value,
                     cost=costs[name],
-                    busy=len(await self._jobs.active(name)),
+                    busy=busy[name],
                     eligible=name in eligible,
                     load_seconds=engine.load_seconds,
                     last_switch=self._last_switch.get(name),
