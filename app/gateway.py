@@ -199,7 +199,7 @@ class Gateway:
                 engines.get(name).served_name,
                 retry,
                 s.queue.poll_interval_seconds,
-                engine_suspect=lambda name=name: engines.check_process(name),  # type: ignore[misc]
+                engine_suspect=lambda job_id, name=name: engines.check_process(name, job_id),  # type: ignore[misc]
                 ocr=ocr_runner,
                 metrics=self.metrics,
             )

@@ -35,7 +35,7 @@ class ModelDispatcher:
         served_name: str,
         retry: RetryPolicy,
         poll_interval: float,
-        engine_suspect: Callable[[], None] = lambda: None,
+        engine_suspect: Callable[[str], None] = lambda job_id: None,
         ocr: OcrRunner | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -276,7 +276,7 @@ class ModelDispatcher:
         if isinstance(exc, EngineTimeout):
             self._metrics.timeout(self.name)
         if exc.retryable and exc.status is None:
-            self._engine_suspect()
+            self._engine_suspect(doc["_id"])
         if self._retry.should_retry(retryable=exc.retryable, attempts_made=doc["attempts"]):
             delay = self._retry.backoff(doc["attempts"])
             event(

@@ -58,6 +58,9 @@ class EngineRecord:
     placement_failed: bool = False  # the last start was refused by placement (503 insufficient_gpu)
     crashes: list[float] = field(default_factory=list)  # monotonic times, inside the window
     health_failures: int = 0
+    # jobs whose calls failed to reach it while it was ready: if it turns out to have died, they
+    # were running on it, even if they have left the dispatcher by the time the death is seen
+    suspected_jobs: set[str] = field(default_factory=set)
 
     @property
     def base_url(self) -> str:

@@ -288,6 +288,7 @@ class EngineManager:
         engine.move(EngineState.READY)
         engine.ready_at = self._clock.now()
         engine.health_failures = 0
+        engine.suspected_jobs.clear()
         if engine.started_at is not None:
             engine.load_seconds = round((engine.ready_at - engine.started_at).total_seconds(), 3)
             if not engine.adopted:  # an adopted engine was loaded by another gateway, long ago
@@ -544,12 +545,15 @@ class EngineManager:
             reason = f"health check failed {engine.health_failures} times in a row (hung)"
             self._crashed(engine, None, reason)
 
-    def check_process(self, name: str) -> None:
+    def check_process(self, name: str, failed_job: str | None = None) -> None:
         """Notice at once that a ready engine's process exited (also called by the dispatcher
-        when a call fails to connect, so a retry does not go to a dead engine)."""
+        with the job whose call failed to connect, so a retry does not go to a dead engine and
+        the crash record names that job even if the exit is seen only later)."""
         engine = self.engines[name]
         if engine.state != EngineState.READY or engine.process is None:
             return
+        if failed_job is not None:
+            engine.suspected_jobs.add(failed_job)
         code = engine.process.exit_code()
         if code is not None:
             self._crashed(engine, code, f"exited with code {code}")
@@ -558,8 +562,10 @@ class EngineManager:
         engine.move(EngineState.CRASHED, reason)
         engine.last_error = reason
         self._metrics.engine_crashed(engine.name)
-        # the jobs on it now, before their failed calls leave the dispatcher (the task runs later)
-        affected = list(self._workload.running(engine.name))
+        # the jobs on it now (read before the restart task runs), and those whose calls failed
+        # against it before the exit was seen
+        affected = sorted(set(self._workload.running(engine.name)) | engine.suspected_jobs)
+        engine.suspected_jobs.clear()
         self._tasks[engine.name] = asyncio.create_task(
             self._recover(engine, code, reason, affected), name=f"engine-restart:{engine.name}"
         )
