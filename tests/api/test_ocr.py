@@ -30,7 +30,11 @@ async def _ocr(gw: GatewayClient, data: bytes, name: str = "scan.png", **form: s
 @pytest.fixture
 async def gw(gateway_factory: GatewayFactory) -> GatewayClient:
     return await gateway_factory(
-        {"ocr": OCR_MODEL, "flaky": stub("--fail-first", "2"), "llm": {"kind": "vllm", "autostart": False}},
+        {
+            "ocr": OCR_MODEL,
+            "flaky": stub("--fail-first", "2"),
+            "llm": {"kind": "vllm", "autostart": False},
+        },
         engines={"startup_timeout": 60},
     )
 
@@ -150,6 +154,25 @@ async def test_a_failed_page_is_retried_not_the_document(gw: GatewayClient) -> N
     body = response.json()
     assert body["attempts"] == 1 and len(body["pages"]) == 3
     assert body["pages"][0]["text"] == "stub reply to: Free OCR."
+
+
+async def test_answer_cut_by_max_tokens_is_flagged_truncated(gw: GatewayClient) -> None:
+    """The engine stopping on length (DeepSeek-OCR's runaway repetition) is never a clean
+    answer: the page that was cut and the document both say so; a page that fit does not."""
+    pdf = text_pdf([["ALPHA ONE UNO", "BRAVO TWO DOS", "CHARLIE THREE TRES"], ["DELTA"]])
+    response = await _ocr(gw, pdf, max_tokens="3")  # cpu_ocr counts words, cut at whole lines
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["truncated"] is True
+    cut, whole = body["pages"]
+    assert (cut["truncated"], cut["finish_reason"]) == (True, "length"), cut
+    assert "ALPHA" in cut["text"] and "BRAVO" not in cut["text"]
+    assert (whole["truncated"], whole["finish_reason"]) == (False, "stop"), whole
+    assert "DELTA" in whole["text"]
+    job = (await gw.http.get(f"/api/jobs/{body['id']}", headers=gw.headers())).json()
+    assert job["result"]["truncated"] is True
+    clean = await _ocr(gw, pdf, pages="2", max_tokens="3")
+    assert clean.json()["truncated"] is False, clean.text
 
 
 async def test_background_ocr_job(gw: GatewayClient) -> None:

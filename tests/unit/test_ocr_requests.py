@@ -1,0 +1,58 @@
+"""The request the gateway sends an OCR engine per page, and how it reads the answer (pure).
+
+DESIGN §5 fixes DeepSeek-OCR's per-request fields; vLLM ignores none of them, so a typo here
+would silently bring back the runaway repetition or strip the grounding tags. Both OCR kinds
+(deepseek_ocr on vLLM, cpu_ocr) get this one request: the builder takes no engine kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from app.ocr.grounding import Box
+from app.ocr.requests import read_answer
+
+GROUNDED = "<|ref|>title<|/ref|><|det|>[[0, 0, 499, 99]]<|/det|>\n# Report\n\n"
+
+
+def _answer(content: str, finish: str | None, **usage: int) -> dict[str, Any]:
+    return {
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
+        ],
+        "usage": usage,
+    }
+
+
+def test_answer_cut_by_length_is_flagged_truncated() -> None:
+    """DeepSeek-OCR repeating itself until max_tokens: the text is kept, marked as cut."""
+    repeated = "Total 12\n" * 40
+    result = read_answer(_answer(repeated, "length", completion_tokens=120), 2, 1000, 800)
+    assert result.truncated is True and result.finish_reason == "length"
+    assert result.text == repeated.strip() and result.page == 2
+    assert result.usage == {"completion_tokens": 120}
+    view = result.view()
+    assert (view["truncated"], view["finish_reason"]) == (True, "length")
+
+
+def test_grounded_answer_cut_inside_a_tag_is_truncated_and_keeps_its_boxes() -> None:
+    cut = GROUNDED + "<|ref|>text<|/ref|><|det|>[[0, 10"
+    result = read_answer(_answer(cut, "length"), 1, 1000, 500)
+    assert result.truncated is True
+    assert result.text == "# Report"
+    assert result.boxes == [Box("title", "# Report", 0, 0, 499, 50)]
+    assert result.view()["boxes"][0]["label"] == "title"
+
+
+@pytest.mark.parametrize("finish", ["stop", None])
+def test_clean_answer_is_not_truncated(finish: str | None) -> None:
+    result = read_answer(_answer("Hello world", finish), 1, 10, 10)
+    assert (result.truncated, result.finish_reason, result.text) == (False, finish, "Hello world")
+    assert "boxes" not in result.view()
+
+
+def test_answer_without_choices_is_empty_not_truncated() -> None:
+    result = read_answer({}, 1, 10, 10)
+    assert (result.text, result.truncated, result.boxes, result.usage) == ("", False, [], {})
