@@ -33,6 +33,7 @@ async def gw(gateway_factory: GatewayFactory) -> GatewayClient:
         {
             "ocr": OCR_MODEL,
             "flaky": stub("--fail-first", "2"),
+            "echo": stub(),
             "llm": {"kind": "vllm", "autostart": False},
         },
         engines={"startup_timeout": 60},
@@ -173,6 +174,18 @@ async def test_answer_cut_by_max_tokens_is_flagged_truncated(gw: GatewayClient) 
     assert job["result"]["truncated"] is True
     clean = await _ocr(gw, pdf, pages="2", max_tokens="3")
     assert clean.json()["truncated"] is False, clean.text
+
+
+async def test_engine_is_sent_the_deepseek_ocr_prompts(gw: GatewayClient) -> None:
+    """The stub answers with the prompt it was given, so this is what arrived at the engine."""
+    text = await _ocr(gw, _png(["X"]), model="echo")
+    assert text.status_code == 200, text.text
+    assert text.json()["text"] == "stub reply to: Free OCR."
+    markdown = await _ocr(gw, _png(["X"]), model="echo", output="markdown")
+    assert markdown.json()["text"] == "stub reply to: <|grounding|>Convert the document to markdown."
+    assert markdown.json()["truncated"] is False
+    cut = await _ocr(gw, _png(["X"]), model="echo", max_tokens="2")
+    assert (cut.json()["text"], cut.json()["truncated"]) == ("stub reply", True)
 
 
 async def test_background_ocr_job(gw: GatewayClient) -> None:

@@ -7,14 +7,65 @@ would silently bring back the runaway repetition or strip the grounding tags. Bo
 
 from __future__ import annotations
 
+import base64
+import io
 from typing import Any
 
 import pytest
+from PIL import Image
 
+from app.ocr.documents import encode_data_url
 from app.ocr.grounding import Box
-from app.ocr.requests import read_answer
+from app.ocr.requests import output_for_prompt, page_request, read_answer
+from tests.documents import page
 
 GROUNDED = "<|ref|>title<|/ref|><|det|>[[0, 0, 499, 99]]<|/det|>\n# Report\n\n"
+
+
+def _parts(request: dict[str, Any]) -> tuple[str, str]:
+    (message,) = request["messages"]
+    assert message["role"] == "user"
+    image, text = message["content"]
+    assert (image["type"], text["type"]) == ("image_url", "text")
+    return image["image_url"]["url"], text["text"]
+
+
+@pytest.mark.parametrize(
+    ("output", "prompt"),
+    [("text", "Free OCR."), ("markdown", "<|grounding|>Convert the document to markdown.")],
+)
+def test_page_request_carries_the_deepseek_ocr_fields(output: Any, prompt: str) -> None:
+    image = page()
+    request = page_request("deepseek-ai/DeepSeek-OCR", encode_data_url(image), output, 1234)
+    assert request["model"] == "deepseek-ai/DeepSeek-OCR"
+    assert request["vllm_xargs"] == {
+        "ngram_size": 30,
+        "window_size": 90,
+        "whitelist_token_ids": [128821, 128822],
+    }
+    assert request["skip_special_tokens"] is False  # the grounding tags are special tokens
+    assert (request["max_tokens"], request["temperature"]) == (1234, 0.0)
+    assert "stream" not in request  # pages are read whole: finish_reason comes with the text
+    url, text = _parts(request)
+    assert text == prompt
+    prefix = "data:image/png;base64,"
+    assert url.startswith(prefix)
+    sent = Image.open(io.BytesIO(base64.b64decode(url[len(prefix) :], validate=True)))
+    assert sent.size == image.size and sent.convert("RGB").tobytes() == image.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("prompt", "output"),
+    [
+        ("Free OCR.", "text"),
+        ("<|grounding|>Convert the document to markdown.", "markdown"),
+        ("Convert to Markdown please", "markdown"),
+        ("", "text"),
+        (None, "text"),
+    ],
+)
+def test_output_for_older_clients_prompt(prompt: str | None, output: str) -> None:
+    assert output_for_prompt(prompt) == output
 
 
 def _answer(content: str, finish: str | None, **usage: int) -> dict[str, Any]:
