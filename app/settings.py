@@ -157,6 +157,9 @@ class EngineDefaults(_Strict):
     health_check_failures: int = Field(3, ge=1, description="failed checks in a row = hung")
     max_crashes: int = Field(5, ge=1, description="crashes inside crash_window_seconds before failed")
     crash_window_seconds: float = Field(300.0, gt=0)
+    restart_backoff_seconds: float = Field(
+        0.5, ge=0, description="wait before the first restart; doubles with each crash in the window"
+    )
     restart_backoff_max_seconds: float = Field(30.0, ge=0)
     gpu_release_timeout: float = Field(30.0, ge=0, description="wait for GPU memory to be freed")
     log_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)

@@ -35,6 +35,48 @@ _ALLOWED: dict[EngineState, frozenset[EngineState]] = {
 }
 
 
+@dataclass(frozen=True)
+class RestartPlan:
+    """What to do after a crash: the crash times that still count, and give up or wait."""
+
+    crashes: list[float]  # monotonic times inside the window, the new crash last
+    gave_up: bool
+    backoff_s: float  # how long to wait before the restart (0 when it gave up)
+
+
+def plan_restart(
+    crashes: list[float],
+    now: float,
+    *,
+    window_s: float,
+    max_crashes: int,
+    first_backoff_s: float,
+    max_backoff_s: float,
+) -> RestartPlan:
+    """Decide the restart after a crash at `now` (pure, so the policy is unit-tested).
+
+    Only crashes inside the window count: an engine that crashes once a day is restarted every
+    time, one that crash-loops is given up on after `max_crashes` (then it is `failed`, and the
+    GPU is no longer held by a process that cannot stay up). The wait doubles with each counted
+    crash, so a loop does not hammer a GPU or a disk, and is capped so a long-lived engine with
+    a few old crashes still comes back quickly.
+    """
+    recent = [t for t in crashes if now - t < window_s] + [now]
+    if len(recent) >= max_crashes:
+        return RestartPlan(recent, gave_up=True, backoff_s=0.0)
+    return RestartPlan(
+        recent, gave_up=False, backoff_s=restart_backoff(len(recent), first_backoff_s, max_backoff_s)
+    )
+
+
+def restart_backoff(crash_count: int, first_s: float, max_s: float) -> float:
+    """first_s, 2 x first_s, 4 x first_s, ... for the 1st, 2nd, 3rd ... crash, at most max_s.
+
+    The exponent is bounded so a large `max_crashes` cannot overflow the float.
+    """
+    return min(max_s, first_s * 2.0 ** min(crash_count - 1, 1000))
+
+
 class IllegalTransition(RuntimeError):
     """A supervisor bug: the state machine does not allow this move."""
 

@@ -30,7 +30,7 @@ from app.engines import process as proc
 from app.engines.commands import build_command, build_environment, engine_needs_gpu
 from app.engines.crashes import CrashLog
 from app.engines.gpus import GIB, GpuInfo, GpuInventory, memory_released
-from app.engines.lifecycle import EngineRecord, EngineState
+from app.engines.lifecycle import EngineRecord, EngineState, plan_restart
 from app.engines.placement import place, required_bytes
 from app.errors import GatewayError, ModelBusy, ModelUnavailable, PlacementFailed
 from app.logs import event
@@ -577,12 +577,17 @@ class EngineManager:
         tail = proc.log_tail(self.log_path(engine.name), 30)
         pid = engine.pid
         await self._kill(engine)  # a hung engine: its in-flight calls fail now and are retried
-        now = self._clock.monotonic()
         window = self._defaults.crash_window_seconds
-        engine.crashes = [t for t in engine.crashes if now - t < window] + [now]
-        gave_up = len(engine.crashes) >= self._defaults.max_crashes
-        backoff = min(self._defaults.restart_backoff_max_seconds, 0.5 * 2 ** (len(engine.crashes) - 1))
-        restart = "gave up" if gave_up else f"restart in {backoff:g} s"
+        plan = plan_restart(
+            engine.crashes,
+            self._clock.monotonic(),
+            window_s=window,
+            max_crashes=self._defaults.max_crashes,
+            first_backoff_s=self._defaults.restart_backoff_seconds,
+            max_backoff_s=self._defaults.restart_backoff_max_seconds,
+        )
+        engine.crashes = plan.crashes
+        restart = "gave up" if plan.gave_up else f"restart in {plan.backoff_s:g} s"
         event(
             log,
             "engine.crashed",
@@ -590,7 +595,7 @@ class EngineManager:
             model=engine.name,
             code=code,
             reason=reason,
-            crashes=len(engine.crashes),
+            crashes=len(plan.crashes),
             jobs=len(affected),
             restart=restart,
         )
@@ -604,12 +609,13 @@ class EngineManager:
                 pid=pid,
                 restart=restart,
             )
-        if gave_up:
-            engine.move(
-                EngineState.FAILED, f"crashed {len(engine.crashes)} times in {window:g} s; last: {reason}"
-            )
+        if plan.gave_up:
+            verdict = f"crashed {len(plan.crashes)} times in {window:g} s; last: {reason}"
+            engine.move(EngineState.FAILED, verdict)
+            engine.last_error = verdict  # GET /admin/models shows why it is no longer restarted
+            event(log, "engine.gave_up", logging.ERROR, model=engine.name, reason=verdict)
             return
-        await asyncio.sleep(backoff)
+        await asyncio.sleep(plan.backoff_s)
         if engine.state != EngineState.CRASHED:
             return
         try:

@@ -118,6 +118,38 @@ async def test_engine_kill9_while_serving_is_logged_restarted_and_jobs_succeed(
     assert crash["restart"].startswith("restart in")
 
 
+async def test_crash_loop_backs_off_then_gives_up_with_the_reason(gateway_factory: GatewayFactory) -> None:
+    """Crashes inside the window wait longer each time (capped), and the 4th gives up: the model
+    is failed, last_error says why, no process is left, and requests get a 503 with the reason."""
+    engines = {
+        **FAST_HEALTH,
+        "max_crashes": 4,
+        "crash_window_seconds": 120,
+        "restart_backoff_seconds": 0.05,
+        "restart_backoff_max_seconds": 0.1,
+    }
+    gw = await gateway_factory({"flaky": stub()}, engines=engines)
+    pids: list[int] = []
+    for _ in range(4):
+        model = await _until_model(gw, "flaky", lambda m: m["state"] == "ready" and m["pid"] not in pids)
+        pids.append(model["pid"])
+        os.kill(model["pid"], signal.SIGKILL)
+    failed = await _until_model(gw, "flaky", lambda m: m["state"] == "failed")
+    assert failed["last_error"] == "crashed 4 times in 120 s; last: exited with code -9", failed
+    assert failed["reason"] == failed["last_error"] and failed["pid"] is None
+    assert [p for p in pids if _alive(p)] == []
+    crashes = (await _admin(gw, "GET", "/admin/crashes", model="flaky")).json()
+    assert [c["restart"] for c in reversed(crashes)] == [
+        "restart in 0.05 s",
+        "restart in 0.1 s",
+        "restart in 0.1 s",  # 0.2 s, capped
+        "gave up",
+    ]
+    assert [c["pid"] for c in reversed(crashes)] == pids
+    refused = await gw.chat("flaky")
+    assert refused.status_code == 503 and "crashed 4 times in 120 s" in refused.json()["detail"]
+
+
 async def test_hung_engine_is_detected_by_health_checks_and_replaced(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory({"hangs": stub()}, engines=FAST_HEALTH)
     before = await _model(gw, "hangs")
