@@ -100,20 +100,46 @@ async def test_json_form_of_older_clients(gw: GatewayClient) -> None:
     response = await gw.http.post("/api/ocr", json=body, headers=gw.headers(X_Resolution="gundam"))
     assert response.status_code == 200, response.text
     assert "RECEIPT" in response.json()["response"] and response.json()["resolution"] == "gundam"
-    two = {**body, "messages": [{"role": "user", "content": [prompt]}]}
-    refused = await gw.http.post("/api/ocr", json=two, headers=gw.headers())
-    assert refused.status_code == 400 and "exactly one image_url" in refused.json()["detail"]
-    not_data = await gw.http.post(
-        "/api/ocr",
-        json={
-            **body,
-            "messages": [
-                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}
-            ],
-        },
-        headers=gw.headers(),
-    )
-    assert not_data.status_code == 400 and "base64 data URL" in not_data.json()["detail"]
+
+
+def _json_ocr(*parts: dict[str, Any]) -> dict[str, Any]:
+    return {"model": "ocr", "messages": [{"role": "user", "content": list(parts)}]}
+
+
+def _image_part(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+PROMPT = {"type": "text", "text": "Free OCR."}
+PNG_URL = "data:image/png;base64," + base64.b64encode(encode(text_image(["X"]), "PNG")).decode()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (_json_ocr(PROMPT), 400, "exactly one image_url part (got 0)"),
+        (_json_ocr(_image_part(PNG_URL), _image_part(PNG_URL)), 400, "exactly one image_url part (got 2)"),
+        (_json_ocr({"type": "image_url", "image_url": {}}, PROMPT), 422, "Field required"),
+        (_json_ocr(_image_part("http://x/y.png"), PROMPT), 400, "must be a base64 data URL"),
+        (_json_ocr(_image_part("data:image/png,rawbytes"), PROMPT), 400, "must be a base64 data URL"),
+        (_json_ocr(_image_part("data:image/png;base64,not*base64!"), PROMPT), 400, "not valid base64"),
+        (_json_ocr(_image_part("data:image/png;base64,"), PROMPT), 400, "file is empty"),
+        (
+            _json_ocr(_image_part("data:image/png;base64," + base64.b64encode(b"plain text").decode())),
+            400,
+            "not a supported image or PDF (got text)",
+        ),
+    ],
+    ids=["no-image", "two-images", "no-url", "not-data-url", "not-base64-url", "bad-base64", "empty", "text"],
+)
+async def test_json_form_bad_input(
+    gw: GatewayClient, body: dict[str, Any], status: int, message: str
+) -> None:
+    """Older clients' JSON form (DESIGN §8): a wrong image is a clear 4xx, never a queued job."""
+    response = await gw.http.post("/api/ocr", json=body, headers=gw.headers())
+    assert response.status_code == status, response.text
+    assert message in str(response.json()["detail"]), response.json()
+    assert await gw.count("ocr", "queued") + await gw.count("ocr", "running") == 0
 
 
 async def test_default_resolution_is_persisted(gw: GatewayClient, gateway_factory: GatewayFactory) -> None:
@@ -215,12 +241,27 @@ def _truncated_png() -> bytes:
         (b"", "empty.png", 400, "file is empty"),
         (b"hello, I am a text file\n", "notes.png", 400, "not a supported image or PDF"),
         ("truncated", "cut.png", 400, "truncated or corrupt"),
-        (png_claiming(30000, 30000), "bomb.png", 413, "pixels"),
+        (
+            png_claiming(30000, 30000),
+            "bomb.png",
+            413,
+            "far too large to decode; the limit is 50,000,000 pixels",
+        ),
+        (png_claiming(8000, 7000), "big.png", 413, "8000x7000 = 56,000,000 pixels; the limit is 50,000,000"),
         (ENCRYPTED, "secret.pdf", 400, "PDF is encrypted"),
         (b"%PDF-1.7\nthis is not really a PDF\n", "broken.pdf", 400, "damaged or unreadable"),
         (hand_pdf([CATALOG, b"<< /Type /Pages /Kids [] /Count 0 >>"]), "none.pdf", 400, "PDF has no pages"),
     ],
-    ids=["empty", "text-as-png", "truncated-png", "bomb", "encrypted-pdf", "broken-pdf", "zero-page-pdf"],
+    ids=[
+        "empty",
+        "text-as-png",
+        "truncated-png",
+        "bomb",
+        "over-pixel-limit",
+        "encrypted-pdf",
+        "broken-pdf",
+        "zero-page-pdf",
+    ],
 )
 async def test_bad_documents(
     gw: GatewayClient, data: bytes | str, name: str, status: int, message: str
@@ -233,16 +274,24 @@ async def test_bad_documents(
     assert await gw.count("ocr", "queued") + await gw.count("ocr", "running") == 0
 
 
-async def test_bad_requests(gw: GatewayClient) -> None:
-    png = _png(["X"])
-    unknown = await _ocr(gw, png, X_Resolution="huge")
-    assert (
-        unknown.status_code == 400 and "valid: tiny, small, base, large, gundam" in unknown.json()["detail"]
-    )
+async def test_unknown_resolution_is_refused(gw: GatewayClient) -> None:
+    unknown = await _ocr(gw, _png(["X"]), X_Resolution="huge")
+    assert unknown.status_code == 400, unknown.text
+    assert unknown.json()["detail"] == "unknown resolution 'huge'; valid: tiny, small, base, large, gundam"
+    assert await gw.count("ocr", "queued") + await gw.count("ocr", "running") == 0
+
+
+async def test_missing_file_field_is_refused(gw: GatewayClient) -> None:
     missing = await gw.http.post(
         "/api/ocr", data={"model": "ocr"}, files={"other": ("a", b"x")}, headers=gw.headers()
     )
-    assert missing.status_code == 400 and "field 'file' is required" in missing.json()["detail"]
+    assert missing.status_code == 400, missing.text
+    assert "multipart field 'file' is required" in missing.json()["detail"]
+    assert await gw.count("ocr", "queued") + await gw.count("ocr", "running") == 0
+
+
+async def test_bad_requests(gw: GatewayClient) -> None:
+    png = _png(["X"])
     output = await _ocr(gw, png, output="html")
     assert output.status_code == 400 and "valid: text, markdown" in output.json()["detail"]
     unknown_model = await _ocr(gw, png, model="nope")
