@@ -2,8 +2,9 @@
 
 A real process speaking the same OpenAI-compatible HTTP API as vLLM (`/health`,
 `/v1/models`, `/v1/chat/completions`, non-streaming and SSE), with knobs that make it slow,
-failing, crashing or hanging, so the gateway's queue, retries and recovery are tested against
-real sockets and real process deaths. Every answer says what it is in `system_fingerprint`.
+failing, crashing, hanging or cutting a stream short, so the gateway's queue, retries and
+recovery are tested against real sockets and real process deaths. Every answer says what it
+is in `system_fingerprint`.
 
     python -m app.engines.stub --port 9001 --latency-ms 50
 """
@@ -123,13 +124,28 @@ class StubEngine:
             }
             return f"data: {json.dumps(data)}\n\n".encode()
 
+        sent = 0
+
+        async def send(data: bytes) -> bool:
+            """Write one chunk, or cut the connection where chunk N+1 would go (--break-stream-after)."""
+            nonlocal sent
+            if self.args.break_stream_after and sent >= self.args.break_stream_after:
+                assert request.transport is not None
+                request.transport.abort()  # no terminating chunk: the reader sees a broken body
+                return False
+            await response.write(data)
+            sent += 1
+            return True
+
         if self.args.latency_ms:
             await asyncio.sleep(self.args.latency_ms / 1000)
-        await response.write(chunk({"role": "assistant", "content": ""}, None))
+        if not await send(chunk({"role": "assistant", "content": ""}, None)):
+            return response
         for i, word in enumerate(words):
             if self.args.token_latency_ms:
                 await asyncio.sleep(self.args.token_latency_ms / 1000)
-            await response.write(chunk({"content": word if i == 0 else " " + word}, None))
+            if not await send(chunk({"content": word if i == 0 else " " + word}, None)):
+                return response
         await response.write(chunk({}, finish))
         if usage is not None:
             data = {
@@ -191,6 +207,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fail-first", type=int, default=0, help="answer the first N requests with 500")
     parser.add_argument("--crash-after", type=int, default=0, help="exit abruptly on request N+1")
     parser.add_argument("--hang", action="store_true", help="accept chat requests and never answer")
+    parser.add_argument(
+        "--break-stream-after",
+        type=int,
+        default=0,
+        help="cut the connection after N streamed chunks (the first is the role chunk)",
+    )
     parser.add_argument("--max-model-len", type=int, default=4096, help="longer prompts get a 400, like vLLM")
     parser.add_argument("--max-tokens", type=int, default=16, help="default completion length")
     parser.add_argument("--seed", type=int, default=0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from datetime import datetime
 
 import httpx2
 import openai
@@ -10,6 +12,7 @@ import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
+from app.api import routes_v1
 from tests.conftest import GatewayClient, GatewayFactory, stub
 
 
@@ -99,3 +102,101 @@ async def test_queue_full_is_a_rate_limit_error_with_retry_after(gw: GatewayClie
     assert len(limited) == 1, results
     assert limited[0].response.headers["retry-after"] == "1"
     assert limited[0].body["type"] == "rate_limit_error"  # type: ignore[index]
+
+
+async def test_a_queued_stream_gets_keep_alive_comments_then_its_chunks(
+    gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proxies cut a silent response; a stream waiting for its turn must not be silent.
+
+    KEEPALIVE_S is a module constant (10 s), not a setting: shortened here so the test waits
+    for the queue, not for the interval.
+    """
+    monkeypatch.setattr(routes_v1, "KEEPALIVE_S", 0.05)
+    gw = await gateway_factory({"one": stub("--token-latency-ms", "150", max_concurrent=1)})
+    client = sdk(gw)
+
+    async def stream_ahead() -> str:
+        """The request in flight: a stream, as the stub is slow only when it streams."""
+        stream = await client.chat.completions.create(
+            model="one", messages=[{"role": "user", "content": "a b c"}], stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    ahead = asyncio.create_task(stream_ahead())
+    await gw.until_count("one", "running", 1)
+    async with client.chat.completions.with_streaming_response.create(
+        model="one", messages=[{"role": "user", "content": "behind"}], stream=True
+    ) as response:
+        lines = [line async for line in response.iter_lines() if line]
+    waiting = lines[: next(i for i, line in enumerate(lines) if line.startswith("data:"))]
+    assert len(waiting) >= 3 and set(waiting) == {": keep-alive"}, lines
+    data = [line for line in lines if line.startswith("data:")]  # comments may come between too
+    chunks = [json.loads(line[5:]) for line in data[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "stub reply to: behind"
+    assert data[-1] == lines[-1] == "data: [DONE]"
+    assert await ahead == "stub reply to: a b c"
+
+
+async def test_x_priority_serves_a_high_request_before_earlier_low_ones(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory({"one": stub("--latency-ms", "300", max_concurrent=1)})
+    client = sdk(gw)
+
+    async def ask(text: str, priority: str) -> tuple[str, str]:
+        """The job's id and the answer's last word (the prompt, echoed by the stub)."""
+        raw = await client.chat.completions.with_raw_response.create(
+            model="one", messages=[{"role": "user", "content": text}], extra_headers={"X-Priority": priority}
+        )
+        return raw.headers["x-request-id"], (raw.parse().choices[0].message.content or "").split()[-1]
+
+    ahead = asyncio.create_task(ask("ahead", "normal"))
+    await gw.until_count("one", "running", 1)
+    queued = []
+    for n, (text, priority) in enumerate([("l1", "low"), ("l2", "low"), ("h1", "high")], start=1):
+        queued.append(asyncio.create_task(ask(text, priority)))
+        await gw.until_count("one", "queued", n)
+    started: dict[str, datetime] = {}
+    for job_id, word in await asyncio.gather(ahead, *queued):
+        job = (await gw.http.get(f"/api/jobs/{job_id}", headers=gw.headers())).json()
+        started[word] = datetime.fromisoformat(job["started_at"])
+    assert sorted(started, key=started.__getitem__) == ["ahead", "h1", "l1", "l2"]
+
+
+async def test_idempotency_key_replays_the_answer_and_rejects_another_body(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory({"demo": stub("--log-requests")})
+    client = sdk(gw)
+    key = {"Idempotency-Key": "v1-key"}
+    hello: list[ChatCompletionMessageParam] = [{"role": "user", "content": "once only"}]
+    first = await client.chat.completions.create(model="demo", messages=hello, extra_headers=key)
+    again = await client.chat.completions.create(model="demo", messages=hello, extra_headers=key)
+    assert again.id == first.id
+    assert again.choices[0].message.content == first.choices[0].message.content == "stub reply to: once only"
+    assert gw.gateway.engines is not None
+    engine_log = gw.gateway.engines.log_path("demo").read_text()
+    assert engine_log.count("request ") == 1, engine_log  # the replay never reached the engine
+    with pytest.raises(openai.ConflictError) as conflict:
+        await client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "another body"}], extra_headers=key
+        )
+    envelope = conflict.value.body
+    assert isinstance(envelope, dict) and set(envelope) == {"message", "type", "param", "code"}
+    assert envelope["type"] == "conflict_error"
+
+
+async def test_queue_timeout_is_a_504_server_error(gateway_factory: GatewayFactory) -> None:
+    """The SDK maps every status >= 500 to InternalServerError; the 504 says which one it was."""
+    gw = await gateway_factory({"busy": stub("--latency-ms", "1500", max_concurrent=1, timeout=0.3)})
+    client = sdk(gw)
+    hello: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    ahead = asyncio.create_task(client.chat.completions.create(model="busy", messages=hello))
+    await gw.until_count("busy", "running", 1)
+    with pytest.raises(openai.InternalServerError) as timed_out:
+        await client.chat.completions.create(model="busy", messages=hello)
+    assert timed_out.value.status_code == 504
+    assert timed_out.value.body["type"] == "timeout_error"  # type: ignore[index]
+    assert "waited in the queue" in timed_out.value.message
+    assert (await ahead).choices[0].message.content == "stub reply to: hi"

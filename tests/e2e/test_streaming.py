@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
@@ -106,3 +108,89 @@ async def test_thirty_streams_against_ten_plus_ten(tmp_path: Path, daemons: list
     results = await asyncio.gather(*(one() for _ in range(30)))
     assert results.count("stub reply to: stream me please") == 20, results
     assert results.count("RateLimitError") == 10, results
+
+
+async def _queued_ids(daemon: Daemon, model: str) -> list[str]:
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(daemon.db_uri())
+    try:
+        return [str(d["_id"]) async for d in client.gateway.jobs.find({"model": model, "state": "queued"})]
+    finally:
+        await client.close()
+
+
+async def test_stream_retried_before_its_first_chunk_never_after(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A retry after a chunk reached the client would send it a second answer after the first part."""
+    daemon = Daemon(
+        tmp_path,
+        {
+            "flaky": {"kind": "stub", "args": ["--fail-first", "1"]},
+            "cut": {"kind": "stub", "args": ["--break-stream-after", "2", "--token-latency-ms", "100"]},
+        },
+    )
+    daemons.append(daemon)
+    daemon.start()
+    await daemon.wait_healthy()
+    client = AsyncOpenAI(api_key=daemon.token, base_url=f"{daemon.url}/v1", max_retries=0)
+
+    raw = await client.chat.completions.with_raw_response.create(model="flaky", messages=HELLO, stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in raw.parse() if c.choices])
+    assert text == "stub reply to: stream me please"
+    assert (await _until_state(daemon, raw.headers["x-request-id"], "succeeded"))["attempts"] == 2
+
+    raw = await client.chat.completions.with_raw_response.create(model="cut", messages=HELLO, stream=True)
+    received: list[str] = []
+    with pytest.raises(openai.APIError, match="stream broken after the first chunk"):
+        async for chunk in raw.parse():
+            received.extend(c.delta.content or "" for c in chunk.choices)
+    assert "".join(received) == "stub"  # the role chunk and one word, then the error: nothing twice
+    async with httpx.AsyncClient(base_url=daemon.url) as http:
+        job = await eventually(
+            lambda: http.get(
+                f"/api/jobs/{raw.headers['x-request-id']}",
+                headers={"Authorization": f"Bearer {daemon.token}"},
+            ),
+            lambda response: response.json()["state"] != "running",
+            "the broken stream's job ended",
+        )
+    assert (job.json()["state"], job.json()["attempts"]) == ("failed", 1)
+
+
+async def test_closing_a_stream_starts_the_request_queued_behind_it(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """The slot of a stream whose client left goes to the next job at once, not when the engine ends."""
+    daemon = Daemon(
+        tmp_path,
+        {
+            "slow": {
+                "kind": "stub",
+                "args": ["--token-latency-ms", "1000"],
+                "max_concurrent": 1,
+                "max_waiting": 1,
+            }
+        },
+    )
+    daemons.append(daemon)
+    daemon.start()
+    await daemon.wait_healthy()
+    client = AsyncOpenAI(api_key=daemon.token, base_url=f"{daemon.url}/v1", max_retries=0)
+
+    long_prompt: list[ChatCompletionMessageParam] = [{"role": "user", "content": " ".join("w" * 20)}]
+    raw = await client.chat.completions.with_raw_response.create(
+        model="slow", messages=long_prompt, stream=True, max_tokens=16
+    )
+    running_id = raw.headers["x-request-id"]
+    stream = raw.parse()
+    assert (await stream.__anext__()).choices[0].delta.role == "assistant"  # 16 s of tokens to come
+    behind = asyncio.create_task(
+        client.chat.completions.create(model="slow", messages=[{"role": "user", "content": "behind"}])
+    )
+    (queued_id,) = await eventually(
+        lambda: _queued_ids(daemon, "slow"), lambda ids: len(ids) == 1, "a request queued behind the stream"
+    )
+    await stream.close()
+    await _until_state(daemon, running_id, "cancelled", timeout_s=5)
+    await _until_state(daemon, queued_id, "succeeded", timeout_s=5)
+    assert (await behind).choices[0].message.content == "stub reply to: behind"
