@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from app.errors import EngineCallError
 from app.logs import event
@@ -22,6 +23,8 @@ from app.queue.service import DirectStart, JobQueue
 from app.settings import ModelSettings
 
 log = logging.getLogger("gateway.dispatch")
+
+T = TypeVar("T")
 
 
 class ModelDispatcher:
@@ -167,23 +170,28 @@ class ModelDispatcher:
 
     async def _attempt(self, doc: Doc) -> None:
         if doc.get("kind") == "ocr":
-            await self._attempt_ocr(doc)
+            if await self._queue.admitted(doc["_id"]):  # pages are written as they are read
+                await self._attempt_ocr(doc)
             return
         url = self._engine_url()
+        if url is None:
+            await self._failed(doc, EngineCallError(f"engine for {self.name!r} is not ready", retryable=True))
+            return
         payload = {**doc["request"], "model": self._served_name}
         if doc.get("stream"):
             await self._attempt_stream(doc, url, payload)
             return
-        if url is None:
-            await self._failed(doc, EngineCallError(f"engine for {self.name!r} is not ready", retryable=True))
-            return
         began = self._metrics.now()
         try:
-            answer = await self._client.chat_completion(url, payload, self.settings.request_timeout)
+            answer = await self._once_admitted(
+                doc, self._client.chat_completion(url, payload, self.settings.request_timeout)
+            )
         except EngineCallError as exc:
             self._metrics.engine_call(self.name, began)
             await self._failed(doc, exc)
             return
+        if answer is None:
+            return  # never admitted: the client got the admission's error
         self._metrics.engine_call(self.name, began)
         choice = answer["choices"][0]
         result = {
@@ -194,6 +202,24 @@ class ModelDispatcher:
             "system_fingerprint": answer.get("system_fingerprint"),
         }
         await self._queue.succeed(doc, result)
+
+    async def _once_admitted(self, doc: Doc, call: Coroutine[Any, Any, T]) -> T | None:
+        """Run the engine call while the job's admission insert may still be in flight.
+
+        The call's outcome is used only once the insert is journaled; if the insert failed the
+        call is abandoned and None returned. Either way it began without waiting for the disk.
+        """
+        task = asyncio.ensure_future(call)
+        try:
+            admitted = await self._queue.admitted(doc["_id"])
+        except BaseException:  # cancelled (client gone, shutdown): the call goes with it
+            task.cancel()
+            raise
+        if admitted:
+            return await task
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
 
     async def _attempt_ocr(self, doc: Doc) -> None:
         if self._ocr is None:
@@ -214,56 +240,37 @@ class ModelDispatcher:
         if await self._queue.succeed(doc, result):
             await self._ocr.pages.delete(doc["_id"])
 
-    async def _attempt_stream(self, doc: Doc, url: str | None, payload: Doc) -> None:
+    async def _attempt_stream(self, doc: Doc, url: str, payload: Doc) -> None:
         """Relay engine chunks to the handler holding the client; the full text goes to history.
 
         Before the first chunk a failure is retried like any other; once a chunk reached the
-        client the job is never retried (the client already has part of an answer).
+        client the job is never retried (the client already has part of an answer). Chunks
+        that arrive before the admission insert is journaled wait in the sink: the handler
+        reads it only after admission returned.
         """
         sink = self._queue.sink(doc["_id"])
         if sink is None:  # the client is gone already
             await self._queue.cancel(doc["_id"], "the client closed the connection")
             return
-        text: list[str] = []
-        usage: Doc = {}
-        finish: str | None = None
-        fingerprint = None
-        sent = False
-        first_token = False
-        if url is None:
-            await self._failed(doc, EngineCallError(f"engine for {self.name!r} is not ready", retryable=True))
-            return
+        relay = _StreamRelay(
+            self._client, sink, lambda: self._metrics.first_token(self.name, doc["enqueued_at"])
+        )
         began = self._metrics.now()
         try:
-            async for chunk in self._client.stream_chat(url, payload, self.settings.request_timeout):
-                for choice in chunk.get("choices") or []:
-                    text.append((choice.get("delta") or {}).get("content") or "")
-                    finish = choice.get("finish_reason") or finish
-                usage = chunk.get("usage") or usage
-                fingerprint = chunk.get("system_fingerprint") or fingerprint
-                sink.put_nowait(("chunk", chunk))
-                sent = True
-                if not first_token and text and text[-1]:
-                    first_token = True
-                    self._metrics.first_token(self.name, doc["enqueued_at"])
+            if not await self._once_admitted(doc, relay.run(url, payload, self.settings.request_timeout)):
+                return  # never admitted: the client got the admission's error
         except EngineCallError as exc:
             self._metrics.engine_call(self.name, began)
-            if sent:
+            if relay.sent:
                 exc = EngineCallError(f"stream broken after the first chunk: {exc.message}", retryable=False)
             await self._failed(doc, exc)
             return
         self._metrics.engine_call(self.name, began)
-        result = {
-            "message": {"role": "assistant", "content": "".join(text)},
-            "finish_reason": finish,
-            "usage": usage,
-            "system_fingerprint": fingerprint,
-        }
         # The client has the whole answer: end its stream now and write the history after,
         # so the journaled write is not on the client's critical path (it cannot change the
         # answer; if it fails, the job's record says so, not the client's answer).
         sink.put_nowait(("done", {}))
-        await self._queue.succeed(doc, result)
+        await self._queue.succeed(doc, relay.result())
 
     async def _failed(self, doc: Doc, exc: EngineCallError) -> None:
         error = {
@@ -292,3 +299,42 @@ class ModelDispatcher:
             return
         event(log, "job.failed", job=doc["_id"], attempts=doc["attempts"], error=exc.message)
         await self._queue.fail(doc, error)
+
+
+class _StreamRelay:
+    """One engine stream: chunks go to the client's sink as they come, the text is kept for history."""
+
+    def __init__(
+        self, client: EngineClient, sink: asyncio.Queue[tuple[str, Any]], on_first_token: Callable[[], None]
+    ) -> None:
+        self._client = client
+        self._sink = sink
+        self._on_first_token = on_first_token
+        self.sent = False  # a chunk reached the sink: the job can no longer be retried
+        self._text: list[str] = []
+        self._usage: Doc = {}
+        self._finish: str | None = None
+        self._fingerprint: Any = None
+
+    async def run(self, url: str, payload: Doc, timeout_s: float) -> bool:
+        first_token = False
+        async for chunk in self._client.stream_chat(url, payload, timeout_s):
+            for choice in chunk.get("choices") or []:
+                self._text.append((choice.get("delta") or {}).get("content") or "")
+                self._finish = choice.get("finish_reason") or self._finish
+            self._usage = chunk.get("usage") or self._usage
+            self._fingerprint = chunk.get("system_fingerprint") or self._fingerprint
+            self._sink.put_nowait(("chunk", chunk))
+            self.sent = True
+            if not first_token and self._text and self._text[-1]:
+                first_token = True
+                self._on_first_token()
+        return True
+
+    def result(self) -> Doc:
+        return {
+            "message": {"role": "assistant", "content": "".join(self._text)},
+            "finish_reason": self._finish,
+            "usage": self._usage,
+            "system_fingerprint": self._fingerprint,
+        }

@@ -4,7 +4,11 @@ Admission is one journaled insert: the job takes one of the model's max_concurre
 max_waiting slots under a unique index, so it is atomic across requests and instances and
 nothing beyond capacity is ever held. When this instance can start the job at once (engine
 ready, a free in-flight place, nothing waiting ahead of it) the job is inserted already
-running, which saves the claim round trip on the common path.
+running, which saves the claim round trip on the common path, and its engine call begins
+while that insert is in flight: the insert is no longer added to the time to first token.
+Nothing reaches the client and nothing else is written for the job before the insert is
+journaled (`admitted`); if it fails, the engine call is abandoned and the client gets the
+admission's error, as if the call had never begun.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ log = logging.getLogger("gateway.queue")
 
 
 class DirectStart:
-    """A promise from a dispatcher to run the job as soon as it is inserted."""
+    """A dispatcher's promise to run the job at once: `accept` launches it as the insert begins,
+    `cancel` gives the reserved place back when the job never got that far."""
 
     def __init__(self, accept: Callable[[Doc], None], cancel: Callable[[], None]) -> None:
         self.accept = accept
@@ -60,6 +65,8 @@ class JobQueue:
         self.counters = counters
         self._metrics = metrics or Metrics()
         self._local: set[str] = set()  # jobs running in this process: their waiters need no polling
+        # direct starts launched before their insert was journaled: True once it was, False if it failed
+        self._inserting: dict[str, asyncio.Future[bool]] = {}
         # streamed jobs: events for the handler holding the client connection
         self._sinks: dict[str, asyncio.Queue[tuple[str, Any]]] = {}
 
@@ -98,45 +105,84 @@ class JobQueue:
 
     async def _admit(self, sub: Submission, job_id: str, book: SlotBook, direct: DirectStart | None) -> Doc:
         refreshed = False
+        doc: Doc | None = None
+        pending: asyncio.Future[bool] | None = None  # set when the job was launched before its insert
+        self._waiters[job_id] = asyncio.get_running_loop().create_future()
         while True:
             index = book.reserve()
             if index is None:
                 if refreshed:
-                    if direct:
-                        direct.cancel()
+                    self._not_admitted(job_id, direct, pending)
                     self._metrics.rejected(sub.model, "queue_full")
                     raise QueueFull(sub.model, book.capacity, retry_after_s=1)
                 await self._refresh(sub.model, book)
                 refreshed = True
                 continue
-            now = self.clock.now()
-            running_as = (self.worker_id, now + self.lease) if direct else None
-            doc = build_document(sub, job_id, slot_key(sub.model, index), now, running_as)
-            self._waiters[job_id] = asyncio.get_running_loop().create_future()
+            if doc is None:
+                now = self.clock.now()
+                running_as = (self.worker_id, now + self.lease) if direct else None
+                doc = build_document(sub, job_id, slot_key(sub.model, index), now, running_as)
+                if direct and sub.idempotency_key is None:
+                    pending = self._launch(doc, direct, before_insert=True)
+            else:
+                doc["slot"] = slot_key(sub.model, index)  # the job launched already holds this dict
             try:
                 await self.store.insert(doc)
             except DuplicateKey as exc:
-                self._waiters.pop(job_id, None)
                 if "slot" in exc.fields:
                     continue  # another instance holds that slot; the book keeps it marked taken
                 book.release(index)
-                if direct:
-                    direct.cancel()
+                self._not_admitted(job_id, direct, pending)
                 raise
             except BaseException:
-                self._waiters.pop(job_id, None)
                 book.release(index)
-                if direct:
-                    direct.cancel()
+                self._not_admitted(job_id, direct, pending)
                 raise
             event(log, "job.admitted", logging.DEBUG, job=job_id, model=sub.model, state=doc["state"])
-            if direct:
-                self._local.add(job_id)
-                self._metrics.queue_wait(sub.model, now, now)
-                direct.accept(doc)
+            if pending is not None:
+                self._inserting.pop(job_id, None)
+                pending.set_result(True)
+            elif direct:
+                self._launch(doc, direct, before_insert=False)
             else:
                 self._wake(sub.model)
             return doc
+
+    def _launch(self, doc: Doc, direct: DirectStart, *, before_insert: bool) -> asyncio.Future[bool] | None:
+        """Hand the job to its dispatcher. Before the insert, its engine call overlaps the disk
+        write, and its writes and its client wait for `admitted`. Not for jobs with an
+        Idempotency-Key: a concurrent repeat whose insert loses must not have reached the engine
+        at all (one inference per key)."""
+        pending: asyncio.Future[bool] | None = None
+        if before_insert:
+            pending = self._inserting[doc["_id"]] = asyncio.get_running_loop().create_future()
+        self._local.add(doc["_id"])
+        self._metrics.queue_wait(doc["model"], doc["enqueued_at"], doc["enqueued_at"])
+        direct.accept(doc)
+        return pending
+
+    def _not_admitted(
+        self, job_id: str, direct: DirectStart | None, pending: asyncio.Future[bool] | None
+    ) -> None:
+        """Admission failed: no waiter; a job launched early learns it was never admitted (the
+        answer stays in `_inserting` until the dispatcher lets go of the job)."""
+        self._waiters.pop(job_id, None)
+        if pending is not None:
+            self._local.discard(job_id)
+            pending.set_result(False)
+        elif direct is not None:
+            direct.cancel()
+
+    async def admitted(self, job_id: str) -> bool:
+        """Whether the job's admission insert was journaled (waiting for it if still in flight).
+
+        Every transition asks first, so a job launched before its insert writes nothing until
+        the insert is durable, and nothing at all if the insert failed.
+        """
+        pending = self._inserting.get(job_id)
+        if pending is None:
+            return True
+        return await asyncio.shield(pending)
 
     # -- streams -----------------------------------------------------------------------------
 
@@ -153,6 +199,8 @@ class JobQueue:
 
     async def cancel(self, job_id: str, reason: str) -> bool:
         """End a queued or running job as cancelled (its slot is freed in the same write)."""
+        if not await self.admitted(job_id):
+            return False
         doc = await self.store.get(job_id)
         now = self.clock.now()
         if doc is None or not await self.store.cancel(job_id, now, reason):
@@ -195,6 +243,7 @@ class JobQueue:
     def left_this_process(self, job_id: str) -> None:
         """The dispatcher is done with the job (whatever the outcome): waiters poll again."""
         self._local.discard(job_id)
+        self._inserting.pop(job_id, None)
 
     def _wake(self, model: str) -> None:
         listener = self._listeners.get(model)
@@ -312,6 +361,8 @@ class JobQueue:
         return won, (min(waits) if waits else None)
 
     async def succeed(self, doc: Doc, result: Doc) -> bool:
+        if not await self.admitted(doc["_id"]):
+            return False
         now = self.clock.now()
         if await self.store.succeed(doc, now, result):
             doc.update(state=JobState.SUCCEEDED.value, finished_at=now, result=result)
@@ -323,6 +374,8 @@ class JobQueue:
         return False
 
     async def fail(self, doc: Doc, error: Doc) -> bool:
+        if not await self.admitted(doc["_id"]):
+            return False
         now = self.clock.now()
         if await self.store.fail(doc, now, error):
             doc.update(state=JobState.FAILED.value, finished_at=now, error=error)
@@ -331,6 +384,8 @@ class JobQueue:
         return False
 
     async def retry_later(self, doc: Doc, error: Doc, delay_s: float) -> bool:
+        if not await self.admitted(doc["_id"]):
+            return False
         if await self.store.requeue(doc, self.clock.now() + timedelta(seconds=delay_s), error):
             if self.counters is not None:
                 self.counters.record(doc["model"], "retries")

@@ -1,0 +1,134 @@
+"""A job that can start at once calls its engine while its admission insert is in flight.
+
+What must hold: the engine call overlaps the insert (so the disk write is not added to the
+time to first token), yet nothing reaches the client and nothing else is written before the
+insert is journaled, and a job whose insert fails leaves no trace: no answer, no document, no
+in-flight place held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from app.queue.jobs import Doc, Submission, build_document
+from app.queue.priority import Priority
+from app.queue.slots import slot_key
+from tests.conftest import GatewayClient, GatewayFactory, eventually, stub
+
+
+async def engine_requests(gw: GatewayClient, model: str) -> int:
+    """Chat requests the stub engine has logged so far (it prints a line per request)."""
+    logs = await gw.http.get(f"/admin/models/{model}/logs?lines=200", headers=gw.headers(gw.admin_token))
+    assert logs.status_code == 200, logs.text
+    return sum(1 for line in logs.json()["lines"] if line.startswith("request "))
+
+
+def hold_inserts(monkeypatch: pytest.MonkeyPatch, gw: GatewayClient) -> asyncio.Event:
+    """Make every job insert wait for the returned event, as a slow disk would."""
+    store = gw.gateway.queue.store  # type: ignore[union-attr]
+    real_insert = store.insert
+    release = asyncio.Event()
+
+    async def held(doc: Doc) -> None:
+        await release.wait()
+        await real_insert(doc)
+
+    monkeypatch.setattr(store, "insert", held)
+    return release
+
+
+async def test_engine_is_called_while_the_insert_is_in_flight_and_answers_after_it(
+    gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw = await gateway_factory({"demo": stub("--log-requests")})
+    release = hold_inserts(monkeypatch, gw)
+    answer = asyncio.create_task(gw.chat("demo", "overlap please"))
+
+    await eventually(lambda: engine_requests(gw, "demo"), lambda n: n == 1, what="the engine call")
+    assert not answer.done(), "the client was answered before its job was durable"
+    assert await gw.count("demo", "running") == 0  # not yet in the database
+    assert await gw.count("demo", "succeeded") == 0
+
+    release.set()
+    response = await answer
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["message"]["content"] == "stub reply to: overlap please"
+    job = await gw.http.get(f"/api/jobs/{body['id']}", headers=gw.headers())
+    assert job.json()["state"] == "succeeded"
+    assert job.json()["result"]["message"]["content"] == body["message"]["content"]
+
+
+async def test_a_stream_reaches_its_client_only_after_the_insert(
+    gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw = await gateway_factory({"demo": stub("--log-requests")})
+    release = hold_inserts(monkeypatch, gw)
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "stream after the insert"}],
+        "stream": True,
+    }
+    streamed = asyncio.create_task(gw.http.post("/v1/chat/completions", json=body, headers=gw.headers()))
+
+    await eventually(lambda: engine_requests(gw, "demo"), lambda n: n == 1, what="the engine call")
+    assert not streamed.done(), "the stream began before its job was durable"
+
+    release.set()
+    response = await streamed
+    assert response.status_code == 200, response.text
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "stub reply to: stream after the insert"
+    job_id = response.headers["X-Request-ID"]
+
+    async def state() -> Any:
+        return (await gw.http.get(f"/api/jobs/{job_id}", headers=gw.headers())).json()["state"]
+
+    await eventually(state, lambda s: s == "succeeded", what="the stream's history write")
+
+
+async def test_an_insert_that_fails_after_the_engine_call_began_leaves_nothing(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Another instance holds both slots, which this instance's book does not know yet: the
+    request is launched, its inserts collide, the refreshed book says full → 429, and the
+    early engine call is abandoned without a document or a held in-flight place."""
+    gw = await gateway_factory({"m": stub("--latency-ms", "2000", max_concurrent=1, max_waiting=1)})
+    queue = gw.gateway.queue
+    assert queue is not None
+    now = queue.clock.now()
+    for index in range(2):
+        sub = Submission(
+            model="m",
+            kind="chat",
+            request={"messages": [{"role": "user", "content": "elsewhere"}]},
+            owner="someone",
+            client_id="other",
+            priority=Priority.NORMAL,
+            idempotency_key=None,
+            queue_timeout_s=600,
+        )
+        running_elsewhere = ("other-host/1/1", now + timedelta(hours=1))
+        await queue.store.insert(
+            build_document(sub, f"foreign-{index}", slot_key("m", index), now, running_elsewhere)
+        )
+
+    response = await gw.chat("m", "no room")
+    assert response.status_code == 429, response.text
+    assert "full" in response.json()["detail"]
+
+    dispatcher = gw.gateway.dispatchers["m"]
+    await eventually(
+        lambda: asyncio.sleep(0, (dispatcher.in_flight, dispatcher.running_ids())),
+        lambda seen: seen == (0, []),
+        what="the abandoned engine call to give its place back",
+    )
+    assert sorted(d["_id"] for d in await queue.store.active("m")) == ["foreign-0", "foreign-1"]
