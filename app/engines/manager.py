@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import PyMongoError
 
 from app.clock import Clock
 from app.engines import process as proc
@@ -260,10 +261,11 @@ class EngineManager:
             await self._until_ready(engine, argv)
 
     async def _until_ready(self, engine: EngineRecord, argv: list[str]) -> None:
-        """Poll health until ready, the process exits, or the startup timeout (then kill it)."""
+        """Record the engine, then poll health until ready, the process exits, or the startup
+        timeout (then kill it)."""
         assert engine.process is not None
-        log_path = self.log_path(engine.name)
         await self._remember(engine, argv)
+        log_path = self.log_path(engine.name)
         timeout = engine.settings.startup_timeout or self._defaults.startup_timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -276,6 +278,7 @@ class EngineManager:
                 return
             if await self._client.healthy(engine.base_url, timeout_s=1.0):
                 self._ready(engine)
+                await self._remember_ready(engine)
                 return
             await asyncio.sleep(self._defaults.health_interval)
         await self._kill(engine)
@@ -304,14 +307,21 @@ class EngineManager:
         event(log, "engine.failed", logging.ERROR, model=engine.name, reason=reason)
 
     async def _remember(self, engine: EngineRecord, argv: list[str]) -> None:
-        """Persist what a restarted gateway needs to adopt this engine or kill it."""
+        """Persist what a restarted gateway needs to adopt this engine or kill it.
+
+        Written as soon as the process exists (state `starting`), not once it is healthy: a
+        vLLM load takes minutes, and a gateway killed during it must leave a record, or the
+        next one would never know of an engine that goes on to hold the GPU.
+        """
         assert engine.process is not None
         await self._records.replace_one(
             {"_id": engine.name},
             {
                 "_id": engine.name,
                 "host": self._host,
+                "state": EngineState.STARTING.value,
                 "pid": engine.process.pid,
+                "pgid": engine.process.pgid,
                 "create_time": engine.process.create_time,
                 "port": engine.port,
                 "gpus": engine.gpus,
@@ -321,6 +331,20 @@ class EngineManager:
             },
             upsert=True,
         )
+
+    async def _remember_ready(self, engine: EngineRecord) -> None:
+        """Mark the record ready (for the adoption log and operators reading the collection).
+
+        The engine serves whether or not this lands, and adoption checks health itself, so a
+        database error here is logged, not raised into the load.
+        """
+        try:
+            await self._records.update_one(
+                {"_id": engine.name, "host": self._host, "pid": engine.pid},
+                {"$set": {"state": EngineState.READY.value}},
+            )
+        except PyMongoError as exc:
+            event(log, "engine.record_failed", logging.WARNING, model=engine.name, error=repr(exc))
 
     async def _forget(self, engine: EngineRecord) -> None:
         await self._records.delete_one({"_id": engine.name, "host": self._host})
@@ -466,11 +490,15 @@ class EngineManager:
         """Engines recorded on this host by a gateway that did not stop them.
 
         Adopted: still the same process (pid and start time), still configured with the same
-        command line, and healthy. Everything else is an orphan holding memory: killed.
+        command line, and healthy. Everything else is an orphan holding memory: killed (its
+        recorded process group). An engine that was still loading is not healthy yet, so it is
+        killed too; an autostart model then loads again under this gateway.
         """
         async for doc in self._records.find({"host": self._host}):
             name = str(doc["_id"])
-            left = proc.SpawnedProcess(int(doc["pid"]), float(doc["create_time"]), None)
+            # records of gateways before pgid was stored: the engine led its own group
+            pgid = int(doc["pgid"] if "pgid" in doc else doc["pid"])
+            left = proc.SpawnedProcess(int(doc["pid"]), float(doc["create_time"]), pgid, None)
             alive = proc.is_same_process(left.pid, left.create_time)
             engine = self.engines.get(name)
             reason = await self._adoption_refusal(engine, doc, alive)
@@ -479,6 +507,7 @@ class EngineManager:
                 engine.process, engine.port, engine.gpus = left, int(doc["port"]), list(doc.get("gpus") or [])
                 engine.started_at, engine.adopted = doc.get("started_at"), True
                 self._ready(engine)
+                await self._remember_ready(engine)
                 event(log, "engine.adopted", model=name, pid=left.pid, port=engine.port)
                 continue
             if alive:
@@ -502,6 +531,8 @@ class EngineManager:
             if await self._client.healthy(url, timeout_s=2.0):
                 return None
             await asyncio.sleep(0.5)
+        if doc.get("state") == EngineState.STARTING.value:
+            return "not healthy (still loading when the last gateway stopped)"
         return "not healthy"
 
     # -- watching ----------------------------------------------------------------------------

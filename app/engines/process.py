@@ -23,6 +23,9 @@ from app.settings import child_environment
 class SpawnedProcess:
     pid: int
     create_time: float
+    # the group signalled at a stop; stored (and recorded for adoption) rather than assumed to be
+    # the pid, so a stop always reaches the group the engine was started in
+    pgid: int
     popen: subprocess.Popen[bytes] | None
 
     def exit_code(self) -> int | None:
@@ -52,7 +55,7 @@ def spawn(argv: list[str], extra_env: dict[str, str], log_path: Path) -> Spawned
             env=env,
             cwd=os.getcwd(),
         )
-    return SpawnedProcess(popen.pid, psutil.Process(popen.pid).create_time(), popen)
+    return SpawnedProcess(popen.pid, psutil.Process(popen.pid).create_time(), os.getpgid(popen.pid), popen)
 
 
 def tree_pids(pid: int) -> list[int]:
@@ -77,14 +80,14 @@ def stop(process: SpawnedProcess, timeout_s: float) -> list[int]:
         with contextlib.suppress(psutil.NoSuchProcess):
             members.append(psutil.Process(pid))
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pgid, signal.SIGTERM)
     for member in members:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.terminate()  # a child that left the group still gets the signal
     _, alive = psutil.wait_procs(members, timeout=timeout_s)
     if alive:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(process.pgid, signal.SIGKILL)
         for member in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 member.kill()

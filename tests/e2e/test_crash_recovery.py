@@ -5,6 +5,7 @@ request with the same Idempotency-Key gets that job's result without a second in
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from pathlib import Path
 
@@ -180,3 +181,46 @@ async def test_restart_adopts_healthy_engines_and_kills_orphans(
         assert "reason='not healthy'" in log or 'reason="not healthy"' in log or "reason=not healthy" in log
     assert daemon.terminate() in (0, -signal.SIGTERM)
     assert _alive([int(str(pids["keep"]))]) == []
+
+
+async def _engine_record(daemon: Daemon, name: str) -> dict[str, object] | None:
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(daemon.db_uri())
+    try:
+        return await client.gateway.engines.find_one({"_id": name})
+    finally:
+        await client.close()
+
+
+async def test_kill9_while_an_engine_loads_leaves_no_orphan(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """The engine record is written when the engine is spawned, not once it is ready: a gateway
+    killed during a long load (vLLM takes minutes) leaves a record, and the next gateway kills
+    that engine's process group (not healthy yet, so not adopted) and loads its own."""
+    daemon = Daemon(tmp_path, {"slowload": {"kind": "stub", "args": ["--startup-s", "300"]}})
+    daemons.append(daemon)
+    daemon.start()
+    loading = await daemon.wait_health(lambda e: e["slowload"]["state"] == "starting", "slowload loading")
+    assert loading["engines"]["slowload"]["state"] == "starting"
+    async with httpx.AsyncClient() as client:
+        old = int(str((await _admin_model(client, daemon, "slowload"))["pid"]))
+        assert old in daemon.children_pids()
+        record = await eventually(
+            lambda: _engine_record(daemon, "slowload"), lambda r: r is not None, "engine record", 10
+        )
+        assert record is not None
+        assert (record["state"], record["pid"], record["pgid"]) == ("starting", old, os.getpgid(old)), record
+        daemon.kill9()
+        assert _alive([old]) == [old]  # a loading engine outlives the gateway: it must be tracked
+
+        daemon.start()
+        await daemon.wait_health(lambda e: e["slowload"]["state"] == "starting", "slowload loading again")
+        await eventually(
+            lambda: asyncio.to_thread(_alive, [old]), lambda alive: alive == [], "the old engine gone", 20
+        )
+        again = await _admin_model(client, daemon, "slowload")
+        assert again["pid"] != old and again["adopted"] is False, again
+        new = int(str(again["pid"]))
+        assert new in daemon.children_pids()
+    log = daemon.log.read_text()
+    assert "engine.orphan_stopped" in log and "still loading when the last gateway stopped" in log
+    assert daemon.terminate() in (0, -signal.SIGTERM)
+    assert _alive([old, new]) == []
