@@ -127,11 +127,15 @@ class StubEngine:
         sent = 0
 
         async def send(data: bytes) -> bool:
-            """Write one chunk, or cut the connection where chunk N+1 would go (--break-stream-after)."""
+            """Write one chunk, or stop where chunk N+1 would go: cut the connection
+            (--break-stream-after) or end the body cleanly without [DONE] (--end-stream-after)."""
             nonlocal sent
             if self.args.break_stream_after and sent >= self.args.break_stream_after:
                 assert request.transport is not None
                 request.transport.abort()  # no terminating chunk: the reader sees a broken body
+                return False
+            if self.args.end_stream_after and sent >= self.args.end_stream_after:
+                await response.write_eof()  # a well-formed body that simply stops: no finish, no [DONE]
                 return False
             await response.write(data)
             sent += 1
@@ -212,6 +216,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="cut the connection after N streamed chunks (the first is the role chunk)",
+    )
+    parser.add_argument(
+        "--end-stream-after",
+        type=int,
+        default=0,
+        help="end the streamed body cleanly after N chunks, without a finish chunk or [DONE]",
     )
     parser.add_argument("--max-model-len", type=int, default=4096, help="longer prompts get a 400, like vLLM")
     parser.add_argument("--max-tokens", type=int, default=16, help="default completion length")

@@ -106,7 +106,9 @@ class EngineClient:
         """POST with `stream: true` and yield each SSE `data:` chunk as a dict until [DONE].
 
         Failures before the first chunk raise EngineCallError like chat_completion; failures
-        after it raise EngineCallError too, and the caller must not retry those.
+        after it raise EngineCallError too, and the caller must not retry those. A body that
+        ends without [DONE] is such a failure: the answer may be cut anywhere, so it must not
+        be stored as a complete one.
         """
         url = f"{base_url}/v1/chat/completions"
         async with _engine_call(timeout_s), self.session.post(url, json=payload) as response:
@@ -124,6 +126,7 @@ class EngineClient:
                 except ValueError:
                     raise EngineCallError("engine sent an invalid stream chunk", retryable=True) from None
                 yield chunk
+        raise EngineCallError("engine stream ended without data: [DONE]", retryable=True)
 
     async def healthy(self, base_url: str, timeout_s: float = 2.0) -> bool:
         try:

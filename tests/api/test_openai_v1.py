@@ -200,3 +200,23 @@ async def test_queue_timeout_is_a_504_server_error(gateway_factory: GatewayFacto
     assert timed_out.value.body["type"] == "timeout_error"  # type: ignore[index]
     assert "waited in the queue" in timed_out.value.message
     assert (await ahead).choices[0].message.content == "stub reply to: hi"
+
+
+async def test_a_stream_that_ends_without_done_is_a_failure_not_an_answer(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """An engine body that just stops (no finish chunk, no [DONE]) may be cut anywhere: the
+    client gets an error after the part it already has, and history says failed, not succeeded."""
+    gw = await gateway_factory({"stops": stub("--end-stream-after", "2")})
+    body = {"model": "stops", "messages": [{"role": "user", "content": "cut me short"}], "stream": True}
+    response = await gw.http.post("/v1/chat/completions", json=body, headers=gw.headers())
+    assert response.status_code == 200, response.text
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert "[DONE]" not in events
+    error = json.loads(events[-1])["error"]
+    assert "ended without data: [DONE]" in error["message"], error
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+    assert text == "stub"
+    job = (await gw.http.get(f"/api/jobs/{response.headers['X-Request-ID']}", headers=gw.headers())).json()
+    assert (job["state"], job["attempts"]) == ("failed", 1)
+    assert "ended without data: [DONE]" in job["error"]["message"]
