@@ -155,6 +155,22 @@ class ModelUnavailable(GatewayError):
     code = "model_unavailable"
 
 
+class EngineStartFailed(ModelUnavailable):
+    """An admin start did not lead to a serving engine: the spawn or the load failed, or the
+    model was stopped while it loaded. Raised instead of a "started" answer, so a caller that
+    asked to wait learns the outcome and its reason without polling GET /admin/models."""
+
+    code = "engine_start_failed"
+
+    def __init__(self, model: str, state: str, reason: str) -> None:
+        if state == "failed":
+            super().__init__(f"model {model!r} failed to start: {reason}")
+        else:
+            super().__init__(f"model {model!r} did not start: it is {state} ({reason})")
+        self.model = model
+        self.state = state
+
+
 class ModelBusy(GatewayError):
     """The model has work in flight and the operation would cut it; repeat with force."""
 

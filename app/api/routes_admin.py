@@ -86,7 +86,8 @@ async def models(gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
 @router.post("/models/{model:path}/start", status_code=202)
 async def start_model(model: str, gw: GatewayDep, admin: AdminDep, wait: bool = False) -> dict[str, Any]:
     """202 at once (a vLLM load takes minutes; poll GET /admin/models/{m}); `wait=true` blocks
-    until ready or failed. A start of a loading model joins it; of a ready one is a no-op."""
+    until ready, and a load that fails answers 503 engine_start_failed with the reason. A start
+    of a loading model joins it; of a ready one is a no-op."""
     assert gw.engines is not None
     assert gw.audit is not None
     name = gw.registry.resolve(model)

@@ -33,7 +33,7 @@ from app.engines.crashes import CrashLog
 from app.engines.gpus import GIB, GpuInfo, GpuInventory, memory_released
 from app.engines.lifecycle import EngineRecord, EngineState, plan_restart
 from app.engines.placement import place, required_bytes
-from app.errors import GatewayError, ModelBusy, ModelUnavailable, PlacementFailed
+from app.errors import EngineStartFailed, GatewayError, ModelBusy, ModelUnavailable, PlacementFailed
 from app.logs import event
 from app.metrics import Metrics
 from app.proxy.client import EngineClient
@@ -189,10 +189,19 @@ class EngineManager:
         return engine
 
     async def start(self, name: str, *, wait: bool) -> EngineRecord:
+        """An operator's start: begin it (or join the load in progress); with `wait`, return
+        once the load is over. Returns only a starting or ready engine; any other outcome (the
+        spawn failed, the load failed or timed out, a stop cancelled it) raises
+        EngineStartFailed with the reason, so no caller reports a start that did not happen.
+        """
         engine = self.begin_start(name)
         task = self._tasks.get(name)
         if wait and task is not None and engine.state == EngineState.STARTING:
-            await asyncio.shield(task)
+            # wait, not shield: a load cancelled by a stop is an outcome to report, and a caller
+            # that goes away leaves the load running
+            await asyncio.wait({task})
+        if engine.state not in (EngineState.STARTING, EngineState.READY):
+            raise EngineStartFailed(name, engine.state.value, engine.reason or engine.last_error or "")
         return engine
 
     def _place(self, engine: EngineRecord) -> list[int]:
@@ -376,6 +385,10 @@ class EngineManager:
                 "graceful=true to let them finish, or force=true to cancel them"
             )
         task = self._tasks.pop(name, None)
+        if engine.state != EngineState.FAILED:
+            # before the load is cancelled: a start waiting on that load then sees the stop,
+            # not a load that ended while the model still looked `starting`
+            engine.move(EngineState.STOPPING, reason)
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -383,7 +396,6 @@ class EngineManager:
             engine.move(EngineState.STOPPED, reason)
             await self._kill(engine)
             return {"stopped": True}
-        engine.move(EngineState.STOPPING, reason)
         event(log, "engine.stopping", model=name, force=force, running=len(running), queued=queued)
         if force:
             cancelled = await self._workload.cancel_all(name, f"model {name!r} was stopped (force): {reason}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -71,13 +72,40 @@ async def test_start_timeout_fails_with_reason_and_log(gateway_factory: GatewayF
         {"slowload": stub("--startup-s", "60", autostart=False, startup_timeout=1)}, engines=FAST_HEALTH
     )
     response = await _admin(gw, "POST", "/admin/models/slowload/start", wait="true")
-    assert response.status_code == 202
-    assert response.json()["state"] == "failed"
-    assert "not healthy within 1 s (startup_timeout)" in response.json()["reason"]
+    assert response.status_code == 503, response.text  # not "started": it did not start
+    assert response.json()["code"] == "engine_start_failed"
+    detail = response.json()["detail"]
+    assert detail.startswith("model 'slowload' failed to start: not healthy within 1 s (startup_timeout)")
     model = await _model(gw, "slowload")
     assert model["state"] == "failed" and model["pid"] is None
+    assert model["last_error"] in detail
     chat = await gw.chat("slowload")
     assert chat.status_code == 503 and "not healthy within 1 s" in chat.json()["detail"]
+
+
+async def test_start_whose_spawn_fails_is_an_error_not_started(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-python"
+    gw = await gateway_factory({"m": stub(autostart=False)}, engines={**FAST_HEALTH, "python": str(missing)})
+    response = await _admin(gw, "POST", "/admin/models/m/start")  # without wait: it failed at once
+    assert response.status_code == 503, response.text
+    assert response.json()["code"] == "engine_start_failed"
+    assert response.json()["detail"].startswith(f"model 'm' failed to start: could not run {missing}")
+    assert (await _model(gw, "m"))["state"] == "failed"
+
+
+async def test_start_waiting_on_a_load_that_a_stop_cancels_says_so(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory({"slowload": stub("--startup-s", "60", autostart=False)}, engines=FAST_HEALTH)
+    waiting = asyncio.create_task(_admin(gw, "POST", "/admin/models/slowload/start", wait="true"))
+    pid = (await _until_model(gw, "slowload", lambda m: m["state"] == "starting" and m["pid"]))["pid"]
+    stopped = await _admin(gw, "POST", "/admin/models/slowload/stop")
+    assert stopped.status_code == 200, stopped.text
+    answer = await waiting
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["code"] == "engine_start_failed"
+    assert answer.json()["detail"] == "model 'slowload' did not start: it is stopping (stopped by admin)"
+    assert (await _model(gw, "slowload"))["state"] == "stopped" and not _alive(pid)
 
 
 async def test_concurrent_starts_join_one_load(gateway_factory: GatewayFactory) -> None:
