@@ -122,16 +122,49 @@ class ChatService:
         return await admit_or_reuse(self._queue, principal.subject, idempotency_key, fingerprint, admit)
 
     async def start_stream(
-        self, principal: Principal, request: Doc, client_id: str, priority: Priority
-    ) -> tuple[Doc, asyncio.Queue[tuple[str, Any]]]:
-        """Admit a streamed job pinned to this instance; its events arrive on the returned queue."""
+        self,
+        principal: Principal,
+        request: Doc,
+        client_id: str,
+        priority: Priority,
+        idempotency_key: str | None = None,
+    ) -> tuple[Doc, asyncio.Queue[tuple[str, Any]] | None]:
+        """Admit a streamed job pinned to this instance; its events arrive on the returned queue.
+
+        A repeated Idempotency-Key returns the job the key made and no queue: the caller waits
+        for that job's end and replays its stored answer (a client whose stream broke gets the
+        whole answer, not a second inference).
+        """
         model, body = self._model_and_body(principal, request, client_id)
-        ensure_servable(self._engines, model, self._missing, client_id)
-        sub = self._submission(principal, model, body, client_id, priority, pinned_to=self._queue.worker_id)
-        doc = await self._queue.admit(sub, self._dispatchers[model].direct_start())
+
+        async def admit() -> Doc:
+            ensure_servable(self._engines, model, self._missing, client_id)
+            sub = self._submission(
+                principal,
+                model,
+                body,
+                client_id,
+                priority,
+                idempotency_key=idempotency_key,
+                pinned_to=self._queue.worker_id,
+            )
+            return await self._queue.admit(sub, self._dispatchers[model].direct_start())
+
+        fingerprint = request_fingerprint(model, body)
+        doc, admitted = await admit_or_reuse(
+            self._queue, principal.subject, idempotency_key, fingerprint, admit
+        )
+        if not admitted:
+            return doc, None
         sink = self._queue.sink(doc["_id"])
         assert sink is not None
         return doc, sink
+
+    async def outcome(self, doc: Doc) -> Doc:
+        """The job's terminal document (waiting for it if it is still queued or running)."""
+        if JobState(doc["state"]).terminal:
+            return doc
+        return await self._queue.wait(doc)
 
     def _model_and_body(self, principal: Principal, request: Doc, client_id: str) -> tuple[str, Doc]:
         """The canonical model name, and what the engine gets (the model is set per engine)."""

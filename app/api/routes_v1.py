@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.api.deps import GatewayDep, PrincipalDep, idempotency_key, optional_client_id
 from app.api.schemas import ChatRequest
 from app.api.views import chat_answer
-from app.errors import InvalidRequest
+from app.queue.jobs import JobState
 from app.queue.priority import Priority
 
 router = APIRouter(prefix="/v1")
@@ -84,9 +84,7 @@ async def chat_completions(
     client = x_client_id or body.user or _DEFAULT_CLIENT
     assert gw.chat is not None
     if body.stream:
-        if key is not None:
-            raise InvalidRequest("Idempotency-Key cannot be used with stream: true", param="Idempotency-Key")
-        return await _stream(gw, user, body, client, priority)
+        return await _stream(gw, user, body, client, priority, key)
     doc = await gw.chat.complete(user, body.engine_request(), client, priority, key)
     answer = chat_answer(doc)
     result = doc.get("result") or {}
@@ -110,50 +108,129 @@ async def chat_completions(
 
 
 async def _stream(
-    gw: GatewayDep, user: PrincipalDep, body: OpenAIChatRequest, client: str, priority: Priority
+    gw: GatewayDep,
+    user: PrincipalDep,
+    body: OpenAIChatRequest,
+    client: str,
+    priority: Priority,
+    key: str | None,
 ) -> StreamingResponse:
-    assert gw.chat is not None and gw.queue is not None
-    chat, queue = gw.chat, gw.queue
-    doc, sink = await chat.start_stream(user, body.engine_stream_request(), client, priority)
+    assert gw.chat is not None
+    doc, sink = await gw.chat.start_stream(user, body.engine_stream_request(), client, priority, key)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    async def events() -> AsyncIterator[bytes]:
-        finished = False
-        try:
-            while True:
-                try:
-                    kind, data = await asyncio.wait_for(sink.get(), timeout=KEEPALIVE_S)
-                except TimeoutError:
-                    yield b": keep-alive\n\n"  # waiting in the queue: keep proxies from cutting us
-                    continue
-                if kind == "chunk":
-                    if not include_usage:
-                        if not data.get("choices"):
-                            continue  # the usage-only chunk the client did not ask for
-                        data.pop("usage", None)
-                    yield b"data: " + json.dumps({**data, "model": body.model}).encode() + b"\n\n"
-                    continue
-                finished = True
-                if kind == "done":
-                    yield b"data: [DONE]\n\n"
-                else:
-                    error = data.get("error") or {}
-                    envelope = {
-                        "message": error.get("message", "the job failed"),
-                        "type": error.get("type", "server_error"),
-                        "param": None,
-                        "code": data.get("state"),
-                    }
-                    yield b"data: " + json.dumps({"error": envelope}).encode() + b"\n\n"
-                return
-        finally:
-            queue.close_sink(doc["_id"])
-            if not finished:  # the client went away: free the slot now, not at the timeout
-                with anyio.CancelScope(shield=True):
-                    await chat.cancel(doc, "the client closed the connection")
-
+    if sink is None:
+        events = _replayed(gw, doc, body.model, include_usage)
+    else:
+        events = _relayed(gw, doc, sink, body.model, include_usage, cancel_on_close=key is None)
     return StreamingResponse(
-        events(),
+        events,
         media_type="text/event-stream",
         headers={"X-Request-ID": doc["_id"], "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def _relayed(
+    gw: GatewayDep,
+    doc: dict[str, Any],
+    sink: asyncio.Queue[tuple[str, Any]],
+    model: str,
+    include_usage: bool,
+    *,
+    cancel_on_close: bool,
+) -> AsyncIterator[bytes]:
+    """The engine's chunks as they come. A client that goes away cancels the job and frees its
+    slot at once, unless it sent an Idempotency-Key: then the job runs to its end so that the
+    key's repeat gets the whole answer."""
+    assert gw.chat is not None and gw.queue is not None
+    chat, queue = gw.chat, gw.queue
+    finished = False
+    try:
+        while True:
+            try:
+                kind, data = await asyncio.wait_for(sink.get(), timeout=KEEPALIVE_S)
+            except TimeoutError:
+                yield _KEEPALIVE  # waiting in the queue: keep proxies from cutting us
+                continue
+            if kind == "chunk":
+                if not include_usage:
+                    if not data.get("choices"):
+                        continue  # the usage-only chunk the client did not ask for
+                    data.pop("usage", None)
+                yield _event({**data, "model": model})
+                continue
+            finished = True
+            yield _DONE if kind == "done" else _error_event(data)
+            return
+    finally:
+        queue.close_sink(doc["_id"])
+        if not finished and cancel_on_close:
+            with anyio.CancelScope(shield=True):
+                await chat.cancel(doc, "the client closed the connection")
+
+
+async def _replayed(
+    gw: GatewayDep, doc: dict[str, Any], model: str, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """A repeated Idempotency-Key: the job's stored answer as a stream, once the job has ended
+    (keep-alive comments until then), or the error it ended with."""
+    assert gw.chat is not None
+    outcome = asyncio.ensure_future(gw.chat.outcome(doc))
+    try:
+        while not (await asyncio.wait({outcome}, timeout=KEEPALIVE_S))[0]:
+            yield _KEEPALIVE
+        final = outcome.result()
+    finally:
+        outcome.cancel()
+    result = final.get("result") or {}
+    if final["state"] != JobState.SUCCEEDED.value:
+        yield _error_event(final)
+        return
+    if result.get("output_redacted"):
+        yield _error_event(
+            {
+                "state": "output_redacted",
+                "error": {
+                    "type": "invalid_request_error",
+                    "message": f"job {final['_id']} succeeded but its answer was not stored "
+                    "(history.store_outputs is off); send a new Idempotency-Key",
+                },
+            }
+        )
+        return
+    base = {
+        "id": "chatcmpl-" + final["_id"].removeprefix("job_"),
+        "object": "chat.completion.chunk",
+        "created": int(final["enqueued_at"].timestamp()),
+        "model": model,
+        "system_fingerprint": result.get("system_fingerprint"),
+    }
+    content = (result.get("message") or {}).get("content") or ""
+    yield _event({**base, "choices": [_choice({"role": "assistant", "content": content}, None)]})
+    yield _event({**base, "choices": [_choice({}, result.get("finish_reason"))]})
+    if include_usage:
+        yield _event({**base, "choices": [], "usage": result.get("usage") or {}})
+    yield _DONE
+
+
+_KEEPALIVE = b": keep-alive\n\n"
+_DONE = b"data: [DONE]\n\n"
+
+
+def _choice(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+def _error_event(doc: dict[str, Any]) -> bytes:
+    """How a stream reports a failure once its 200 has gone out: OpenAI's error envelope."""
+    error = doc.get("error") or {}
+    envelope = {
+        "message": error.get("message", "the job failed"),
+        "type": error.get("type", "server_error"),
+        "param": None,
+        "code": doc.get("state"),
+    }
+    return _event({"error": envelope})

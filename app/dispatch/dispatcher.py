@@ -250,8 +250,10 @@ class ModelDispatcher:
         """
         sink = self._queue.sink(doc["_id"])
         if sink is None:  # the client is gone already
-            await self._queue.cancel(doc["_id"], "the client closed the connection")
-            return
+            if "idempotency_key" not in doc:
+                await self._queue.cancel(doc["_id"], "the client closed the connection")
+                return
+            sink = asyncio.Queue()  # its key's repeat replays the stored answer: run to the end
         relay = _StreamRelay(
             self._client, sink, lambda: self._metrics.first_token(self.name, doc["enqueued_at"])
         )

@@ -75,13 +75,6 @@ async def test_error_classes(gw: GatewayClient) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as bad:
         await client.chat.completions.create(model="demo", messages=[])
     assert bad.value.body["param"] == "messages"  # type: ignore[index]
-    with pytest.raises(openai.BadRequestError, match="cannot be used with stream"):
-        await client.chat.completions.create(
-            model="demo",
-            messages=hello,
-            stream=True,
-            extra_headers={"Idempotency-Key": "k1"},
-        )
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         await client.chat.completions.create(model="short", messages=hello * 3)
     with pytest.raises(openai.InternalServerError) as failed:
@@ -185,6 +178,41 @@ async def test_idempotency_key_replays_the_answer_and_rejects_another_body(
     envelope = conflict.value.body
     assert isinstance(envelope, dict) and set(envelope) == {"message", "type", "param", "code"}
     assert envelope["type"] == "conflict_error"
+
+
+async def test_a_streamed_idempotency_key_replays_the_stored_answer_as_a_stream(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory({"demo": stub("--log-requests")})
+    client = sdk(gw)
+    key = {"Idempotency-Key": "v1-stream-key"}
+    hello: list[ChatCompletionMessageParam] = [{"role": "user", "content": "stream once"}]
+
+    async def streamed() -> tuple[str, str, list[int]]:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="demo",
+            messages=hello,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=key,
+        )
+        chunks = [c async for c in raw.parse()]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        usage = [c.usage.completion_tokens for c in chunks if c.usage is not None]
+        return raw.headers["x-request-id"], text, usage
+
+    first_id, first_text, first_usage = await streamed()
+    again_id, again_text, again_usage = await streamed()
+    assert again_id == first_id
+    assert again_text == first_text == "stub reply to: stream once"
+    assert again_usage == first_usage == [5]
+    assert gw.gateway.engines is not None
+    engine_log = gw.gateway.engines.log_path("demo").read_text()
+    assert engine_log.count("request ") == 1, engine_log  # the replay never reached the engine
+    with pytest.raises(openai.ConflictError):  # the same key for another body: before any stream
+        await client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "other"}], stream=True, extra_headers=key
+        )
 
 
 async def test_queue_timeout_is_a_504_server_error(gateway_factory: GatewayFactory) -> None:

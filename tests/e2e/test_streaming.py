@@ -194,3 +194,39 @@ async def test_closing_a_stream_starts_the_request_queued_behind_it(
     await _until_state(daemon, running_id, "cancelled", timeout_s=5)
     await _until_state(daemon, queued_id, "succeeded", timeout_s=5)
     assert (await behind).choices[0].message.content == "stub reply to: behind"
+
+
+async def test_a_keyed_stream_outlives_its_client_and_its_repeat_gets_the_whole_answer(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """With an Idempotency-Key a broken connection does not cancel the job (unlike a plain
+    stream): the answer is finished and stored, and the client's repeat of the key gets all of it
+    as a stream, without a second inference."""
+    daemon = Daemon(
+        tmp_path, {"slow": {"kind": "stub", "args": ["--token-latency-ms", "200", "--log-requests"]}}
+    )
+    daemons.append(daemon)
+    daemon.start()
+    await daemon.wait_healthy()
+    client = AsyncOpenAI(api_key=daemon.token, base_url=f"{daemon.url}/v1", max_retries=0)
+    key = {"Idempotency-Key": "stream-outlives-client"}
+
+    raw = await client.chat.completions.with_raw_response.create(
+        model="slow", messages=HELLO, stream=True, extra_headers=key
+    )
+    job_id = raw.headers["x-request-id"]
+    stream = raw.parse()
+    first = await stream.__anext__()
+    assert first.choices[0].delta.role == "assistant"
+    await stream.close()  # the connection breaks mid-answer
+    doc = await _until_state(daemon, job_id, "succeeded")
+    assert doc["result"]["message"]["content"] == "stub reply to: stream me please"  # type: ignore[index]
+
+    again = await client.chat.completions.with_raw_response.create(
+        model="slow", messages=HELLO, stream=True, extra_headers=key
+    )
+    assert again.headers["x-request-id"] == job_id
+    text = "".join([c.choices[0].delta.content or "" async for c in again.parse() if c.choices])
+    assert text == "stub reply to: stream me please"
+    log = (daemon.data_dir / "logs" / "slow.log").read_text()
+    assert log.count("request ") == 1, log
