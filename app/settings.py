@@ -172,9 +172,11 @@ class GpuNeeds(_Strict):
     """What a GPU engine needs to start; placement refuses a start that cannot get it."""
 
     count: int = Field(1, ge=0, le=16)
-    memory_gib: float | None = Field(None, gt=0, description="free GiB needed on each GPU")
+    memory_gib: float | None = Field(
+        None, gt=0, description="free GiB needed on each GPU; vLLM's share = this / the placed GPU's total"
+    )
     memory_fraction: float = Field(
-        0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization (share of each GPU)"
+        0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization (share of each GPU) without memory_gib"
     )
     devices: list[int] | None = Field(None, description="pin to these GPU indices")
 

@@ -248,7 +248,7 @@ class Switcher:
                     unplaceable.add(name)
                 continue
             first = next((by_index[i] for i in needs.devices or [] if i in by_index), gpus[0])
-            costs[name] = needs.count * required_bytes(needs, kind, first)
+            costs[name] = needs.count * required_bytes(needs, first)
         return Capacity(sum(g.total_bytes for g in gpus)), costs, unplaceable
 
     # -- applying ----------------------------------------------------------------------------

@@ -15,8 +15,12 @@ documented entry point. Flags checked against vLLM's
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
+from app.engines.gpus import GIB
 from app.errors import ConfigError
-from app.settings import EngineKind, ModelSettings
+from app.settings import EngineKind, GpuNeeds, ModelSettings
 
 VLLM_MODULE = "vllm.entrypoints.cli.main"
 DEEPSEEK_OCR_DEFAULT_PATH = "deepseek-ai/DeepSeek-OCR"
@@ -44,7 +48,7 @@ _VLLM_OWNED = {
     "--host": "the gateway (engines listen on 127.0.0.1 only)",
     "--port": "the gateway (models.{name}.port or a free port)",
     "--served-model-name": "models.{name}.served_name",
-    "--gpu-memory-utilization": "models.{name}.gpu.memory_fraction",
+    "--gpu-memory-utilization": "models.{name}.gpu.memory_gib or gpu.memory_fraction",
     "--max-model-len": "models.{name}.max_model_len",
     "--max-num-seqs": "models.{name}.max_num_seqs",
     "--tensor-parallel-size": "models.{name}.gpu.count",
@@ -86,12 +90,15 @@ def model_path(name: str, model: ModelSettings) -> str:
     return DEEPSEEK_OCR_DEFAULT_PATH if model.kind == "deepseek_ocr" else name
 
 
-def build_command(name: str, model: ModelSettings, *, port: int, python: str) -> list[str]:
+def build_command(
+    name: str, model: ModelSettings, *, port: int, python: str, gpu_total_bytes: Sequence[int] = ()
+) -> list[str]:
     """The argv that starts the engine for `name` on 127.0.0.1:`port`.
 
     `python` is the interpreter whose environment holds the engine (for vLLM, often a
-    separate venv from the gateway's). Raises ConfigError when `model.args` or `model.env`
-    set something the gateway owns, naming the model and the flag.
+    separate venv from the gateway's). `gpu_total_bytes` is the total memory of each GPU that
+    placement chose (it turns `gpu.memory_gib` into vLLM's share). Raises ConfigError when
+    `model.args` or `model.env` set something the gateway owns, naming the model and the flag.
     """
     check_environment(name, model)
     if model.kind in _SERVER_MODULES:
@@ -107,7 +114,7 @@ def build_command(name: str, model: ModelSettings, *, port: int, python: str) ->
     argv = [python, "-m", VLLM_MODULE, "serve", model_path(name, model)]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
     argv += ["--served-model-name", served_name(name, model)]
-    argv += ["--gpu-memory-utilization", str(model.gpu.memory_fraction)]
+    argv += ["--gpu-memory-utilization", gpu_memory_utilization(model.gpu, gpu_total_bytes)]
     if model.max_model_len is not None:
         argv += ["--max-model-len", str(model.max_model_len)]
     if model.max_num_seqs is not None:
@@ -117,6 +124,22 @@ def build_command(name: str, model: ModelSettings, *, port: int, python: str) ->
     if model.kind == "deepseek_ocr":
         argv += DEEPSEEK_OCR_FLAGS
     return [*argv, *model.args]
+
+
+def gpu_memory_utilization(needs: GpuNeeds, gpu_total_bytes: Sequence[int]) -> str:
+    """vLLM's --gpu-memory-utilization: the share of each GPU it pre-allocates and requires free.
+
+    With `memory_gib` it is memory_gib over the placed GPU's total, so a model that needs 20 GiB
+    takes 20 GiB of an 80 GiB card (0.25) instead of memory_fraction's 72 GiB, and two such
+    models can share it; placement reserves exactly memory_gib. One share applies to every GPU
+    of a tensor-parallel engine: the largest total gives the smallest share, so no GPU is asked
+    for more than memory_gib; rounded down for the same reason. Without `memory_gib`, or with
+    no GPU placed, it is memory_fraction.
+    """
+    if needs.memory_gib is None or not gpu_total_bytes:
+        return str(needs.memory_fraction)
+    share = math.floor(needs.memory_gib * GIB / max(gpu_total_bytes) * 10_000) / 10_000
+    return f"{share:g}"
 
 
 def build_environment(model: ModelSettings, gpus: list[int]) -> dict[str, str]:

@@ -169,9 +169,12 @@ class EngineManager:
         if engine.state == EngineState.CRASHED and task is not None and not task.done():
             task.cancel()  # an operator start overrides the pending backoff
         try:
-            gpus = self._place(engine)
+            placed = self._place(engine)
             port = engine.settings.port or free_port()
-            argv = build_command(name, engine.settings, port=port, python=self._python)
+            totals = [gpu.total_bytes for gpu in placed]
+            argv = build_command(
+                name, engine.settings, port=port, python=self._python, gpu_total_bytes=totals
+            )
         except GatewayError as exc:
             if engine.state != EngineState.FAILED:
                 engine.move(EngineState.FAILED, exc.message)
@@ -180,7 +183,7 @@ class EngineManager:
             raise
         engine.move(EngineState.STARTING)
         engine.placement_failed = False
-        engine.port, engine.gpus, engine.adopted = port, gpus, False
+        engine.port, engine.gpus, engine.adopted = port, [gpu.index for gpu in placed], False
         engine.started_at, engine.ready_at, engine.load_seconds = self._clock.now(), None, None
         if self._spawn(engine, argv):  # now, so the caller sees the pid and a second start joins
             self._tasks[name] = asyncio.create_task(
@@ -204,7 +207,8 @@ class EngineManager:
             raise EngineStartFailed(name, engine.state.value, engine.reason or engine.last_error or "")
         return engine
 
-    def _place(self, engine: EngineRecord) -> list[int]:
+    def _place(self, engine: EngineRecord) -> list[GpuInfo]:
+        """The GPUs the engine gets (their sizes too: the vLLM command line needs them)."""
         if not uses_gpu(engine.settings):
             return []
         snapshot = self._effective_inventory(exclude=engine.name)
@@ -217,7 +221,7 @@ class EngineManager:
             owners,
             unusable_reason="" if self.inventory.available else self.inventory.reason,
         )
-        return list(placement.gpus)
+        return [gpu for gpu in snapshot if gpu.index in placement.gpus]
 
     def _gpu_owners(self, exclude: str | None = None) -> dict[int, list[str]]:
         owners: dict[int, list[str]] = {}
@@ -244,7 +248,7 @@ class EngineManager:
             for gpu in snapshot:
                 if gpu.index in other.gpus:
                     held = sum(p.used_bytes or 0 for p in gpu.processes if p.pid in tree)
-                    need = required_bytes(other.settings.gpu, other.settings.kind, gpu)
+                    need = required_bytes(other.settings.gpu, gpu)
                     pending[gpu.index] = pending.get(gpu.index, 0) + max(0, need - held)
         adjusted = []
         for gpu in snapshot:
@@ -532,8 +536,16 @@ class EngineManager:
             return "process is gone"
         if engine is None:
             return "model is no longer configured"
+        sizes = {gpu.index: gpu.total_bytes for gpu in self.inventory.snapshot()}
+        totals = [sizes[index] for index in doc.get("gpus") or [] if index in sizes]
         try:
-            wanted = build_command(engine.name, engine.settings, port=int(doc["port"]), python=self._python)
+            wanted = build_command(
+                engine.name,
+                engine.settings,
+                port=int(doc["port"]),
+                python=self._python,
+                gpu_total_bytes=totals,
+            )
         except GatewayError as exc:
             return exc.message
         if wanted != doc.get("argv"):
@@ -662,13 +674,16 @@ class EngineManager:
         if engine.state != EngineState.CRASHED:
             return
         try:
-            gpus = self._place(engine)
-            argv = build_command(engine.name, engine.settings, port=engine.port, python=self._python)
+            placed = self._place(engine)
+            totals = [gpu.total_bytes for gpu in placed]
+            argv = build_command(
+                engine.name, engine.settings, port=engine.port, python=self._python, gpu_total_bytes=totals
+            )
         except GatewayError as exc:
             engine.move(EngineState.FAILED, exc.message)
             return
         engine.move(EngineState.STARTING)
-        engine.gpus, engine.started_at = gpus, self._clock.now()
+        engine.gpus, engine.started_at = [gpu.index for gpu in placed], self._clock.now()
         engine.adopted, engine.ready_at, engine.load_seconds = False, None, None  # a load of ours now
         self._metrics.engine_restarted(engine.name)
         await self._load(engine, argv)

@@ -53,26 +53,25 @@ def place(
         )
     by_index = {gpu.index: gpu for gpu in inventory_snapshot}
     candidates = _candidates(model_name, needs, by_index)
-    fitting = [gpu for gpu in candidates if gpu.free_bytes >= required_bytes(needs, kind, gpu)]
+    fitting = [gpu for gpu in candidates if gpu.free_bytes >= required_bytes(needs, gpu)]
     if len(fitting) < needs.count:
-        message = _memory_message(model_name, needs, kind, candidates, fitting, owners)
+        message = _memory_message(model_name, needs, candidates, fitting, owners)
         raise PlacementFailed(model_name, message)
     chosen = sorted(fitting, key=lambda gpu: (gpu.free_bytes, gpu.index))[: needs.count]
     return Placement(sorted(gpu.index for gpu in chosen))
 
 
-def required_bytes(needs: GpuNeeds, kind: EngineKind, gpu: GpuInfo) -> int:
-    """Free memory the engine needs on `gpu` before it starts.
+def required_bytes(needs: GpuNeeds, gpu: GpuInfo) -> int:
+    """Free memory the engine needs on `gpu` before it starts: memory_gib when set, else
+    memory_fraction of the GPU's total.
 
-    vLLM refuses to start unless memory_fraction x total is free (it pre-allocates that share
-    for weights and KV cache), so for vLLM kinds that is a floor even when memory_gib is set;
-    memory_gib can only raise it. For other kinds memory_gib, when set, is the whole need.
+    For vLLM kinds this is what its --gpu-memory-utilization asks for (vLLM refuses to start
+    unless that share of the total is free, and pre-allocates it): the command line derives the
+    share from memory_gib when it is set (commands.gpu_memory_utilization), so the two agree.
     """
-    share = math.ceil(needs.memory_fraction * gpu.total_bytes)
     if needs.memory_gib is None:
-        return share
-    fixed = math.ceil(needs.memory_gib * GIB)
-    return max(fixed, share) if engine_needs_gpu(kind) else fixed
+        return math.ceil(needs.memory_fraction * gpu.total_bytes)
+    return math.ceil(needs.memory_gib * GIB)
 
 
 def _candidates(model_name: str, needs: GpuNeeds, by_index: dict[int, GpuInfo]) -> list[GpuInfo]:
@@ -111,17 +110,16 @@ def _candidates(model_name: str, needs: GpuNeeds, by_index: dict[int, GpuInfo]) 
 def _memory_message(
     model_name: str,
     needs: GpuNeeds,
-    kind: EngineKind,
     candidates: list[GpuInfo],
     fitting: list[GpuInfo],
     owners: dict[int, list[str]],
 ) -> str:
-    wants = {required_bytes(needs, kind, gpu) for gpu in candidates}
+    wants = {required_bytes(needs, gpu) for gpu in candidates}
     each = " each" if needs.count > 1 else ""
     if len(wants) == 1:
         (want,) = wants
         need = f"{_count(needs.count)} with {_gib(want)} free{each}"
-        if needs.memory_gib is None or want > math.ceil(needs.memory_gib * GIB):
+        if needs.memory_gib is None:
             need += f" (gpu.memory_fraction {needs.memory_fraction:g} of the whole GPU)"
     else:
         need = (
@@ -129,7 +127,7 @@ def _memory_message(
             f"(gpu.memory_fraction {needs.memory_fraction:g})"
         )
     short = [
-        _describe(gpu, required_bytes(needs, kind, gpu), owners, show_need=len(wants) > 1)
+        _describe(gpu, required_bytes(needs, gpu), owners, show_need=len(wants) > 1)
         for gpu in candidates
         if gpu not in fitting
     ]

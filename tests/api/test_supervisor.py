@@ -278,6 +278,42 @@ async def test_placement_on_fake_gpus(gateway_factory: GatewayFactory) -> None:
     assert second.json()["state"] == "ready" and second.json()["gpus"] == [0]
 
 
+async def test_vllm_memory_gib_becomes_its_share_of_the_placed_gpu(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    """Two vLLM models of 30 GiB each share one fake 80 GiB GPU: each is started with
+    --gpu-memory-utilization 0.375 (memory_gib / the placed GPU's total), where memory_fraction's
+    default 0.9 would have made the second one unplaceable. No vLLM here: `engines.python` is a
+    stand-in interpreter that keeps the command line and never gets healthy."""
+    interpreter = tmp_path / "vllm-python"
+    interpreter.write_text("#!/bin/sh\nsleep 60\n")
+    interpreter.chmod(0o755)
+    engines = {
+        **FAST_HEALTH,
+        "python": str(interpreter),
+        "fake_gpus": [{"name": "fake-80g", "total_gib": 80, "free_gib": 80}],
+    }
+    gpu = {"count": 1, "memory_gib": 30}
+    gw = await gateway_factory(
+        {
+            "a": {"kind": "vllm", "autostart": False, "gpu": gpu},
+            "b": {"kind": "vllm", "autostart": False, "gpu": gpu},
+        },
+        engines=engines,
+    )
+    pids = []
+    for name in ("a", "b"):
+        started = await _admin(gw, "POST", f"/admin/models/{name}/start")
+        assert started.status_code == 202, started.text
+        assert started.json()["gpus"] == [0]
+        pids.append(started.json()["pid"])
+        argv = psutil.Process(started.json()["pid"]).cmdline()
+        assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.375", argv
+    for name in ("a", "b"):
+        assert (await _admin(gw, "POST", f"/admin/models/{name}/stop", force="true")).status_code == 200
+    assert [p for p in pids if _alive(p)] == []
+
+
 async def test_gpus_without_a_driver_and_logs_and_unknown_models(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory({"demo": stub(), "gpu": {"kind": "vllm", "autostart": False}})
     gpus = (await _admin(gw, "GET", "/admin/gpus")).json()

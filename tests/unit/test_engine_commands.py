@@ -14,6 +14,8 @@ from app.engines.commands import (
     model_path,
     option_name,
 )
+from app.engines.gpus import GIB, GpuInfo, StaticInventory
+from app.engines.placement import place
 from app.errors import ConfigError
 from app.settings import ModelSettings
 
@@ -73,6 +75,48 @@ def test_optional_vllm_flags_are_left_out_when_not_configured() -> None:
     argv = build_command("m", model("vllm", gpu={"count": 1}), port=1, python=PY)
     for flag in ("--max-model-len", "--max-num-seqs", "--tensor-parallel-size"):
         assert flag not in argv
+
+
+def _card(index: int, total_gib: float, free_gib: float) -> GpuInfo:
+    total, free = int(total_gib * GIB), int(free_gib * GIB)
+    return GpuInfo(index, f"Fake GPU {index}", total, free, total - free, ())
+
+
+def _placed_command(name: str, cfg: ModelSettings, inventory: StaticInventory) -> list[str]:
+    """What the supervisor does: place on the inventory, then build with the placed GPUs' sizes."""
+    chosen = place(name, cfg.gpu, cfg.kind, inventory.snapshot(), {}).gpus
+    totals = [gpu.total_bytes for gpu in inventory.snapshot() if gpu.index in chosen]
+    return build_command(name, cfg, port=1, python=PY, gpu_total_bytes=totals)
+
+
+@pytest.mark.parametrize("kind", ["vllm", "deepseek_ocr"])
+def test_memory_gib_sets_the_share_of_the_placed_gpu(kind: str) -> None:
+    """20 GiB of the 80 GiB card is 0.25, not memory_fraction's 0.9 (which would ask 72 GiB)."""
+    inventory = StaticInventory([_card(0, 24, 24), _card(1, 80, 60)])
+    cfg = model(kind, gpu={"count": 1, "memory_gib": 20, "memory_fraction": 0.9, "devices": [1]})
+    assert flag_value(_placed_command("m", cfg, inventory), "--gpu-memory-utilization") == "0.25"
+    small = model(kind, gpu={"count": 1, "memory_gib": 20, "devices": [0]})  # 20 of 24 GiB
+    assert flag_value(_placed_command("m", small, inventory), "--gpu-memory-utilization") == "0.8333"
+
+
+def test_memory_gib_share_is_rounded_down_and_fits_every_gpu_of_a_tensor_parallel_engine() -> None:
+    inventory = StaticInventory([_card(0, 48, 48), _card(1, 80, 80)])
+    cfg = model("vllm", gpu={"count": 2, "memory_gib": 40})
+    argv = _placed_command("m", cfg, inventory)
+    # one share for both: 40/80 keeps the 80 GiB card at 40 GiB; 40/48 would ask it for 66.7 GiB
+    assert flag_value(argv, "--gpu-memory-utilization") == "0.5"
+    assert flag_value(argv, "--tensor-parallel-size") == "2"
+    odd = model("vllm", gpu={"count": 1, "memory_gib": 10, "devices": [0]})  # 10/48 = 0.208333...
+    assert flag_value(_placed_command("m", odd, inventory), "--gpu-memory-utilization") == "0.2083"
+
+
+def test_memory_fraction_is_the_share_without_memory_gib_or_without_a_placed_gpu() -> None:
+    inventory = StaticInventory([_card(0, 80, 80)])
+    fraction = model("vllm", gpu={"count": 1, "memory_fraction": 0.6})
+    assert flag_value(_placed_command("m", fraction, inventory), "--gpu-memory-utilization") == "0.6"
+    unplaced = model("vllm", gpu={"count": 1, "memory_gib": 20, "memory_fraction": 0.6})
+    argv = build_command("m", unplaced, port=1, python=PY)
+    assert flag_value(argv, "--gpu-memory-utilization") == "0.6"
 
 
 def test_served_name_defaults_to_the_gateway_name_not_the_path() -> None:

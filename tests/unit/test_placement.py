@@ -160,15 +160,17 @@ def test_placement_failure_is_a_503_model_unavailable_with_its_own_code() -> Non
     assert error.code == "insufficient_gpu"
 
 
-def test_vllm_needs_its_memory_fraction_even_when_memory_gib_is_smaller() -> None:
+def test_memory_gib_is_the_whole_need_and_memory_fraction_applies_without_it() -> None:
+    """vLLM is started with memory_gib's share of the GPU when memory_gib is set (see
+    commands.gpu_memory_utilization), so a small model fits beside others on a big card."""
     small = needs(memory_gib=10, memory_fraction=0.9)
     card = gpu(0, H100, 40.0)
-    assert required_bytes(small, "vllm", card) == int(0.9 * H100 * GIB)
-    assert required_bytes(small, "stub", card) == 10 * GIB
-    assert required_bytes(needs(memory_gib=75), "vllm", card) == 75 * GIB
-    with pytest.raises(PlacementFailed, match=r"72\.0 GiB free"):
-        place("m", small, "vllm", [card], {})
-    assert place("m", small, "stub", [card], {}) == Placement([0])
+    assert required_bytes(small, card) == 10 * GIB
+    assert required_bytes(needs(memory_gib=75), card) == 75 * GIB
+    assert required_bytes(needs(memory_fraction=0.9), card) == int(0.9 * H100 * GIB)
+    assert place("m", small, "vllm", [card], {}) == Placement([0])
+    with pytest.raises(PlacementFailed, match=r"72\.0 GiB free \(gpu\.memory_fraction 0\.9"):
+        place("m", needs(), "vllm", [card], {})
 
 
 def test_placement_is_deterministic() -> None:
