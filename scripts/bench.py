@@ -15,8 +15,9 @@ measures exactly that, on this machine, with real processes and real sockets:
 A streaming phase (on the empty database) does the same for `stream: true` on
 /v1/chat/completions: a stub that paces its tokens (20 ms apart, like a GPU decoding), read as
 SSE line by line, so time to first token and tokens/s show what the durable queue adds to a
-stream: the admission write before the engine is called, and the outcome write, which the
-dispatcher makes after it has ended the client's stream (where it can delay the next admission).
+stream: the admission write, which overlaps the engine's first token (the engine is called while
+the insert is in flight), and the outcome write, which the dispatcher makes after it has ended the
+client's stream (where it can delay the next admission).
 
 An OCR phase (on the empty database) reads a rendered text page three ways in interleaved rounds:
 RapidOCR in the bench's own process (the model alone), the bench's own cpu_ocr engine process over
