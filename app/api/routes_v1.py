@@ -4,7 +4,9 @@ Every completion still goes through the durable per-model queue (same admission,
 retries, timeouts and idempotency as /api/chat); only the request and answer shapes differ.
 With `stream: true` the job is admitted like any other (429 at once when the queue is full),
 the response starts with keep-alive comments while it waits, and chunks flow once it runs; if the
-client goes away the engine call is cancelled and the slot freed at once.
+client goes away the engine call is cancelled and the slot freed at once. A failure known before
+the first chunk and within one keep-alive interval keeps its HTTP status; later ones can only be
+an error event inside the stream.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import GatewayDep, PrincipalDep, idempotency_key, optional_client_id
 from app.api.schemas import ChatRequest
-from app.api.views import chat_answer
+from app.api.views import chat_answer, raise_unless_succeeded
 from app.queue.jobs import JobState
 from app.queue.priority import Priority
 
@@ -119,9 +121,14 @@ async def _stream(
     doc, sink = await gw.chat.start_stream(user, body.engine_stream_request(), client, priority, key)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if sink is None:
+        if JobState(doc["state"]).terminal:
+            raise_unless_succeeded(doc)  # the key's job failed: its status, as without `stream`
         events = _replayed(gw, doc, body.model, include_usage)
     else:
-        events = _relayed(gw, doc, sink, body.model, include_usage, cancel_on_close=key is None)
+        first = await _first_event(gw, doc, sink, cancel_on_close=key is None)
+        if first is not None and first[0] == "error":
+            raise_unless_succeeded(first[1])  # no byte went out yet: the failure keeps its status
+        events = _relayed(gw, doc, sink, first, body.model, include_usage, cancel_on_close=key is None)
     return StreamingResponse(
         events,
         media_type="text/event-stream",
@@ -129,10 +136,37 @@ async def _stream(
     )
 
 
+async def _first_event(
+    gw: GatewayDep, doc: dict[str, Any], sink: asyncio.Queue[tuple[str, Any]], *, cancel_on_close: bool
+) -> tuple[str, Any] | None:
+    """The stream's first event, if it comes within one keep-alive interval.
+
+    The 200 is held back until then, so a failure that comes this early (the engine rejects the
+    prompt, or is unavailable through every retry) is answered with its own status and the SDK
+    raises the same class as for a request without `stream`, as OpenAI's API does. A job still
+    waiting for its turn after that gets its 200 and keep-alive comments instead.
+    """
+    assert gw.chat is not None and gw.queue is not None
+    try:
+        event = await asyncio.wait_for(sink.get(), timeout=KEEPALIVE_S)
+    except TimeoutError:
+        return None
+    except BaseException:  # the client went away before its stream began
+        gw.queue.close_sink(doc["_id"])
+        if cancel_on_close:
+            with anyio.CancelScope(shield=True):
+                await gw.chat.cancel(doc, "the client closed the connection")
+        raise
+    if event[0] == "error":
+        gw.queue.close_sink(doc["_id"])
+    return event
+
+
 async def _relayed(
     gw: GatewayDep,
     doc: dict[str, Any],
     sink: asyncio.Queue[tuple[str, Any]],
+    first: tuple[str, Any] | None,
     model: str,
     include_usage: bool,
     *,
@@ -144,13 +178,17 @@ async def _relayed(
     assert gw.chat is not None and gw.queue is not None
     chat, queue = gw.chat, gw.queue
     finished = False
+    pending = first
     try:
         while True:
-            try:
-                kind, data = await asyncio.wait_for(sink.get(), timeout=KEEPALIVE_S)
-            except TimeoutError:
-                yield _KEEPALIVE  # waiting in the queue: keep proxies from cutting us
-                continue
+            if pending is not None:
+                (kind, data), pending = pending, None
+            else:
+                try:
+                    kind, data = await asyncio.wait_for(sink.get(), timeout=KEEPALIVE_S)
+                except TimeoutError:
+                    yield _KEEPALIVE  # waiting in the queue: keep proxies from cutting us
+                    continue
             if kind == "chunk":
                 if not include_usage:
                     if not data.get("choices"):

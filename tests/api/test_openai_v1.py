@@ -75,11 +75,13 @@ async def test_error_classes(gw: GatewayClient) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as bad:
         await client.chat.completions.create(model="demo", messages=[])
     assert bad.value.body["param"] == "messages"  # type: ignore[index]
-    with pytest.raises(openai.BadRequestError, match="maximum context length"):
-        await client.chat.completions.create(model="short", messages=hello * 3)
-    with pytest.raises(openai.InternalServerError) as failed:
-        await client.chat.completions.create(model="broken", messages=hello)
-    assert failed.value.status_code == 502
+    for stream in (False, True):  # a stream that fails before its first chunk keeps the status
+        with pytest.raises(openai.BadRequestError, match="maximum context length"):
+            await client.chat.completions.create(model="short", messages=hello * 3, stream=stream)
+        with pytest.raises(openai.InternalServerError) as failed:
+            await client.chat.completions.create(model="broken", messages=hello, stream=stream)
+        assert failed.value.status_code == 502
+        assert failed.value.response.headers["x-request-id"].startswith("job_")
     with pytest.raises(openai.InternalServerError) as unavailable:
         await client.chat.completions.create(model="gpu", messages=hello)
     assert unavailable.value.status_code == 503
@@ -183,7 +185,9 @@ async def test_idempotency_key_replays_the_answer_and_rejects_another_body(
 async def test_a_streamed_idempotency_key_replays_the_stored_answer_as_a_stream(
     gateway_factory: GatewayFactory,
 ) -> None:
-    gw = await gateway_factory({"demo": stub("--log-requests")})
+    gw = await gateway_factory(
+        {"demo": stub("--log-requests"), "broken": stub("--fail-rate", "1")}, queue={"max_retries": 1}
+    )
     client = sdk(gw)
     key = {"Idempotency-Key": "v1-stream-key"}
     hello: list[ChatCompletionMessageParam] = [{"role": "user", "content": "stream once"}]
@@ -209,6 +213,14 @@ async def test_a_streamed_idempotency_key_replays_the_stored_answer_as_a_stream(
     assert gw.gateway.engines is not None
     engine_log = gw.gateway.engines.log_path("demo").read_text()
     assert engine_log.count("request ") == 1, engine_log  # the replay never reached the engine
+    failed_key = {"Idempotency-Key": "v1-stream-failed"}
+    for _ in range(2):  # the key's job failed: its repeat answers the same status, no new attempt
+        with pytest.raises(openai.InternalServerError) as failed:
+            await client.chat.completions.create(
+                model="broken", messages=hello, stream=True, extra_headers=failed_key
+            )
+        assert failed.value.status_code == 502
+        assert "after 2 attempt(s)" in str(failed.value)
     with pytest.raises(openai.ConflictError):  # the same key for another body: before any stream
         await client.chat.completions.create(
             model="demo", messages=[{"role": "user", "content": "other"}], stream=True, extra_headers=key
