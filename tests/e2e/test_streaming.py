@@ -35,9 +35,21 @@ async def _until_state(daemon: Daemon, job_id: str, state: str, timeout_s: float
     )
 
 
+async def _serving(
+    tmp_path: Path, daemons: list[Daemon], models: dict[str, object]
+) -> tuple[Daemon, AsyncOpenAI]:
+    """A healthy gateway daemon serving `models`, and the real async SDK pointed at its /v1."""
+    daemon = Daemon(tmp_path, models)
+    daemons.append(daemon)
+    daemon.start()
+    await daemon.wait_healthy()
+    return daemon, AsyncOpenAI(api_key=daemon.token, base_url=f"{daemon.url}/v1", max_retries=0)
+
+
 async def test_stream_chunks_usage_history_and_cancel(tmp_path: Path, daemons: list[Daemon]) -> None:
-    daemon = Daemon(
+    daemon, client = await _serving(
         tmp_path,
+        daemons,
         {
             "demo": {"kind": "stub", "args": ["--token-latency-ms", "20"]},
             "slow": {
@@ -48,10 +60,6 @@ async def test_stream_chunks_usage_history_and_cancel(tmp_path: Path, daemons: l
             },
         },
     )
-    daemons.append(daemon)
-    daemon.start()
-    await daemon.wait_healthy()
-    client = AsyncOpenAI(api_key=daemon.token, base_url=f"{daemon.url}/v1", max_retries=0)
 
     raw = await client.chat.completions.with_raw_response.create(
         model="demo",
@@ -92,11 +100,9 @@ async def test_stream_chunks_usage_history_and_cancel(tmp_path: Path, daemons: l
 
 
 async def test_thirty_streams_against_ten_plus_ten(tmp_path: Path, daemons: list[Daemon]) -> None:
-    daemon = Daemon(tmp_path, {"demo": {"kind": "stub", "args": ["--latency-ms", "1500"]}})
-    daemons.append(daemon)
-    daemon.start()
-    await daemon.wait_healthy()
-    client = AsyncOpenAI(api_key=daemon.token, base_url=f"{daemon.url}/v1", max_retries=0)
+    _, client = await _serving(
+        tmp_path, daemons, {"demo": {"kind": "stub", "args": ["--latency-ms", "1500"]}}
+    )
 
     async def one() -> str:
         try:
@@ -122,17 +128,14 @@ async def test_stream_retried_before_its_first_chunk_never_after(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     """A retry after a chunk reached the client would send it a second answer after the first part."""
-    daemon = Daemon(
+    daemon, client = await _serving(
         tmp_path,
+        daemons,
         {
             "flaky": {"kind": "stub", "args": ["--fail-first", "1"]},
             "cut": {"kind": "stub", "args": ["--break-stream-after", "2", "--token-latency-ms", "100"]},
         },
     )
-    daemons.append(daemon)
-    daemon.start()
-    await daemon.wait_healthy()
-    client = AsyncOpenAI(api_key=daemon.token, base_url=f"{daemon.url}/v1", max_retries=0)
 
     raw = await client.chat.completions.with_raw_response.create(model="flaky", messages=HELLO, stream=True)
     text = "".join([c.choices[0].delta.content or "" async for c in raw.parse() if c.choices])
@@ -161,8 +164,9 @@ async def test_closing_a_stream_starts_the_request_queued_behind_it(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     """The slot of a stream whose client left goes to the next job at once, not when the engine ends."""
-    daemon = Daemon(
+    daemon, client = await _serving(
         tmp_path,
+        daemons,
         {
             "slow": {
                 "kind": "stub",
@@ -172,10 +176,6 @@ async def test_closing_a_stream_starts_the_request_queued_behind_it(
             }
         },
     )
-    daemons.append(daemon)
-    daemon.start()
-    await daemon.wait_healthy()
-    client = AsyncOpenAI(api_key=daemon.token, base_url=f"{daemon.url}/v1", max_retries=0)
 
     long_prompt: list[ChatCompletionMessageParam] = [{"role": "user", "content": " ".join("w" * 20)}]
     raw = await client.chat.completions.with_raw_response.create(
@@ -202,13 +202,9 @@ async def test_a_keyed_stream_outlives_its_client_and_its_repeat_gets_the_whole_
     """With an Idempotency-Key a broken connection does not cancel the job (unlike a plain
     stream): the answer is finished and stored, and the client's repeat of the key gets all of it
     as a stream, without a second inference."""
-    daemon = Daemon(
-        tmp_path, {"slow": {"kind": "stub", "args": ["--token-latency-ms", "200", "--log-requests"]}}
+    daemon, client = await _serving(
+        tmp_path, daemons, {"slow": {"kind": "stub", "args": ["--token-latency-ms", "200", "--log-requests"]}}
     )
-    daemons.append(daemon)
-    daemon.start()
-    await daemon.wait_healthy()
-    client = AsyncOpenAI(api_key=daemon.token, base_url=f"{daemon.url}/v1", max_retries=0)
     key = {"Idempotency-Key": "stream-outlives-client"}
 
     raw = await client.chat.completions.with_raw_response.create(
