@@ -107,14 +107,23 @@ class ChatService:
         client_id: str,
         priority: Priority,
         idempotency_key: str | None,
+        *,
+        stream: bool = False,
     ) -> tuple[Doc, bool]:
-        """The job for this request: newly admitted (True), or the one its Idempotency-Key made."""
+        """The job for this request: newly admitted (True), or the one its Idempotency-Key made.
+        A streamed job is pinned to this instance, which holds its client's connection."""
         model, body = self._model_and_body(principal, request, client_id)
 
         async def admit() -> Doc:
             ensure_servable(self._engines, model, self._missing, client_id)
             sub = self._submission(
-                principal, model, body, client_id, priority, idempotency_key=idempotency_key
+                principal,
+                model,
+                body,
+                client_id,
+                priority,
+                idempotency_key=idempotency_key,
+                pinned_to=self._queue.worker_id if stream else None,
             )
             return await self._queue.admit(sub, self._dispatchers[model].direct_start())
 
@@ -135,24 +144,8 @@ class ChatService:
         for that job's end and replays its stored answer (a client whose stream broke gets the
         whole answer, not a second inference).
         """
-        model, body = self._model_and_body(principal, request, client_id)
-
-        async def admit() -> Doc:
-            ensure_servable(self._engines, model, self._missing, client_id)
-            sub = self._submission(
-                principal,
-                model,
-                body,
-                client_id,
-                priority,
-                idempotency_key=idempotency_key,
-                pinned_to=self._queue.worker_id,
-            )
-            return await self._queue.admit(sub, self._dispatchers[model].direct_start())
-
-        fingerprint = request_fingerprint(model, body)
-        doc, admitted = await admit_or_reuse(
-            self._queue, principal.subject, idempotency_key, fingerprint, admit
+        doc, admitted = await self._admit_once(
+            principal, request, client_id, priority, idempotency_key, stream=True
         )
         if not admitted:
             return doc, None
