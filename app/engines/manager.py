@@ -286,7 +286,7 @@ class EngineManager:
             code = engine.process.exit_code()
             if code is not None:
                 tail = proc.log_tail(log_path, 5)
-                await self._forget(engine)
+                await self._kill(engine)  # children it started may outlive it, holding the GPU
                 self._fail(engine, f"exited with code {code} while starting; log: {tail}")
                 return
             if await self._client.healthy(engine.base_url, timeout_s=1.0):
@@ -336,6 +336,7 @@ class EngineManager:
                 "pid": engine.process.pid,
                 "pgid": engine.process.pgid,
                 "create_time": engine.process.create_time,
+                "engine_id": engine.process.engine_id,  # finds children that outlive the leader
                 "port": engine.port,
                 "gpus": engine.gpus,
                 "argv": argv,
@@ -507,15 +508,18 @@ class EngineManager:
 
         Adopted: still the same process (pid and start time), still configured with the same
         command line, and healthy. Everything else is an orphan holding memory: killed (its
-        recorded process group). An engine that was still loading is not healthy yet, so it is
-        killed too; an autostart model then loads again under this gateway.
+        recorded process group, and every process marked with its engine id, so a child that
+        outlived a dead leader is killed too). An engine that was still loading is not healthy
+        yet, so it is killed too; an autostart model then loads again under this gateway.
         """
         async for doc in self._records.find({"host": self._host}):
             name = str(doc["_id"])
             # records of gateways before pgid was stored: the engine led its own group
             pgid = int(doc["pgid"] if "pgid" in doc else doc["pid"])
-            left = proc.SpawnedProcess(int(doc["pid"]), float(doc["create_time"]), pgid, None)
-            alive = proc.is_same_process(left.pid, left.create_time)
+            left = proc.SpawnedProcess(
+                int(doc["pid"]), float(doc["create_time"]), pgid, None, str(doc.get("engine_id") or "")
+            )
+            alive = left.exit_code() is None  # the same process, and not a zombie nobody reaps
             engine = self.engines.get(name)
             reason = await self._adoption_refusal(engine, doc, alive)
             if reason is None and engine is not None:
@@ -526,9 +530,17 @@ class EngineManager:
                 await self._remember_ready(engine)
                 event(log, "engine.adopted", model=name, pid=left.pid, port=engine.port)
                 continue
-            if alive:
-                event(log, "engine.orphan_stopped", logging.WARNING, model=name, pid=left.pid, reason=reason)
-                await asyncio.to_thread(proc.stop, left, self._defaults.stop_timeout)
+            pids = await asyncio.to_thread(proc.stop, left, self._defaults.stop_timeout)
+            if pids:  # the leader, or what survived it
+                event(
+                    log,
+                    "engine.orphan_stopped",
+                    logging.WARNING,
+                    model=name,
+                    pid=left.pid,
+                    pids=pids,
+                    reason=reason,
+                )
             await self._records.delete_one({"_id": name})
 
     async def _adoption_refusal(self, engine: EngineRecord | None, doc: Doc, alive: bool) -> str | None:

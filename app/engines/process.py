@@ -1,7 +1,10 @@
 """One engine process: spawn in its own process group, wait for health, stop for sure.
 
-Own process group because vLLM spawns an EngineCore child: signalling the group is the only
-way to be sure no child keeps GPU memory after a stop.
+Own process group because vLLM spawns an EngineCore child: signalling the group reaches the
+children the engine has now. The group is not enough on its own: once the leader is dead its
+tree can no longer be walked, and a child that survived it (EngineCore holds the GPU memory)
+would be missed. So every spawn also carries a unique id in its environment, which children
+inherit, and survivors are found by that id.
 """
 
 from __future__ import annotations
@@ -11,12 +14,16 @@ import os
 import shutil
 import signal
 import subprocess
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from app.settings import child_environment
+
+# The environment variable that marks every process of one spawned engine (children inherit it).
+ENGINE_ID_ENV = "GATEWAY_ENGINE_ID"
 
 
 @dataclass
@@ -27,6 +34,8 @@ class SpawnedProcess:
     # the pid, so a stop always reaches the group the engine was started in
     pgid: int
     popen: subprocess.Popen[bytes] | None
+    # the ENGINE_ID_ENV value of this spawn; "" for records of gateways that did not set one
+    engine_id: str = ""
 
     def exit_code(self) -> int | None:
         """None while running; the code (negative: killed by that signal) once it exited."""
@@ -42,9 +51,11 @@ class SpawnedProcess:
 
 
 def spawn(argv: list[str], extra_env: dict[str, str], log_path: Path) -> SpawnedProcess:
-    """Start the engine in its own session, so its whole tree can be signalled as one group."""
+    """Start the engine in its own session, so its whole tree can be signalled as one group,
+    marked with a fresh id, so its processes can be found even after the leader died."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = child_environment(extra_env)
+    engine_id = uuid.uuid4().hex
+    env = child_environment({**extra_env, ENGINE_ID_ENV: engine_id})
     with log_path.open("ab") as log_out:
         popen = subprocess.Popen(
             argv,
@@ -55,7 +66,9 @@ def spawn(argv: list[str], extra_env: dict[str, str], log_path: Path) -> Spawned
             env=env,
             cwd=os.getcwd(),
         )
-    return SpawnedProcess(popen.pid, psutil.Process(popen.pid).create_time(), os.getpgid(popen.pid), popen)
+    return SpawnedProcess(
+        popen.pid, psutil.Process(popen.pid).create_time(), os.getpgid(popen.pid), popen, engine_id
+    )
 
 
 def tree_pids(pid: int) -> list[int]:
@@ -67,27 +80,57 @@ def tree_pids(pid: int) -> list[int]:
         return []
 
 
-def stop(process: SpawnedProcess, timeout_s: float) -> list[int]:
-    """SIGTERM the group, SIGKILL whatever is left of the tree after `timeout_s`.
+def marked(engine_id: str) -> list[psutil.Process]:
+    """The live processes whose environment carries this engine id: the leader and its
+    children, and children that outlived the leader (reparented away from its tree).
 
-    Waits for every member of the tree, not only the leader: a leader that exits on SIGTERM
-    while its EngineCore child ignores it would otherwise leave the child holding the GPU.
-    Returns the pids that made up the tree, for the GPU-memory check.
+    Processes of other users cannot be read and are skipped: an engine runs as the gateway's
+    user, and so do its children.
     """
-    pids = tree_pids(process.pid) if process.exit_code() is None else []
+    if not engine_id:
+        return []
+    found = []
+    for candidate in psutil.process_iter():
+        try:
+            if candidate.environ().get(ENGINE_ID_ENV) == engine_id:
+                found.append(candidate)
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+    return found
+
+
+def stop(process: SpawnedProcess, timeout_s: float) -> list[int]:
+    """SIGTERM the group and every marked process, SIGKILL whatever is left after `timeout_s`.
+
+    The members are the leader's tree (while the leader lives) and every process marked with
+    the engine id, so a child that outlived a crashed leader is stopped too. Waits for every
+    member, not only the leader: a leader that exits on SIGTERM while its EngineCore child
+    ignores it would otherwise leave the child holding the GPU. Returns the pids of the
+    members, for the GPU-memory check.
+    """
+    leader_alive = process.exit_code() is None
+    pids = dict.fromkeys(tree_pids(process.pid) if leader_alive else [])
     members: list[psutil.Process] = []
     for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
             members.append(psutil.Process(pid))
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pgid, signal.SIGTERM)
+    for survivor in marked(process.engine_id):
+        if survivor.pid not in pids:
+            pids[survivor.pid] = None
+            members.append(survivor)
+    # a group whose members are all gone may have been handed to an unrelated process since
+    signal_group = leader_alive or any(_in_group(member, process.pgid) for member in members)
+    if signal_group:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pgid, signal.SIGTERM)
     for member in members:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.terminate()  # a child that left the group still gets the signal
     _, alive = psutil.wait_procs(members, timeout=timeout_s)
     if alive:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pgid, signal.SIGKILL)
+        if signal_group:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pgid, signal.SIGKILL)
         for member in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 member.kill()
@@ -95,7 +138,14 @@ def stop(process: SpawnedProcess, timeout_s: float) -> list[int]:
     if process.popen is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.popen.wait(timeout=1)  # reap it, so no zombie is left
-    return pids
+    return list(pids)
+
+
+def _in_group(member: psutil.Process, pgid: int) -> bool:
+    try:
+        return os.getpgid(member.pid) == pgid
+    except ProcessLookupError:
+        return False
 
 
 def rotate_log(path: Path, max_bytes: int, backups: int, *, running: bool = False) -> bool:
@@ -127,13 +177,6 @@ def rotate_log(path: Path, max_bytes: int, backups: int, *, running: bool = Fals
     with path.open("r+b") as log_file:
         log_file.truncate(0)
     return True
-
-
-def is_same_process(pid: int, create_time: float) -> bool:
-    try:
-        return abs(psutil.Process(pid).create_time() - create_time) < 1.0
-    except psutil.NoSuchProcess:
-        return False
 
 
 def log_tail(path: Path, lines: int = 20, max_bytes: int = 8192) -> str:

@@ -16,6 +16,8 @@ import asyncio
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 import uuid
 from typing import Any
@@ -227,11 +229,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=16, help="default completion length")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-requests", action="store_true", help="print a line per chat request")
+    parser.add_argument(
+        "--spawn-child",
+        action="store_true",
+        help="start a long-sleeping child that ignores SIGTERM (models vLLM's EngineCore)",
+    )
     return parser.parse_args(argv)
+
+
+# Ignores SIGTERM, like an EngineCore busy in a CUDA call: only SIGKILL stops it, so a test
+# sees whether the supervisor escalates to every process of the engine, not only its group.
+_CHILD = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)"
+
+
+def spawn_child() -> subprocess.Popen[bytes]:
+    """A child in the stub's process group with its environment (the engine id included), like
+    the EngineCore process vLLM starts, which holds the GPU memory and can outlive its parent."""
+    return subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.DEVNULL)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.spawn_child:
+        print(f"stub engine child pid {spawn_child().pid}", flush=True)
     print(f"stub engine (test double) {args.model_name} listening on {args.host}:{args.port}", flush=True)
     web.run_app(build_app(args), host=args.host, port=args.port, print=None, access_log=None)
 

@@ -178,6 +178,58 @@ async def test_crash_loop_backs_off_then_gives_up_with_the_reason(gateway_factor
     assert refused.status_code == 503 and "crashed 4 times in 120 s" in refused.json()["detail"]
 
 
+async def test_a_child_that_outlives_its_crashed_engine_is_killed_before_the_restart(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """vLLM's EngineCore child holds the GPU memory and can outlive its leader (kill -9 of the
+    leader reparents it, out of the leader's tree; the stub's child ignores SIGTERM, so the
+    group's SIGTERM does not end it). The crash recovery finds it by the engine id in its
+    environment and SIGKILLs it before the engine starts again."""
+    gw = await gateway_factory({"core": stub("--spawn-child")}, engines=FAST_HEALTH)
+    before = await _model(gw, "core")
+    (child,) = psutil.Process(before["pid"]).children()
+    seen: list[tuple[str, int | None, bool]] = []
+
+    async def observe() -> tuple[str, int | None, bool]:
+        model = await _model(gw, "core")
+        seen.append((model["state"], model["pid"], _alive(child.pid)))
+        return seen[-1]
+
+    try:
+        os.kill(before["pid"], signal.SIGKILL)
+        await eventually(
+            observe,
+            lambda s: s[0] == "ready" and s[1] != before["pid"] and not s[2],
+            "the engine restarted and its old child gone",
+        )
+    finally:
+        if _alive(child.pid):
+            child.kill()
+    # never a new engine while the old child lived (it would still hold the GPU memory)
+    assert [s for s in seen if s[1] not in (before["pid"], None) and s[2]] == [], seen
+    crashes = (await _admin(gw, "GET", "/admin/crashes", model="core")).json()
+    assert [(c["pid"], c["exit_code"]) for c in crashes] == [(before["pid"], -9)]
+    after = await _model(gw, "core")
+    assert [c.pid for c in psutil.Process(after["pid"]).children()] != [child.pid]
+
+
+async def test_a_load_whose_leader_dies_fails_and_leaves_no_child(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(
+        {"core": stub("--spawn-child", "--startup-s", "60", autostart=False)}, engines=FAST_HEALTH
+    )
+    started = await _admin(gw, "POST", "/admin/models/core/start")
+    leader = psutil.Process(started.json()["pid"])
+    child = await eventually(lambda: asyncio.to_thread(leader.children), bool, "the stub's child started")
+    try:
+        leader.kill()
+        failed = await _until_model(gw, "core", lambda m: m["state"] == "failed")
+        assert failed["last_error"].startswith("exited with code -9 while starting"), failed
+        assert not _alive(child[0].pid)
+    finally:
+        if _alive(child[0].pid):
+            child[0].kill()
+
+
 async def test_hung_engine_is_detected_by_health_checks_and_replaced(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory({"hangs": stub()}, engines=FAST_HEALTH)
     before = await _model(gw, "hangs")

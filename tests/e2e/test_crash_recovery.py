@@ -183,6 +183,40 @@ async def test_restart_adopts_healthy_engines_and_kills_orphans(
     assert _alive([int(str(pids["keep"]))]) == []
 
 
+async def test_restart_kills_the_child_that_outlived_a_dead_engine(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """kill -9 of the gateway and of the engine's leader leaves its child (vLLM's EngineCore,
+    which holds the GPU memory) running, out of any tree a restarted gateway could walk. The
+    restarted gateway finds it by the engine id in its environment, kills it (it ignores
+    SIGTERM: killed by the SIGKILL after stop_timeout), and loads the model again."""
+    daemon = Daemon(
+        tmp_path, {"core": {"kind": "stub", "args": ["--spawn-child"]}}, engines={"stop_timeout": 2}
+    )
+    daemons.append(daemon)
+    daemon.start()
+    await daemon.wait_healthy()
+    async with httpx.AsyncClient() as client:
+        leader = int(str((await _admin_model(client, daemon, "core"))["pid"]))
+        (child,) = psutil.Process(leader).children()
+        daemon.seen.add(child.pid)  # stopped after the test whatever happens
+        daemon.kill9()
+        os.kill(leader, signal.SIGKILL)
+        await eventually(
+            lambda: asyncio.to_thread(_alive, [leader]), lambda alive: alive == [], "the leader gone", 10
+        )
+        assert _alive([child.pid]) == [child.pid]  # the survivor this is about
+
+        daemon.start()
+        await daemon.wait_healthy()
+        assert _alive([child.pid]) == []  # killed during adoption, before the gateway served
+        again = await _admin_model(client, daemon, "core")
+        assert again["pid"] != leader and again["adopted"] is False, again
+    log = daemon.log.read_text()
+    assert "engine.orphan_stopped" in log and f"pids=[{child.pid}]" in log and "process is gone" in log
+    assert daemon.terminate() in (0, -signal.SIGTERM)
+
+
 async def _engine_record(daemon: Daemon, name: str) -> dict[str, object] | None:
     client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(daemon.db_uri())
     try:
