@@ -34,6 +34,7 @@ from app.ocr.runner import OcrRunner
 from app.ocr.service import OcrService
 from app.proxy.client import EngineClient
 from app.queue.history import HistoryPruner
+from app.queue.jobs import Doc
 from app.queue.retry import RetryPolicy
 from app.queue.service import JobQueue
 from app.queue.stats import OutcomeCounters
@@ -207,7 +208,7 @@ class Gateway:
             queue.on_backlog(name, dispatcher.note_backlog)
         engines.on_ready(lambda name: self.dispatchers[name].wake())
         engines.attach(DispatchWorkload(queue, self.dispatchers))
-        self.sweeper = sweeper = Sweeper(queue, retry, self._local_running)
+        self.sweeper = sweeper = Sweeper(queue, retry, self._local_running, self._abandon)
         await sweeper.sweep()  # recover what a crashed predecessor left running
         self.switcher = switcher = Switcher(
             s.autoswitch,
@@ -299,6 +300,14 @@ class Gateway:
 
     def _local_running(self) -> list[str]:
         return [job for d in self.dispatchers.values() for job in d.running_ids()]
+
+    def _abandon(self, doc: Doc) -> None:
+        """A job taken from this instance: stop its engine call and answer its waiter here."""
+        dispatcher = self.dispatchers.get(str(doc["model"]))
+        if dispatcher is not None:
+            dispatcher.abandon(doc["_id"])
+        if self.queue is not None:
+            self.queue.ended_elsewhere(doc)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         for dispatcher in self.dispatchers.values():

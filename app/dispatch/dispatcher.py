@@ -58,6 +58,7 @@ class ModelDispatcher:
         self._wakeup = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._cancelled: dict[str, str] = {}  # job -> why it was cancelled (not a shutdown)
+        self._abandoned: set[str] = set()  # jobs taken from this instance: stopped without a write
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -101,6 +102,16 @@ class ModelDispatcher:
         if task is None:
             return False
         self._cancelled[job_id] = reason
+        task.cancel()
+        return True
+
+    def abandon(self, job_id: str) -> bool:
+        """Stop the engine call of a job this instance no longer owns, writing nothing: the job
+        was ended or moved by whoever took it."""
+        task = self._running.get(job_id)
+        if task is None:
+            return False
+        self._abandoned.add(job_id)
         task.cancel()
         return True
 
@@ -157,12 +168,15 @@ class ModelDispatcher:
             await self._attempt(doc)
         except asyncio.CancelledError:
             reason = self._cancelled.pop(job_id, None)
+            if job_id in self._abandoned:
+                return  # whoever took the job wrote its state
             if reason is None:
                 raise  # shutdown: the lease lapses and another attempt recovers the job
             await self._queue.cancel(job_id, reason)
         except Exception as exc:  # never let one job take the dispatcher down
             event(log, "dispatch.job_error", logging.ERROR, job=job_id, error=repr(exc))
         finally:
+            self._abandoned.discard(job_id)
             self._running.pop(job_id, None)
             self._queue.left_this_process(job_id)
             self.in_flight -= 1

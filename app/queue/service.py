@@ -409,6 +409,29 @@ class JobQueue:
         event(log, "job.expired", job=job_id)
         return True
 
+    async def taken_over(self, job_ids: list[str]) -> list[Doc]:
+        """Of the jobs this instance runs, those the database says are no longer its own: cancelled,
+        back in the queue, or running under another worker. A job whose insert is still in flight
+        is not in the database yet and is not counted; one that just ended here is not either."""
+        taken = []
+        for doc in await self.store.get_many([j for j in job_ids if j not in self._inserting]):
+            state = doc["state"]
+            if state in (JobState.CANCELLED.value, JobState.QUEUED.value) or (
+                state == JobState.RUNNING.value and doc.get("worker") != self.worker_id
+            ):
+                taken.append(doc)
+        return taken
+
+    def ended_elsewhere(self, doc: Doc) -> None:
+        """A job taken from this instance: its waiter here answers from the document at once,
+        rather than at lease pace, when the job has ended (cancelled through another instance)."""
+        self._local.discard(doc["_id"])
+        if JobState(doc["state"]).terminal:
+            sink = self._sinks.get(doc["_id"])
+            if sink is not None:
+                sink.put_nowait(("error", doc))
+            self._resolve(doc)
+
     async def extend_leases(self, job_ids: list[str]) -> int:
         if not job_ids:
             return 0

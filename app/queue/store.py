@@ -44,6 +44,11 @@ class JobStore:
     async def get(self, job_id: str) -> Doc | None:
         return await self._jobs.find_one({"_id": job_id})
 
+    async def get_many(self, job_ids: list[str]) -> list[Doc]:
+        if not job_ids:
+            return []
+        return [doc async for doc in self._jobs.find({"_id": {"$in": job_ids}})]
+
     async def find_by_idempotency_key(self, owner: str, key: str) -> Doc | None:
         return await self._jobs.find_one({"idempotency_scope": idempotency_scope(owner, key)})
 

@@ -51,13 +51,24 @@ class Sweeper:
         queue: JobQueue,
         retry: RetryPolicy,
         local_running: Callable[[], list[str]],
+        abandon: Callable[[Doc], None] = lambda doc: None,
     ) -> None:
         self._queue = queue
         self._retry = retry
         self._local_running = local_running
+        self._abandon = abandon  # stop this instance's engine call for a job that is no longer its own
 
     async def heartbeat(self) -> int:
-        return await self._queue.extend_leases(self._local_running())
+        """Extend the leases of the jobs running here; a job whose lease could not be extended
+        was taken from this instance (cancelled through another instance, or recovered after a
+        lapsed lease): its engine call here is stopped, since nothing it returns can be stored."""
+        running = self._local_running()
+        extended = await self._queue.extend_leases(running)
+        if extended < len(running):
+            for doc in await self._queue.taken_over(running):
+                event(log, "job.taken_over", job=doc["_id"], state=doc["state"], worker=doc.get("worker"))
+                self._abandon(doc)
+        return extended
 
     async def sweep(self) -> dict[str, int]:
         """One pass; returns what it did (tests and logs read it)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -159,3 +160,33 @@ async def test_idempotent_submit_returns_the_same_job(gateway_factory: GatewayFa
     await _until_state(gw, first.json()["id"], {"succeeded"})
     queue = (await gw.http.get("/admin/queue/demo", headers=gw.headers(gw.admin_token))).json()
     assert queue["total_processed"] == 1
+
+
+async def test_a_job_cancelled_through_another_instance_stops_its_engine_call_here(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """DELETE on another gateway instance can only end the job in the database. The instance
+    running it learns at its next heartbeat (the lease no longer extends) and stops the engine
+    call instead of running it to the end; its waiting client gets the cancellation then."""
+    gw = await gateway_factory(
+        {"slow": stub("--latency-ms", "30000")}, queue={"heartbeat_seconds": 0.2, "lease_seconds": 2}
+    )
+    queue, dispatcher = gw.gateway.queue, gw.gateway.dispatchers["slow"]
+    assert queue is not None
+    waiting = asyncio.create_task(gw.chat("slow", "cancelled elsewhere"))
+    (job,) = await eventually(
+        lambda: queue.store.active("slow"), lambda docs: len(docs) == 1, "the job running here"
+    )
+    assert dispatcher.running_ids() == [job["_id"]]
+
+    # what another instance's DELETE writes: the job ends cancelled, its slot freed
+    assert await queue.store.cancel(job["_id"], queue.clock.now(), "cancelled by someone elsewhere")
+
+    response = await eventually(
+        lambda: asyncio.sleep(0, waiting), lambda task: task.done(), "the waiting client's answer"
+    )
+    assert response.result().status_code == 409, response.result().text
+    assert (dispatcher.in_flight, dispatcher.running_ids()) == (0, [])  # 30 s before the engine answers
+    stored = await queue.store.get(job["_id"])
+    assert stored is not None and stored["state"] == "cancelled"
+    assert stored["error"]["message"] == "cancelled by someone elsewhere"  # nothing overwrote it
