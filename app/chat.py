@@ -197,8 +197,8 @@ class ChatService:
 
         A job that ends some other way first (it succeeded a moment before) is reported as
         such rather than claimed cancelled. A job running on another instance is marked
-        cancelled here; that instance's result write then loses (it is conditional on the
-        job's revision), although its engine call runs to its end.
+        cancelled here; that instance stops its engine call at its next lease heartbeat, and
+        a result it gets before then loses its write (conditional on the job's revision).
         """
         doc = await self.job(principal, job_id)
         if doc is None:
