@@ -36,6 +36,12 @@ class ServerSettings(_Strict):
     cors_origins: list[str] = Field(
         [], description="browser origins allowed to call the API; none by default"
     )
+    stream_keepalive_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="SSE comment interval while a stream waits; below any proxy's read timeout",
+    )
 
 
 class EmbeddedDatabaseSettings(_Strict):

@@ -29,7 +29,6 @@ from app.queue.priority import Priority
 
 router = APIRouter(prefix="/v1")
 _DEFAULT_CLIENT = "openai-api"
-KEEPALIVE_S = 10.0
 
 
 class StreamOptions(BaseModel):
@@ -148,7 +147,7 @@ async def _first_event(
     """
     assert gw.chat is not None and gw.queue is not None
     try:
-        event = await asyncio.wait_for(sink.get(), timeout=KEEPALIVE_S)
+        event = await asyncio.wait_for(sink.get(), timeout=gw.settings.server.stream_keepalive_seconds)
     except TimeoutError:
         return None
     except BaseException:  # the client went away before its stream began
@@ -185,7 +184,9 @@ async def _relayed(
                 (kind, data), pending = pending, None
             else:
                 try:
-                    kind, data = await asyncio.wait_for(sink.get(), timeout=KEEPALIVE_S)
+                    kind, data = await asyncio.wait_for(
+                        sink.get(), timeout=gw.settings.server.stream_keepalive_seconds
+                    )
                 except TimeoutError:
                     yield _KEEPALIVE  # waiting in the queue: keep proxies from cutting us
                     continue
@@ -214,7 +215,7 @@ async def _replayed(
     assert gw.chat is not None
     outcome = asyncio.ensure_future(gw.chat.outcome(doc))
     try:
-        while not (await asyncio.wait({outcome}, timeout=KEEPALIVE_S))[0]:
+        while not (await asyncio.wait({outcome}, timeout=gw.settings.server.stream_keepalive_seconds))[0]:
             yield _KEEPALIVE
         final = outcome.result()
     finally:

@@ -12,7 +12,6 @@ import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from app.api import routes_v1
 from tests.conftest import GatewayClient, GatewayFactory, stub
 
 
@@ -100,15 +99,14 @@ async def test_queue_full_is_a_rate_limit_error_with_retry_after(gw: GatewayClie
 
 
 async def test_a_queued_stream_gets_keep_alive_comments_then_its_chunks(
-    gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+    gateway_factory: GatewayFactory,
 ) -> None:
     """Proxies cut a silent response; a stream waiting for its turn must not be silent.
-
-    KEEPALIVE_S is a module constant (10 s), not a setting: shortened here so the test waits
-    for the queue, not for the interval.
-    """
-    monkeypatch.setattr(routes_v1, "KEEPALIVE_S", 0.05)
-    gw = await gateway_factory({"one": stub("--token-latency-ms", "150", max_concurrent=1)})
+    (The interval is shortened from its 10 s default so the test waits for the queue.)"""
+    gw = await gateway_factory(
+        {"one": stub("--token-latency-ms", "150", max_concurrent=1)},
+        server={"stream_keepalive_seconds": 0.05},
+    )
     client = sdk(gw)
 
     async def stream_ahead() -> str:
