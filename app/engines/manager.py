@@ -275,14 +275,20 @@ class EngineManager:
 
     async def _until_ready(self, engine: EngineRecord, argv: list[str]) -> None:
         """Record the engine, then poll health until ready, the process exits, or the startup
-        timeout (then kill it)."""
+        timeout (then kill it).
+
+        The timeout counts from `started_at` by the injected clock, not from this call: a load
+        adopted from a killed gateway gets only what is left of it. Health is polled at least
+        once, so an adopted engine that finished loading while no gateway watched is taken.
+        """
         assert engine.process is not None
         await self._remember(engine, argv)
         log_path = self.log_path(engine.name)
         timeout = engine.settings.startup_timeout or self._defaults.startup_timeout
+        elapsed = (self._clock.now() - engine.started_at).total_seconds() if engine.started_at else 0.0
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
+        deadline = loop.time() + timeout - elapsed
+        while True:
             code = engine.process.exit_code()
             if code is not None:
                 tail = proc.log_tail(log_path, 5)
@@ -293,6 +299,8 @@ class EngineManager:
                 self._ready(engine)
                 await self._remember_ready(engine)
                 return
+            if loop.time() >= deadline:
+                break
             await asyncio.sleep(self._defaults.health_interval)
         await self._kill(engine)
         self._fail(
@@ -506,11 +514,12 @@ class EngineManager:
     async def _adopt_or_kill(self) -> None:
         """Engines recorded on this host by a gateway that did not stop them.
 
-        Adopted: still the same process (pid and start time), still configured with the same
-        command line, and healthy. Everything else is an orphan holding memory: killed (its
-        recorded process group, and every process marked with its engine id, so a child that
-        outlived a dead leader is killed too). An engine that was still loading is not healthy
-        yet, so it is killed too; an autostart model then loads again under this gateway.
+        Adopted: still the same process (pid and start time) and still configured with the same
+        command line; then one that was ready must answer health now, and one that was still
+        loading is watched as a load in progress (a vLLM load takes minutes; killing it would
+        throw them away), with what is left of its startup timeout. Everything else is an
+        orphan holding memory: killed (its recorded process group, and every process marked
+        with its engine id, so a child that outlived a dead leader is killed too).
         """
         async for doc in self._records.find({"host": self._host}):
             name = str(doc["_id"])
@@ -521,11 +530,18 @@ class EngineManager:
             )
             alive = left.exit_code() is None  # the same process, and not a zombie nobody reaps
             engine = self.engines.get(name)
-            reason = await self._adoption_refusal(engine, doc, alive)
+            loading = doc.get("state") == EngineState.STARTING.value
+            reason = await self._adoption_refusal(engine, doc, alive, loading)
             if reason is None and engine is not None:
                 engine.move(EngineState.STARTING)
                 engine.process, engine.port, engine.gpus = left, int(doc["port"]), list(doc.get("gpus") or [])
-                engine.started_at, engine.adopted = doc.get("started_at"), True
+                engine.started_at, engine.adopted = doc.get("started_at") or self._clock.now(), True
+                if loading:
+                    event(log, "engine.adopted_loading", model=name, pid=left.pid, port=engine.port)
+                    self._tasks[name] = asyncio.create_task(
+                        self._until_ready(engine, list(doc["argv"])), name=f"engine-start:{name}"
+                    )
+                    continue
                 self._ready(engine)
                 await self._remember_ready(engine)
                 event(log, "engine.adopted", model=name, pid=left.pid, port=engine.port)
@@ -543,7 +559,9 @@ class EngineManager:
                 )
             await self._records.delete_one({"_id": name})
 
-    async def _adoption_refusal(self, engine: EngineRecord | None, doc: Doc, alive: bool) -> str | None:
+    async def _adoption_refusal(
+        self, engine: EngineRecord | None, doc: Doc, alive: bool, loading: bool
+    ) -> str | None:
         if not alive:
             return "process is gone"
         if engine is None:
@@ -562,13 +580,13 @@ class EngineManager:
             return exc.message
         if wanted != doc.get("argv"):
             return "configuration changed since it was started"
+        if loading:
+            return None  # not healthy yet, as expected: the load watch polls its health
         url = f"http://127.0.0.1:{int(doc['port'])}"
         for _ in range(3):  # a busy machine can be slow to answer; a hung engine never answers
             if await self._client.healthy(url, timeout_s=2.0):
                 return None
             await asyncio.sleep(0.5)
-        if doc.get("state") == EngineState.STARTING.value:
-            return "not healthy (still loading when the last gateway stopped)"
         return "not healthy"
 
     # -- watching ----------------------------------------------------------------------------

@@ -225,36 +225,61 @@ async def _engine_record(daemon: Daemon, name: str) -> dict[str, object] | None:
         await client.close()
 
 
-async def test_kill9_while_an_engine_loads_leaves_no_orphan(tmp_path: Path, daemons: list[Daemon]) -> None:
-    """The engine record is written when the engine is spawned, not once it is ready: a gateway
-    killed during a long load (vLLM takes minutes) leaves a record, and the next gateway kills
-    that engine's process group (not healthy yet, so not adopted) and loads its own."""
-    daemon = Daemon(tmp_path, {"slowload": {"kind": "stub", "args": ["--startup-s", "300"]}})
-    daemons.append(daemon)
+async def _kill9_while_loading(daemon: Daemon, client: httpx.AsyncClient) -> int:
+    """Start the daemon, kill -9 it while its `slowload` engine loads; the engine's pid."""
     daemon.start()
     loading = await daemon.wait_health(lambda e: e["slowload"]["state"] == "starting", "slowload loading")
     assert loading["engines"]["slowload"]["state"] == "starting"
-    async with httpx.AsyncClient() as client:
-        old = int(str((await _admin_model(client, daemon, "slowload"))["pid"]))
-        assert old in daemon.children_pids()
-        record = await eventually(
-            lambda: _engine_record(daemon, "slowload"), lambda r: r is not None, "engine record", 10
-        )
-        assert record is not None
-        assert (record["state"], record["pid"], record["pgid"]) == ("starting", old, os.getpgid(old)), record
-        daemon.kill9()
-        assert _alive([old]) == [old]  # a loading engine outlives the gateway: it must be tracked
+    pid = int(str((await _admin_model(client, daemon, "slowload"))["pid"]))
+    assert pid in daemon.children_pids()
+    record = await eventually(
+        lambda: _engine_record(daemon, "slowload"), lambda r: r is not None, "engine record", 10
+    )
+    assert record is not None
+    assert (record["state"], record["pid"], record["pgid"]) == ("starting", pid, os.getpgid(pid)), record
+    daemon.kill9()
+    assert _alive([pid]) == [pid]  # a loading engine outlives the gateway: it must be tracked
+    return pid
 
+
+async def test_kill9_while_an_engine_loads_adopts_the_load(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """The engine record is written when the engine is spawned, not once it is ready: a gateway
+    killed during a long load (vLLM takes minutes) leaves a record, and the next gateway adopts
+    the load in progress (same process, same command line) instead of throwing it away. It
+    becomes ready under the new gateway, its load time counted from its spawn."""
+    daemon = Daemon(tmp_path, {"slowload": {"kind": "stub", "args": ["--startup-s", "8"]}})
+    daemons.append(daemon)
+    async with httpx.AsyncClient() as client:
+        old = await _kill9_while_loading(daemon, client)
         daemon.start()
-        await daemon.wait_health(lambda e: e["slowload"]["state"] == "starting", "slowload loading again")
-        await eventually(
-            lambda: asyncio.to_thread(_alive, [old]), lambda alive: alive == [], "the old engine gone", 20
-        )
+        await daemon.wait_healthy()
+        again = await _admin_model(client, daemon, "slowload")
+        assert (again["pid"], again["adopted"]) == (old, True), again
+        assert float(str(again["load_seconds"])) >= 8, again  # from the spawn, not the adoption
+    log = daemon.log.read_text()
+    assert "engine.adopted_loading" in log and "engine.orphan_stopped" not in log
+    assert daemon.terminate() in (0, -signal.SIGTERM)
+    assert _alive([old]) == []
+
+
+async def test_kill9_while_an_engine_loads_kills_it_if_its_config_changed(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A load whose command line the config no longer produces is not adopted: its process
+    group is killed before the new gateway serves, and the model loads again as configured."""
+    daemon = Daemon(tmp_path, {"slowload": {"kind": "stub", "args": ["--startup-s", "300"]}})
+    daemons.append(daemon)
+    async with httpx.AsyncClient() as client:
+        old = await _kill9_while_loading(daemon, client)
+        daemon.reconfigure({"slowload": {"kind": "stub", "args": ["--startup-s", "0.5"]}})
+        daemon.start()
+        await daemon.wait_healthy()
+        assert _alive([old]) == []
         again = await _admin_model(client, daemon, "slowload")
         assert again["pid"] != old and again["adopted"] is False, again
         new = int(str(again["pid"]))
         assert new in daemon.children_pids()
     log = daemon.log.read_text()
-    assert "engine.orphan_stopped" in log and "still loading when the last gateway stopped" in log
+    assert "engine.orphan_stopped" in log and "configuration changed since it was started" in log
     assert daemon.terminate() in (0, -signal.SIGTERM)
     assert _alive([old, new]) == []
