@@ -99,6 +99,9 @@ class EngineRecord:
     last_error: str | None = None
     placement_failed: bool = False  # the last start was refused by placement (503 insufficient_gpu)
     crashes: list[float] = field(default_factory=list)  # monotonic times, inside the window
+    # failed because the supervisor gave up after too many crashes: only an operator's start
+    # runs it again (traffic must not restart a crash loop); any state change clears it
+    gave_up: bool = False
     health_failures: int = 0
     # jobs whose calls failed to reach it while it was ready: if it turns out to have died, they
     # were running on it, even if they have left the dispatcher by the time the death is seen
@@ -121,3 +124,4 @@ class EngineRecord:
             raise IllegalTransition(f"engine {self.name!r}: {self.state.value} -> {to.value} is not allowed")
         self.state = to
         self.reason = reason
+        self.gave_up = False

@@ -135,12 +135,16 @@ class EngineManager:
 
         A stopped or failed model with `on_demand` starts here; placement runs now, so a model
         that cannot fit is refused at once with the reason instead of timing out in the queue.
+        Not one the supervisor gave up on after too many crashes: traffic must not restart a
+        crash loop forever, so that waits for an operator's start.
         """
         engine = self.engines[name]
         if engine.state in (EngineState.READY, EngineState.STARTING, EngineState.CRASHED):
             return
         if engine.state == EngineState.STOPPING:
             raise ModelUnavailable(f"model {name!r} is stopping")
+        if engine.gave_up:
+            raise _given_up(engine)
         if engine.settings.on_demand:
             self.begin_start(name)
             return
@@ -165,6 +169,8 @@ class EngineManager:
             return engine
         if engine.state == EngineState.STOPPING:
             raise ModelUnavailable(f"model {name!r} is stopping; start it again once it is stopped")
+        if engine.gave_up:  # nor the auto-switcher: an operator's start clears it first
+            raise _given_up(engine)
         task = self._tasks.get(name)
         if engine.state == EngineState.CRASHED and task is not None and not task.done():
             task.cancel()  # an operator start overrides the pending backoff
@@ -196,7 +202,15 @@ class EngineManager:
         once the load is over. Returns only a starting or ready engine; any other outcome (the
         spawn failed, the load failed or timed out, a stop cancelled it) raises
         EngineStartFailed with the reason, so no caller reports a start that did not happen.
+
+        An operator's start of a model that is not running is a decision that it should run
+        again: its crash history is cleared, so the next crash is counted from zero and not
+        given up on at once (the crashes that made it `failed` are still in the window).
         """
+        engine = self.engines[name]
+        if engine.state in (EngineState.FAILED, EngineState.STOPPED, EngineState.CRASHED):
+            engine.crashes.clear()
+            engine.gave_up = False
         engine = self.begin_start(name)
         task = self._tasks.get(name)
         if wait and task is not None and engine.state == EngineState.STARTING:
@@ -698,6 +712,7 @@ class EngineManager:
             verdict = f"crashed {len(plan.crashes)} times in {window:g} s; last: {reason}"
             engine.move(EngineState.FAILED, verdict)
             engine.last_error = verdict  # GET /admin/models shows why it is no longer restarted
+            engine.gave_up = True
             event(log, "engine.gave_up", logging.ERROR, model=engine.name, reason=verdict)
             return
         await asyncio.sleep(plan.backoff_s)
@@ -760,6 +775,14 @@ class EngineManager:
                 }
             )
         return {"available": self.inventory.available, "reason": self.inventory.reason or None, "gpus": gpus}
+
+
+def _given_up(engine: EngineRecord) -> ModelUnavailable:
+    """The 503 for a model the supervisor gave up on: the crash verdict, and the way out."""
+    return ModelUnavailable(
+        f"model {engine.name!r} cannot be served now: {engine.reason}; an admin can start it "
+        f"again (POST /admin/models/{engine.name}/start)"
+    )
 
 
 def log_file_name(model: str) -> str:

@@ -230,6 +230,62 @@ async def test_a_load_whose_leader_dies_fails_and_leaves_no_child(gateway_factor
             child[0].kill()
 
 
+GIVES_UP_AT_2 = {
+    **FAST_HEALTH,
+    "max_crashes": 2,
+    "crash_window_seconds": 120,
+    "restart_backoff_seconds": 0.05,
+    "restart_backoff_max_seconds": 0.1,
+}
+
+
+async def _crash_until_given_up(gw: GatewayClient, name: str) -> dict[str, Any]:
+    """kill -9 the engine each time it is ready until the supervisor gives up (max_crashes 2)."""
+    pids: list[int] = []
+    for _ in range(2):
+        model = await _until_model(gw, name, lambda m: m["state"] == "ready" and m["pid"] not in pids)
+        pids.append(model["pid"])
+        os.kill(model["pid"], signal.SIGKILL)
+    return await _until_model(gw, name, lambda m: m["state"] == "failed")
+
+
+async def test_an_operator_start_after_giving_up_clears_the_crash_history(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """The crashes that made the model `failed` are still inside the window when an operator
+    starts it again; counted, the next single crash would give up at once."""
+    gw = await gateway_factory({"flaky": stub()}, engines=GIVES_UP_AT_2)
+    failed = await _crash_until_given_up(gw, "flaky")
+    assert failed["reason"].startswith("crashed 2 times in 120 s"), failed
+    started = await _admin(gw, "POST", "/admin/models/flaky/start", wait="true")
+    assert started.status_code == 202 and started.json()["state"] == "ready", started.text
+    pid = started.json()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    after = await _until_model(gw, "flaky", lambda m: m["state"] in ("ready", "failed") and m["pid"] != pid)
+    assert after["state"] == "ready", after  # restarted, not given up on
+    restarts = [c["restart"] for c in (await _admin(gw, "GET", "/admin/crashes", model="flaky")).json()]
+    assert restarts == ["restart in 0.05 s", "gave up", "restart in 0.05 s"]  # newest first
+
+
+async def test_requests_do_not_restart_an_on_demand_model_the_supervisor_gave_up_on(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """on_demand starts a stopped or failed model for a request, but not a crash loop: that would
+    restart it forever. Requests get a 503 with the verdict until an operator starts it."""
+    gw = await gateway_factory({"lazy": stub(autostart=False, on_demand=True)}, engines=GIVES_UP_AT_2)
+    assert (await gw.chat("lazy", "first")).status_code == 200  # started on demand
+    await _crash_until_given_up(gw, "lazy")
+    for _ in range(2):
+        refused = await gw.chat("lazy")
+        assert refused.status_code == 503, refused.text
+        detail = refused.json()["detail"]
+        assert "crashed 2 times in 120 s" in detail and "POST /admin/models/lazy/start" in detail, detail
+    model = await _model(gw, "lazy")
+    assert (model["state"], model["pid"]) == ("failed", None)
+    assert (await _admin(gw, "POST", "/admin/models/lazy/start", wait="true")).status_code == 202
+    assert (await gw.chat("lazy", "back")).json()["message"]["content"] == "stub reply to: back"
+
+
 async def test_hung_engine_is_detected_by_health_checks_and_replaced(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory({"hangs": stub()}, engines=FAST_HEALTH)
     before = await _model(gw, "hangs")

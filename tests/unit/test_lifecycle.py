@@ -77,3 +77,14 @@ def test_crashes_older_than_the_window_no_longer_count() -> None:
     # two old crashes: the new one is the first in the window, so a short wait and no give-up
     assert _plan([100.0, 110.0], 165.0) == ([110.0, 165.0], False, 1.0)
     assert _plan([100.0, 110.0], 500.0) == ([500.0], False, 0.5)
+
+
+@pytest.mark.parametrize("to", [S.STARTING, S.STOPPED])
+def test_a_give_up_lasts_only_as_long_as_the_failed_state_it_explains(to: EngineState) -> None:
+    """A model stopped or started again after the supervisor gave up on it is not refused as
+    given up later (the flag would outlive the `failed` it belongs to)."""
+    record = _record(S.CRASHED)
+    record.move(S.FAILED, "crashed 5 times in 300 s")
+    record.gave_up = True
+    record.move(to)
+    assert record.gave_up is False
