@@ -58,7 +58,12 @@ class StubEngine:
             return _error(400, "messages must be a non-empty list")
         self.requests += 1
         if self.args.log_requests:  # like vLLM's request log lines: a log that keeps growing
-            print(f"request {self.requests}: {len(messages)} messages", flush=True)
+            # the sampling fields as received, so tests can check what the gateway sent
+            sampling = {k: v for k, v in body.items() if k not in ("messages", "model")}
+            print(
+                f"request {self.requests}: {len(messages)} messages {json.dumps(sampling, sort_keys=True)}",
+                flush=True,
+            )
         if self.args.crash_after and self.requests > self.args.crash_after:
             os._exit(3)  # a crash, on purpose: no cleanup, connections reset
         if self.args.hang:

@@ -4,6 +4,7 @@ upload refused with a clear 4xx before it takes a queue slot."""
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 import httpx
@@ -33,7 +34,7 @@ async def gw(gateway_factory: GatewayFactory) -> GatewayClient:
         {
             "ocr": OCR_MODEL,
             "flaky": stub("--fail-first", "2"),
-            "echo": stub(),
+            "echo": stub("--log-requests"),
             "llm": {"kind": "vllm", "autostart": False},
         },
         engines={"startup_timeout": 60},
@@ -212,6 +213,21 @@ async def test_engine_is_sent_the_deepseek_ocr_prompts(gw: GatewayClient) -> Non
     assert markdown.json()["truncated"] is False
     cut = await _ocr(gw, _png(["X"]), model="echo", max_tokens="2")
     assert (cut.json()["text"], cut.json()["truncated"]) == ("stub reply", True)
+    assert gw.gateway.engines is not None
+    logged = [
+        json.loads(line.split(" messages ", 1)[1])
+        for line in gw.gateway.engines.log_path("echo").read_text().splitlines()
+        if line.startswith("request ")
+    ]
+    assert len(logged) == 3
+    for fields in logged:  # what vLLM's DeepSeek-OCR needs with every request (DESIGN §5)
+        assert fields["skip_special_tokens"] is False
+        assert fields["vllm_xargs"] == {
+            "ngram_size": 30,
+            "window_size": 90,
+            "whitelist_token_ids": [128821, 128822],
+        }
+    assert logged[2]["max_tokens"] == 2
 
 
 async def test_background_ocr_job(gw: GatewayClient) -> None:
