@@ -336,9 +336,21 @@ class EngineManager:
             listener(engine.name)
 
     def _fail(self, engine: EngineRecord, reason: str) -> None:
+        """A load that failed. It counts with the crashes: an on_demand model is started again
+        by the next request, and one whose loads keep failing (each may hold a GPU for minutes
+        until its startup timeout) is given up on like a crash loop, until an operator's start."""
         engine.move(EngineState.FAILED, reason)
         engine.last_error = reason
         engine.process = None
+        window = self._defaults.crash_window_seconds
+        now = self._clock.monotonic()
+        engine.crashes = [t for t in engine.crashes if now - t < window] + [now]
+        if len(engine.crashes) >= self._defaults.max_crashes:
+            verdict = f"failed {len(engine.crashes)} times in {window:g} s; last: {reason}"
+            engine.reason = engine.last_error = verdict
+            engine.gave_up = True
+            event(log, "engine.gave_up", logging.ERROR, model=engine.name, reason=verdict)
+            return
         event(log, "engine.failed", logging.ERROR, model=engine.name, reason=reason)
 
     async def _remember(self, engine: EngineRecord, argv: list[str]) -> None:

@@ -495,3 +495,22 @@ async def test_a_running_engines_log_is_rotated_by_the_watch_loop(gateway_factor
     await eventually(rotated, bool, "the engine's log rotated while it runs", 30)
     assert (await _model(gw, "chatty"))["pid"] == pid  # cut in place, no restart
     assert log.stat().st_size < log.with_name(log.name + ".1").stat().st_size
+
+
+async def test_an_on_demand_model_whose_loads_keep_failing_is_given_up_on(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Each request would otherwise start another load that fails (on a GPU: minutes each, up to
+    the startup timeout): failed loads count with crashes, and after max_crashes the model waits
+    for an operator, as a crash loop does."""
+    never_loads = stub("--no-such-flag", autostart=False, on_demand=True, timeout=1)
+    gw = await gateway_factory({"never": never_loads}, engines=GIVES_UP_AT_2)
+    for _ in range(2):  # each request starts a load, which exits at once (argparse refuses the flag)
+        # its job waits out its queue timeout: another instance's engine might still serve it
+        assert (await gw.chat("never", "load please")).status_code == 504
+        await _until_model(gw, "never", lambda m: m["state"] == "failed")
+    refused = await gw.chat("never", "again")
+    assert refused.status_code == 503, refused.text
+    detail = refused.json()["detail"]
+    assert "failed 2 times in 120 s" in detail and "POST /admin/models/never/start" in detail, detail
+    assert (await _model(gw, "never"))["pid"] is None  # no third load was spawned
