@@ -16,6 +16,10 @@ def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # APScheduler logs two INFO lines per run of every job (the sweeper runs each second): the
+    # gateway's own lines say what those jobs did; the scheduler's warnings and errors still show
+    if logging.getLevelName(level.upper()) != logging.DEBUG:
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 def _fmt(value: Any) -> str:

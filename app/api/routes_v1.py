@@ -90,7 +90,7 @@ async def chat_completions(
     answer = chat_answer(doc)
     result = doc.get("result") or {}
     completion = {
-        "id": "chatcmpl-" + answer["id"].removeprefix("job_"),
+        "id": _completion_id(doc),
         "object": "chat.completion",
         "created": int(doc["enqueued_at"].timestamp()),
         "model": body.model,
@@ -176,6 +176,7 @@ async def _relayed(
     key's repeat gets the whole answer."""
     assert gw.chat is not None and gw.queue is not None
     chat, queue = gw.chat, gw.queue
+    completion_id = _completion_id(doc)  # the job's, as in a replay and a non-streamed answer
     finished = False
     pending = first
     try:
@@ -195,7 +196,7 @@ async def _relayed(
                     if not data.get("choices"):
                         continue  # the usage-only chunk the client did not ask for
                     data.pop("usage", None)
-                yield _event({**data, "model": model})
+                yield _event({**data, "id": completion_id, "model": model})
                 continue
             finished = True
             yield _DONE if kind == "done" else _error_event(data)
@@ -237,7 +238,7 @@ async def _replayed(
         )
         return
     base = {
-        "id": "chatcmpl-" + final["_id"].removeprefix("job_"),
+        "id": _completion_id(final),
         "object": "chat.completion.chunk",
         "created": int(final["enqueued_at"].timestamp()),
         "model": model,
@@ -253,6 +254,10 @@ async def _replayed(
 
 _KEEPALIVE = b": keep-alive\n\n"
 _DONE = b"data: [DONE]\n\n"
+
+
+def _completion_id(doc: dict[str, Any]) -> str:
+    return "chatcmpl-" + str(doc["_id"]).removeprefix("job_")
 
 
 def _choice(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:

@@ -201,7 +201,9 @@ async def test_a_streamed_idempotency_key_replays_the_stored_answer_as_a_stream(
         chunks = [c async for c in raw.parse()]
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         usage = [c.usage.completion_tokens for c in chunks if c.usage is not None]
-        return raw.headers["x-request-id"], text, usage
+        job_id = raw.headers["x-request-id"]
+        assert {c.id for c in chunks} == {"chatcmpl-" + job_id.removeprefix("job_")}  # the replay's too
+        return job_id, text, usage
 
     first_id, first_text, first_usage = await streamed()
     again_id, again_text, again_usage = await streamed()
