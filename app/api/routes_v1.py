@@ -99,7 +99,7 @@ async def chat_completions(
                 "index": 0,
                 "message": answer["message"],
                 "finish_reason": answer["finish_reason"],
-                "logprobs": None,
+                "logprobs": result.get("logprobs"),
             }
         ],
         "usage": answer["usage"],

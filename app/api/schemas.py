@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -85,16 +85,62 @@ class ChatMessage(_Body):
     tool_calls: list[ToolCall] | None = Field(None, max_length=128)
 
 
+class FunctionDefinition(_Body):
+    name: str = Field(..., min_length=1, max_length=128)
+    description: str | None = Field(None, max_length=100_000)
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema, passed to the engine as is")
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str = Field(..., min_length=1, max_length=128)
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = Field(
+        None, description='{"name", "schema", "strict"?}: passed to the engine as is'
+    )
+
+
+LogitBias = Annotated[float, Field(ge=-100, le=100)]
+
+
 class ChatRequest(_Body):
+    """OpenAI's chat fields that vLLM implements, plus vLLM's own sampling extensions (the SDK
+    sends those through `extra_body`). What the engine does with them is the engine's: they
+    are checked for shape here and passed on unchanged."""
+
     model: str = Field(..., min_length=1, max_length=128)
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=1000)
     max_tokens: int | None = Field(None, ge=1, le=131072)
+    max_completion_tokens: int | None = Field(None, ge=1, le=131072)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[str, LogitBias] | None = Field(None, max_length=1024, description="token id → bias")
+    top_k: int | None = Field(None, ge=-1, le=1_000_000, description="vLLM: -1 = all tokens")
+    min_p: float | None = Field(None, ge=0, le=1, description="vLLM")
+    repetition_penalty: float | None = Field(None, gt=0, le=2, description="vLLM")
     stream: bool = False
 
     def engine_request(self) -> dict[str, Any]:

@@ -212,6 +212,7 @@ class ModelDispatcher:
             "message": choice.get("message") or {"role": "assistant", "content": ""},
             "finish_reason": choice.get("finish_reason"),
             "usage": answer.get("usage") or {},
+            "logprobs": choice.get("logprobs"),
             "engine_response_id": answer.get("id"),
             "system_fingerprint": answer.get("system_fingerprint"),
         }

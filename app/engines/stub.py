@@ -80,7 +80,7 @@ class StubEngine:
                 f"This model's maximum context length is {self.args.max_model_len} tokens. "
                 f"However, you requested {prompt_tokens} tokens in the messages.",
             )
-        max_tokens = int(body.get("max_tokens") or self.args.max_tokens)
+        max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or self.args.max_tokens)
         words = _reply_words(_text(messages[-1]), max_tokens)
         finish = "length" if len(words) >= max_tokens else "stop"
         usage = {
@@ -93,6 +93,37 @@ class StubEngine:
             return await self._stream(request, words, finish, usage if include_usage else None)
         if self.args.latency_ms:
             await asyncio.sleep(self.args.latency_ms / 1000)
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": " ".join(words)},
+            "finish_reason": finish,
+        }
+        called = _forced_tool(body)
+        if called is not None:  # like a model told to call a tool: the call, no text
+            arguments = json.dumps({"text": _text(messages[-1])})
+            call = {
+                "id": "call_" + uuid.uuid4().hex[:12],
+                "type": "function",
+                "function": {"name": called, "arguments": arguments},
+            }
+            choice.update(
+                message={"role": "assistant", "content": None, "tool_calls": [call]},
+                finish_reason="tool_calls",
+            )
+        if body.get("logprobs"):  # one entry per word, as vLLM answers (values made up, deterministic)
+            top = int(body.get("top_logprobs") or 0)
+            choice["logprobs"] = {
+                "content": [
+                    {
+                        "token": w,
+                        "logprob": -0.5,
+                        "bytes": list(w.encode()),
+                        "top_logprobs": [{"token": w, "logprob": -0.5, "bytes": list(w.encode())}]
+                        * min(top, 1),
+                    }
+                    for w in words
+                ]
+            }
         return web.json_response(
             {
                 "id": "chatcmpl-" + uuid.uuid4().hex,
@@ -100,13 +131,7 @@ class StubEngine:
                 "created": int(time.time()),
                 "model": self.model,
                 "system_fingerprint": FINGERPRINT,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": " ".join(words)},
-                        "finish_reason": finish,
-                    }
-                ],
+                "choices": [choice],
                 "usage": usage,
             }
         )
@@ -171,6 +196,18 @@ class StubEngine:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def _forced_tool(body: dict[str, Any]) -> str | None:
+    """The tool the request makes the model call: `tool_choice` names one, or says "required"
+    (then the first tool). The stub does not decide to call tools on its own."""
+    tools = body.get("tools") or []
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        return str((choice.get("function") or {}).get("name"))
+    if choice == "required" and tools:
+        return str(tools[0]["function"]["name"])
+    return None
 
 
 def _text(message: Any) -> str:

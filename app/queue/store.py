@@ -19,7 +19,7 @@ from app.store.batch import BatchWriter
 from app.store.database import ACTIVE
 
 # what an engine produced (chat message, OCR text and per-page text): dropped when outputs are not kept
-_OUTPUT_FIELDS = frozenset({"message", "text", "pages"})
+_OUTPUT_FIELDS = frozenset({"message", "text", "pages", "logprobs"})
 
 
 class JobStore:

@@ -10,7 +10,7 @@ import httpx2
 import openai
 import pytest
 from openai import AsyncOpenAI
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
 from tests.conftest import GatewayClient, GatewayFactory, stub
 
@@ -260,3 +260,75 @@ async def test_a_stream_that_ends_without_done_is_a_failure_not_an_answer(
     job = (await gw.http.get(f"/api/jobs/{response.headers['X-Request-ID']}", headers=gw.headers())).json()
     assert (job["state"], job["attempts"]) == ("failed", 1)
     assert "ended without data: [DONE]" in job["error"]["message"]
+
+
+async def test_openai_fields_beyond_sampling_reach_the_engine_and_come_back(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Tool calls, logprobs, max_completion_tokens, response_format and vLLM's extra_body
+    sampling fields: SDK clients send them, vLLM implements them, the gateway passes them."""
+    gw = await gateway_factory({"demo": stub("--log-requests")})
+    client = sdk(gw)
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "weather in Paris"}]
+    lookup: ChatCompletionToolParam = {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "look a thing up",
+            "parameters": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object"},
+        },
+    }
+    called = await client.chat.completions.create(
+        model="demo",
+        messages=ask,
+        tools=[lookup],
+        tool_choice={"type": "function", "function": {"name": "lookup"}},
+    )
+    choice = called.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls is not None and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "lookup"
+    assert json.loads(call.function.arguments) == {"text": "weather in Paris"}
+    job = (
+        await gw.http.get(f"/api/jobs/job_{called.id.removeprefix('chatcmpl-')}", headers=gw.headers())
+    ).json()
+    assert job["result"]["message"]["tool_calls"][0]["function"]["name"] == "lookup"  # in history too
+
+    scored = await client.chat.completions.create(
+        model="demo",
+        messages=ask,
+        logprobs=True,
+        top_logprobs=1,
+        max_completion_tokens=2,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": {"type": "object"}},
+        },
+        extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1},
+    )
+    assert scored.choices[0].message.content == "stub reply"
+    assert scored.choices[0].finish_reason == "length"
+    assert scored.choices[0].logprobs is not None and scored.choices[0].logprobs.content is not None
+    assert [t.token for t in scored.choices[0].logprobs.content] == ["stub", "reply"]
+
+    assert gw.gateway.engines is not None
+    sent = [
+        json.loads(line.split(" messages ", 1)[1])
+        for line in gw.gateway.engines.log_path("demo").read_text().splitlines()
+        if line.startswith("request ")
+    ]
+    assert sent[0]["tools"] == [lookup]  # the JSON Schema's "$schema" key survived the database
+    assert sent[1]["response_format"]["json_schema"]["name"] == "answer"
+    assert (sent[1]["top_k"], sent[1]["min_p"], sent[1]["repetition_penalty"]) == (5, 0.1, 1.1)
+    assert (sent[1]["max_completion_tokens"], sent[1]["top_logprobs"]) == (2, 1)
+
+    for bad, param in [
+        ({"top_logprobs": 50, "logprobs": True}, "top_logprobs"),
+        ({"tools": [{"type": "retrieval", "function": {"name": "x"}}]}, "tools"),
+        ({"logit_bias": {"50256": 500}}, "logit_bias"),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+    ]:
+        with pytest.raises(openai.UnprocessableEntityError) as refused:
+            await client.chat.completions.create(model="demo", messages=ask, extra_body=bad)
+        assert refused.value.body["param"].startswith(param), refused.value.body  # type: ignore[index]
