@@ -244,8 +244,11 @@ async def _replayed(
         "model": model,
         "system_fingerprint": result.get("system_fingerprint"),
     }
-    content = (result.get("message") or {}).get("content") or ""
-    yield _event({**base, "choices": [_choice({"role": "assistant", "content": content}, None)]})
+    message = result.get("message") or {}
+    delta: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
+    if message.get("tool_calls"):
+        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+    yield _event({**base, "choices": [_choice(delta, None)]})
     yield _event({**base, "choices": [_choice({}, result.get("finish_reason"))]})
     if include_usage:
         yield _event({**base, "choices": [], "usage": result.get("usage") or {}})

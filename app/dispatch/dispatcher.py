@@ -329,6 +329,7 @@ class _StreamRelay:
         self._on_first_token = on_first_token
         self.sent = False  # a chunk reached the sink: the job can no longer be retried
         self._text: list[str] = []
+        self._tool_calls: dict[int, Doc] = {}  # by the deltas' index, assembled as they come
         self._usage: Doc = {}
         self._finish: str | None = None
         self._fingerprint: Any = None
@@ -337,7 +338,10 @@ class _StreamRelay:
         first_token = False
         async for chunk in self._client.stream_chat(url, payload, timeout_s):
             for choice in chunk.get("choices") or []:
-                self._text.append((choice.get("delta") or {}).get("content") or "")
+                delta = choice.get("delta") or {}
+                self._text.append(delta.get("content") or "")
+                for part in delta.get("tool_calls") or []:
+                    self._add_tool_call(part)
                 self._finish = choice.get("finish_reason") or self._finish
             self._usage = chunk.get("usage") or self._usage
             self._fingerprint = chunk.get("system_fingerprint") or self._fingerprint
@@ -348,9 +352,25 @@ class _StreamRelay:
                 self._on_first_token()
         return True
 
+    def _add_tool_call(self, part: Doc) -> None:
+        """Tool-call deltas: the first of an index brings id, type and name, the rest pieces of
+        the arguments text (OpenAI's and vLLM's streaming format)."""
+        call = self._tool_calls.setdefault(
+            int(part.get("index") or 0),
+            {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+        )
+        call["id"] = part.get("id") or call["id"]
+        call["type"] = part.get("type") or call["type"]
+        function = part.get("function") or {}
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
+
     def result(self) -> Doc:
+        message: Doc = {"role": "assistant", "content": "".join(self._text)}
+        if self._tool_calls:
+            message["tool_calls"] = [self._tool_calls[i] for i in sorted(self._tool_calls)]
         return {
-            "message": {"role": "assistant", "content": "".join(self._text)},
+            "message": message,
             "finish_reason": self._finish,
             "usage": self._usage,
             "system_fingerprint": self._fingerprint,

@@ -88,9 +88,12 @@ class StubEngine:
             "completion_tokens": len(words),
             "total_tokens": prompt_tokens + len(words),
         }
+        called = _forced_tool(body)  # like a model told to call a tool: the call, no text
+        arguments = json.dumps({"text": _text(messages[-1])})
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return await self._stream(request, words, finish, usage if include_usage else None)
+            forced = (called, arguments) if called is not None else None
+            return await self._stream(request, words, finish, usage if include_usage else None, forced)
         if self.args.latency_ms:
             await asyncio.sleep(self.args.latency_ms / 1000)
         choice: dict[str, Any] = {
@@ -98,9 +101,7 @@ class StubEngine:
             "message": {"role": "assistant", "content": " ".join(words)},
             "finish_reason": finish,
         }
-        called = _forced_tool(body)
-        if called is not None:  # like a model told to call a tool: the call, no text
-            arguments = json.dumps({"text": _text(messages[-1])})
+        if called is not None:
             call = {
                 "id": "call_" + uuid.uuid4().hex[:12],
                 "type": "function",
@@ -137,8 +138,14 @@ class StubEngine:
         )
 
     async def _stream(
-        self, request: web.Request, words: list[str], finish: str, usage: dict[str, int] | None
+        self,
+        request: web.Request,
+        words: list[str],
+        finish: str,
+        usage: dict[str, int] | None,
+        call: tuple[str, str] | None = None,
     ) -> web.StreamResponse:
+        """Word by word, or a tool call (name, then its arguments in two pieces) as vLLM streams one."""
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
@@ -177,6 +184,19 @@ class StubEngine:
             await asyncio.sleep(self.args.latency_ms / 1000)
         if not await send(chunk({"role": "assistant", "content": ""}, None)):
             return response
+        if call is not None:
+            name, arguments = call
+            half = len(arguments) // 2
+            head = {"index": 0, "id": "call_" + uuid.uuid4().hex[:12], "type": "function"}
+            pieces = [
+                {**head, "function": {"name": name, "arguments": arguments[:half]}},
+                {"index": 0, "function": {"arguments": arguments[half:]}},
+            ]
+            for piece in pieces:
+                if not await send(chunk({"tool_calls": [piece]}, None)):
+                    return response
+            finish = "tool_calls"
+            words = []
         for i, word in enumerate(words):
             if self.args.token_latency_ms:
                 await asyncio.sleep(self.args.token_latency_ms / 1000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import datetime
+from typing import Any
 
 import httpx2
 import openai
@@ -12,7 +13,7 @@ import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
-from tests.conftest import GatewayClient, GatewayFactory, stub
+from tests.conftest import GatewayClient, GatewayFactory, eventually, stub
 
 
 def sdk(gw: GatewayClient, token: str | None = None, retries: int = 0) -> AsyncOpenAI:
@@ -332,3 +333,46 @@ async def test_openai_fields_beyond_sampling_reach_the_engine_and_come_back(
         with pytest.raises(openai.UnprocessableEntityError) as refused:
             await client.chat.completions.create(model="demo", messages=ask, extra_body=bad)
         assert refused.value.body["param"].startswith(param), refused.value.body  # type: ignore[index]
+
+
+async def test_a_streamed_tool_call_reaches_the_client_history_and_a_replay(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Tool-call deltas are relayed as the engine sends them, assembled into the job's history,
+    and a repeat of the stream's Idempotency-Key replays the assembled call."""
+    gw = await gateway_factory({"demo": stub()})
+    client = sdk(gw)
+    lookup: ChatCompletionToolParam = {"type": "function", "function": {"name": "lookup"}}
+
+    async def streamed_call() -> tuple[str, str, str, str | None]:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="demo",
+            messages=[{"role": "user", "content": "weather in Paris"}],
+            tools=[lookup],
+            tool_choice="required",
+            stream=True,
+            extra_headers={"Idempotency-Key": "streamed-tool-call"},
+        )
+        name, arguments, finish = "", "", None
+        async for chunk in raw.parse():
+            for choice in chunk.choices:
+                for part in choice.delta.tool_calls or []:
+                    name += (part.function.name or "") if part.function else ""
+                    arguments += (part.function.arguments or "") if part.function else ""
+                finish = choice.finish_reason or finish
+        return raw.headers["x-request-id"], name, arguments, finish
+
+    job_id, name, arguments, finish = await streamed_call()
+    assert (name, json.loads(arguments), finish) == ("lookup", {"text": "weather in Paris"}, "tool_calls")
+
+    async def history() -> dict[str, Any]:
+        job: dict[str, Any] = (await gw.http.get(f"/api/jobs/{job_id}", headers=gw.headers())).json()
+        return job
+
+    job = await eventually(history, lambda j: j["state"] == "succeeded", "the stream's history")
+    (stored,) = job["result"]["message"]["tool_calls"]
+    assert stored["function"] == {"name": "lookup", "arguments": arguments}
+    assert stored["id"].startswith("call_") and stored["type"] == "function"
+    assert job["result"]["finish_reason"] == "tool_calls"
+
+    assert await streamed_call() == (job_id, name, arguments, finish)  # the replay, from history
