@@ -21,6 +21,12 @@ from app.queue.slots import slot_key
 from tests.conftest import GatewayClient, GatewayFactory, eventually, stub
 
 
+# The dispatcher's slow poll marks a possible backlog until its claim comes back empty, and a
+# request admitted inside that window is queued rather than started at once (and its held insert
+# would then never reach the engine). Without the poll, every request here is a direct start.
+DIRECT_STARTS = {"poll_interval_seconds": 600}
+
+
 async def engine_requests(gw: GatewayClient, model: str) -> int:
     """Chat requests the stub engine has logged so far (it prints a line per request)."""
     logs = await gw.http.get(f"/admin/models/{model}/logs?lines=200", headers=gw.headers(gw.admin_token))
@@ -45,7 +51,7 @@ def hold_inserts(monkeypatch: pytest.MonkeyPatch, gw: GatewayClient) -> asyncio.
 async def test_engine_is_called_while_the_insert_is_in_flight_and_answers_after_it(
     gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gw = await gateway_factory({"demo": stub("--log-requests")})
+    gw = await gateway_factory({"demo": stub("--log-requests")}, queue=DIRECT_STARTS)
     release = hold_inserts(monkeypatch, gw)
     answer = asyncio.create_task(gw.chat("demo", "overlap please"))
 
@@ -67,7 +73,7 @@ async def test_engine_is_called_while_the_insert_is_in_flight_and_answers_after_
 async def test_a_stream_reaches_its_client_only_after_the_insert(
     gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gw = await gateway_factory({"demo": stub("--log-requests")})
+    gw = await gateway_factory({"demo": stub("--log-requests")}, queue=DIRECT_STARTS)
     release = hold_inserts(monkeypatch, gw)
     body = {
         "model": "demo",
