@@ -20,7 +20,6 @@ from app.queue.priority import Priority
 from app.queue.slots import slot_key
 from tests.conftest import GatewayClient, GatewayFactory, eventually, stub
 
-
 # The dispatcher's slow poll marks a possible backlog until its claim comes back empty, and a
 # request admitted inside that window is queued rather than started at once (and its held insert
 # would then never reach the engine). Without the poll, every request here is a direct start.
