@@ -139,6 +139,8 @@ class JobQueue:
                 self._not_admitted(job_id, direct, pending)
                 raise
             event(log, "job.admitted", logging.DEBUG, job=job_id, model=sub.model, state=doc["state"])
+            if direct:  # started at once: no queue wait (observed only for jobs really admitted)
+                self._metrics.queue_wait(sub.model, doc["enqueued_at"], doc["enqueued_at"])
             if pending is not None:
                 self._inserting.pop(job_id, None)
                 pending.set_result(True)
@@ -157,7 +159,6 @@ class JobQueue:
         if before_insert:
             pending = self._inserting[doc["_id"]] = asyncio.get_running_loop().create_future()
         self._local.add(doc["_id"])
-        self._metrics.queue_wait(doc["model"], doc["enqueued_at"], doc["enqueued_at"])
         direct.accept(doc)
         return pending
 

@@ -18,6 +18,7 @@ import pytest
 from app.queue.jobs import Doc, Submission, build_document
 from app.queue.priority import Priority
 from app.queue.slots import slot_key
+from tests.api.test_metrics import scrape, value
 from tests.conftest import GatewayClient, GatewayFactory, eventually, stub
 
 # The dispatcher's slow poll marks a possible backlog until its claim comes back empty, and a
@@ -137,3 +138,6 @@ async def test_an_insert_that_fails_after_the_engine_call_began_leaves_nothing(
         what="the abandoned engine call to give its place back",
     )
     assert sorted(d["_id"] for d in await queue.store.active("m")) == ["foreign-0", "foreign-1"]
+    samples = await scrape(gw)  # a request that was never admitted waited in no queue
+    assert value(samples, "gateway_queue_wait_seconds_count", model="m") in (None, 0.0)
+    assert value(samples, "gateway_admissions_rejected_total", model="m", reason="queue_full") == 1.0
