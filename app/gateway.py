@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from app.settings import EngineDefaults, Settings, check_secret, redact_uri
 from app.store.batch import BatchWriter
 from app.store.database import Database, connect, ensure_indexes
 from app.store.embedded import EmbeddedDatabase
+from app.store.lease import Lease
 from app.store.ttl import prune_expired
 
 log = logging.getLogger("gateway")
@@ -81,6 +83,7 @@ class Gateway:
     missing: MissingModels | None = None
     switcher: Switcher | None = None
     _history_pruner: HistoryPruner | None = None
+    _rollup_lease: Lease | None = None
     metrics: Metrics = field(default_factory=Metrics)  # the no-op unless build() enables them
     loop_lag: LoopLagMonitor | None = None
 
@@ -229,7 +232,8 @@ class Gateway:
         scheduler.every(s.queue.sweep_interval_seconds, "queue-sweep", sweeper.sweep)
         scheduler.every(s.queue.heartbeat_seconds, "lease-heartbeat", sweeper.heartbeat)
         scheduler.every(2.0, "outcome-counters", self.counters.flush, run_at_stop=True)
-        scheduler.every(s.history.rollup_interval_seconds, "usage-rollup", self.usage.roll)
+        self._rollup_lease = Lease(db.leaders, "usage-rollup", self.worker_id, self.clock)
+        scheduler.every(s.history.rollup_interval_seconds, "usage-rollup", self.roll_usage)
         scheduler.every(switcher.config.interval_s, AUTOSWITCH_JOB, switcher.run_scheduled)
         prune = s.history.prune
         if prune == "on" or (prune == "auto" and self.embedded is not None):  # see app/store/ttl.py
@@ -298,6 +302,14 @@ class Gateway:
             deleted += await prune_expired(collection, now)
         return deleted
 
+    async def roll_usage(self) -> int:
+        """The minute's usage rollup, by one instance of the deployment (the lease's holder): the
+        rollups are the same whoever computes them, and each pass reads the shared jobs."""
+        assert self.usage is not None and self._rollup_lease is not None
+        if not await self._rollup_lease.hold(3 * self.settings.history.rollup_interval_seconds + 60):
+            return 0
+        return await self.usage.roll()
+
     def _local_running(self) -> list[str]:
         return [job for d in self.dispatchers.values() for job in d.running_ids()]
 
@@ -317,6 +329,9 @@ class Gateway:
         await self.scheduler.stop()
         if self.switcher:
             await self.switcher.stop()
+        if self._rollup_lease is not None:
+            with contextlib.suppress(Exception):  # a lapsed lease does the same, a minute later
+                await self._rollup_lease.release()
         if self.missing:
             await self.missing.drain()
         if self.loop_lag is not None:

@@ -24,7 +24,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import DuplicateKeyError
 
 from app.autoswitch.policy import Capacity, Decision, ModelView, PolicyConfig, Usage, decide
 from app.clock import Clock
@@ -37,6 +36,7 @@ from app.history.usage import UsageRollup
 from app.logs import event
 from app.queue.store import JobStore
 from app.settings import AutoSwitchSettings
+from app.store.lease import Lease
 from app.store.ttl import ensure_ttl_index
 
 Doc = dict[str, Any]
@@ -79,11 +79,10 @@ class Switcher:
         self._missing = missing
         self._decisions = decisions
         self._state = runtime_settings
-        self._leaders = leaders
         self._clock = clock
         self._worker = worker_id
         self._retention = timedelta(days=retention_days)
-        self._lease_id = f"autoswitch@{socket.gethostname()}"
+        self._lease = Lease(leaders, f"autoswitch@{socket.gethostname()}", worker_id, clock)
         self.enabled = settings.enabled
         self.last_run: datetime | None = None
         self._last_switch: dict[str, datetime] = {}
@@ -117,7 +116,7 @@ class Switcher:
             self._miss_task.cancel()
         if self._running:
             await asyncio.wait(list(self._running), timeout=30)
-        await self._leaders.delete_one({"_id": self._lease_id, "holder": self._worker})
+        await self._lease.release()
 
     async def set_enabled(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -164,17 +163,7 @@ class Switcher:
 
     async def _lead(self) -> bool:
         """Hold this host's lease (renewed each run) or leave the decision to its holder."""
-        now = self._clock.now()
-        until = now + timedelta(seconds=2 * self.config.interval_s + 60)
-        try:
-            await self._leaders.update_one(
-                {"_id": self._lease_id, "$or": [{"holder": self._worker}, {"until": {"$lt": now}}]},
-                {"$set": {"holder": self._worker, "until": until}},
-                upsert=True,
-            )
-        except DuplicateKeyError:
-            return False  # another live gateway on this host holds it
-        return True
+        return await self._lease.hold(2 * self.config.interval_s + 60)
 
     # -- evaluation --------------------------------------------------------------------------
 

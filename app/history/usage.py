@@ -121,7 +121,6 @@ class UsageRollup:
         self._backfill_hours = backfill_hours
         self._full_every = timedelta(seconds=full_every_s)
         self._last_full: datetime | None = None  # when every unsettled hour was last re-read
-        self.rolled_at: datetime | None = None
 
     @property
     def retention_s(self) -> float:
@@ -151,11 +150,10 @@ class UsageRollup:
         if start < end:
             written = await self._roll_span(start, end)
         frozen = min(end, _floor_hour(now - self._settle))
+        done: Doc = {"rolled_at": now}  # for every instance's report, not only the one rolling
         if state is None or frozen > state["final_through"]:
-            await self._state.update_one(
-                {"_id": STATE_ID}, {"$set": {"final_through": max(frozen, start)}}, upsert=True
-            )
-        self.rolled_at = now
+            done["final_through"] = max(frozen, start)
+        await self._state.update_one({"_id": STATE_ID}, {"$set": done}, upsert=True)
         if end < current + HOUR:
             event(log, "usage.backfilling", through=end.isoformat(), written=written)
         return written
@@ -284,7 +282,7 @@ class UsageRollup:
             "window_seconds": window_s,
             "since": since,
             "until": now,
-            "rolled_at": self.rolled_at,
+            "rolled_at": (await self._state.find_one({"_id": STATE_ID}) or {}).get("rolled_at"),
             "total_requests": total,
             "hour_of_week_axes": {"rows": "day of week, Monday first (UTC)", "columns": "hour 0-23"},
             "models": models,

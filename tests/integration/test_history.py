@@ -10,6 +10,7 @@ from app.clock import ManualClock
 from app.history.missing import MissingModels
 from app.history.usage import STATE_ID, UsageRollup
 from app.store.database import Database
+from app.store.lease import Lease
 from tests.conftest import eventually
 
 START = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)  # a Monday
@@ -156,3 +157,35 @@ async def test_minute_passes_read_the_current_hour_and_full_passes_the_unsettled
     await usage.roll()  # full: the late outcome lands
     full = (await usage.report(7200))["models"]["a"]
     assert (full["requests"], full["failed"], full["in_progress"], full["succeeded"]) == (2, 1, 0, 1)
+
+
+async def test_one_lease_holder_at_a_time_until_it_lapses_or_is_released(database: Database) -> None:
+    """The usage rollups (one per deployment) and auto-switch (one per host) run where the
+    lease is held: a second instance is refused while the holder renews, takes over once the
+    holder stops renewing for ttl, and at once after a clean release."""
+    clock = ManualClock(START)
+    first = Lease(database.leaders, "usage-rollup", "host-a/1/1", clock)
+    second = Lease(database.leaders, "usage-rollup", "host-b/2/2", clock)
+    assert await first.hold(ttl_s=60)
+    assert not await second.hold(ttl_s=60)
+    clock.advance(50)
+    assert await first.hold(ttl_s=60)  # renewed: until START + 110 s
+    clock.advance(50)
+    assert not await second.hold(ttl_s=60)
+    clock.advance(61)  # the first holder was killed: nothing renewed it
+    assert await second.hold(ttl_s=60)
+    assert not await first.hold(ttl_s=60)
+    await second.release()
+    assert await first.hold(ttl_s=60)
+
+
+async def test_rollups_record_when_they_ran_for_every_instance(database: Database) -> None:
+    """Only the lease holder rolls; the others' reports must still say when the rollups ran."""
+    clock = ManualClock(START + timedelta(minutes=30))
+    await database.jobs.insert_one(job("a", START, "succeeded", 10, 20))
+    roller = UsageRollup(database.jobs, database.usage, database.runtime_settings, clock, 15)
+    reader = UsageRollup(database.jobs, database.usage, database.runtime_settings, clock, 15)
+    await roller.roll()
+    report = await reader.report(3600)
+    assert report["rolled_at"] == START + timedelta(minutes=30)
+    assert report["models"]["a"]["requests"] == 1
