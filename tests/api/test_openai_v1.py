@@ -376,3 +376,28 @@ async def test_a_streamed_tool_call_reaches_the_client_history_and_a_replay(
     assert job["result"]["finish_reason"] == "tool_calls"
 
     assert await streamed_call() == (job_id, name, arguments, finish)  # the replay, from history
+
+
+async def test_a_streamed_replay_of_an_answer_that_was_not_stored_says_so(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """With history.store_outputs off there is nothing to replay: an error event saying why,
+    never an empty answer passed off as the model's."""
+    gw = await gateway_factory({"demo": stub()}, history={"store_outputs": False})
+    body = {"model": "demo", "messages": [{"role": "user", "content": "keep nothing"}], "stream": True}
+    headers = gw.headers(Idempotency_Key="redacted-stream")
+    first = await gw.http.post("/v1/chat/completions", json=body, headers=headers)
+    assert " nothing" in first.text and first.text.rstrip().endswith("data: [DONE]")
+    job_id = first.headers["X-Request-ID"]
+
+    async def stored() -> dict[str, Any]:
+        job: dict[str, Any] = (await gw.http.get(f"/api/jobs/{job_id}", headers=gw.headers())).json()
+        return job
+
+    await eventually(stored, lambda j: j["state"] == "succeeded", "the stream's history write")
+    again = await gw.http.post("/v1/chat/completions", json=body, headers=headers)
+    assert again.status_code == 200 and again.headers["X-Request-ID"] == job_id
+    events = [line[6:] for line in again.text.splitlines() if line.startswith("data: ")]
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == "output_redacted" and "store_outputs" in error["message"], error
+    assert "[DONE]" not in events and " nothing" not in again.text
