@@ -81,10 +81,8 @@ class ChatService:
         idempotency_key: str | None,
     ) -> Doc:
         """Return the job's terminal document (the API turns failures into errors)."""
-        doc, admitted = await self._admit_once(principal, request, client_id, priority, idempotency_key)
-        if not admitted and JobState(doc["state"]).terminal:
-            return doc  # a repeated key: the same job's outcome, never a second inference
-        return await self._queue.wait(doc)
+        doc, _ = await self._admit_once(principal, request, client_id, priority, idempotency_key)
+        return await self.outcome(doc)  # a repeated key: the same job's outcome, never a second inference
 
     async def submit(
         self,

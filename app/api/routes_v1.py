@@ -151,10 +151,7 @@ async def _first_event(
     except TimeoutError:
         return None
     except BaseException:  # the client went away before its stream began
-        gw.queue.close_sink(doc["_id"])
-        if cancel_on_close:
-            with anyio.CancelScope(shield=True):
-                await gw.chat.cancel(doc, "the client closed the connection")
+        await _stream_closed(gw, doc, cancel=cancel_on_close)
         raise
     if event[0] == "error":
         gw.queue.close_sink(doc["_id"])
@@ -174,8 +171,6 @@ async def _relayed(
     """The engine's chunks as they come. A client that goes away cancels the job and frees its
     slot at once, unless it sent an Idempotency-Key: then the job runs to its end so that the
     key's repeat gets the whole answer."""
-    assert gw.chat is not None and gw.queue is not None
-    chat, queue = gw.chat, gw.queue
     completion_id = _completion_id(doc)  # the job's, as in a replay and a non-streamed answer
     finished = False
     pending = first
@@ -202,10 +197,18 @@ async def _relayed(
             yield _DONE if kind == "done" else _error_event(data)
             return
     finally:
-        queue.close_sink(doc["_id"])
-        if not finished and cancel_on_close:
-            with anyio.CancelScope(shield=True):
-                await chat.cancel(doc, "the client closed the connection")
+        await _stream_closed(gw, doc, cancel=cancel_on_close and not finished)
+
+
+async def _stream_closed(gw: GatewayDep, doc: dict[str, Any], *, cancel: bool) -> None:
+    """No one reads the job's events any more; with `cancel` (the client went away before the
+    end, without an Idempotency-Key) the job is cancelled and its slot freed at once, even while
+    the handler itself is being cancelled."""
+    assert gw.chat is not None and gw.queue is not None
+    gw.queue.close_sink(doc["_id"])
+    if cancel:
+        with anyio.CancelScope(shield=True):
+            await gw.chat.cancel(doc, "the client closed the connection")
 
 
 async def _replayed(

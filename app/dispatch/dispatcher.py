@@ -57,8 +57,9 @@ class ModelDispatcher:
         self._backlog = True  # until a claim finds nothing, assume jobs may be waiting
         self._wakeup = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._cancelled: dict[str, str] = {}  # job -> why it was cancelled (not a shutdown)
-        self._abandoned: set[str] = set()  # jobs taken from this instance: stopped without a write
+        # jobs stopped on purpose (not a shutdown) -> why they were cancelled, or None for a job
+        # taken from this instance, which is stopped without a write
+        self._cancelled: dict[str, str | None] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -97,21 +98,20 @@ class ModelDispatcher:
         self._loop_task = None
 
     def cancel(self, job_id: str, reason: str) -> bool:
-        """Stop the engine call of a job running here; False if it does not run here."""
-        task = self._running.get(job_id)
-        if task is None:
-            return False
-        self._cancelled[job_id] = reason
-        task.cancel()
-        return True
+        """Stop the engine call of a job running here and end it cancelled; False if it does
+        not run here."""
+        return self._stop(job_id, reason)
 
     def abandon(self, job_id: str) -> bool:
         """Stop the engine call of a job this instance no longer owns, writing nothing: the job
         was ended or moved by whoever took it."""
+        return self._stop(job_id, None)
+
+    def _stop(self, job_id: str, reason: str | None) -> bool:
         task = self._running.get(job_id)
         if task is None:
             return False
-        self._abandoned.add(job_id)
+        self._cancelled[job_id] = reason
         task.cancel()
         return True
 
@@ -167,16 +167,15 @@ class ModelDispatcher:
         try:
             await self._attempt(doc)
         except asyncio.CancelledError:
-            reason = self._cancelled.pop(job_id, None)
-            if job_id in self._abandoned:
-                return  # whoever took the job wrote its state
-            if reason is None:
+            if job_id not in self._cancelled:
                 raise  # shutdown: the lease lapses and another attempt recovers the job
-            await self._queue.cancel(job_id, reason)
+            reason = self._cancelled.pop(job_id)
+            if reason is not None:  # None: whoever took the job wrote its state
+                await self._queue.cancel(job_id, reason)
         except Exception as exc:  # never let one job take the dispatcher down
             event(log, "dispatch.job_error", logging.ERROR, job=job_id, error=repr(exc))
         finally:
-            self._abandoned.discard(job_id)
+            self._cancelled.pop(job_id, None)  # a stop that came as the job was ending anyway
             self._running.pop(job_id, None)
             self._queue.left_this_process(job_id)
             self.in_flight -= 1

@@ -313,9 +313,13 @@ class JobQueue:
             if timed_out:
                 self.counters.record(doc["model"], "timeouts")
         self._metrics.job_finished(doc["model"], "timeout" if timed_out else outcome)
+        self._deliver(doc)
+
+    def _deliver(self, doc: Doc) -> None:
+        """A terminal job to whoever waits for it here: its stream's handler, its waiter."""
         sink = self._sinks.get(doc["_id"])
         if sink is not None:
-            sink.put_nowait(("done", doc) if outcome == "succeeded" else ("error", doc))
+            sink.put_nowait(("done", doc) if doc["state"] == JobState.SUCCEEDED.value else ("error", doc))
         self._resolve(doc)
 
     # -- transitions -----------------------------------------------------------------------
@@ -428,10 +432,7 @@ class JobQueue:
         rather than at lease pace, when the job has ended (cancelled through another instance)."""
         self._local.discard(doc["_id"])
         if JobState(doc["state"]).terminal:
-            sink = self._sinks.get(doc["_id"])
-            if sink is not None:
-                sink.put_nowait(("error", doc))
-            self._resolve(doc)
+            self._deliver(doc)
 
     async def extend_leases(self, job_ids: list[str]) -> int:
         if not job_ids:
