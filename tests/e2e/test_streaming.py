@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
@@ -148,16 +147,7 @@ async def test_stream_retried_before_its_first_chunk_never_after(
         async for chunk in raw.parse():
             received.extend(c.delta.content or "" for c in chunk.choices)
     assert "".join(received) == "stub"  # the role chunk and one word, then the error: nothing twice
-    async with httpx.AsyncClient(base_url=daemon.url) as http:
-        job = await eventually(
-            lambda: http.get(
-                f"/api/jobs/{raw.headers['x-request-id']}",
-                headers={"Authorization": f"Bearer {daemon.token}"},
-            ),
-            lambda response: response.json()["state"] != "running",
-            "the broken stream's job ended",
-        )
-    assert (job.json()["state"], job.json()["attempts"]) == ("failed", 1)
+    assert (await _until_state(daemon, raw.headers["x-request-id"], "failed"))["attempts"] == 1
 
 
 async def test_closing_a_stream_starts_the_request_queued_behind_it(
