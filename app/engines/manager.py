@@ -31,7 +31,7 @@ from app.engines import process as proc
 from app.engines.commands import build_command, build_environment, engine_needs_gpu
 from app.engines.crashes import CrashLog
 from app.engines.gpus import GIB, GpuInfo, GpuInventory, memory_released
-from app.engines.lifecycle import EngineRecord, EngineState, plan_restart
+from app.engines.lifecycle import EngineRecord, EngineState, RestartPlan, plan_restart
 from app.engines.placement import place, required_bytes
 from app.errors import EngineStartFailed, GatewayError, ModelBusy, ModelUnavailable, PlacementFailed
 from app.logs import event
@@ -335,6 +335,19 @@ class EngineManager:
         for listener in self._listeners:
             listener(engine.name)
 
+    def _count_failure(self, engine: EngineRecord) -> RestartPlan:
+        """Add a crash or failed load to the engine's history inside the window, and decide."""
+        plan = plan_restart(
+            engine.crashes,
+            self._clock.monotonic(),
+            window_s=self._defaults.crash_window_seconds,
+            max_crashes=self._defaults.max_crashes,
+            first_backoff_s=self._defaults.restart_backoff_seconds,
+            max_backoff_s=self._defaults.restart_backoff_max_seconds,
+        )
+        engine.crashes = plan.crashes
+        return plan
+
     def _fail(self, engine: EngineRecord, reason: str) -> None:
         """A load that failed. It counts with the crashes: an on_demand model is started again
         by the next request, and one whose loads keep failing (each may hold a GPU for minutes
@@ -342,10 +355,9 @@ class EngineManager:
         engine.move(EngineState.FAILED, reason)
         engine.last_error = reason
         engine.process = None
-        window = self._defaults.crash_window_seconds
-        now = self._clock.monotonic()
-        engine.crashes = [t for t in engine.crashes if now - t < window] + [now]
-        if len(engine.crashes) >= self._defaults.max_crashes:
+        plan = self._count_failure(engine)  # its backoff is unused: a request or an admin starts it
+        if plan.gave_up:
+            window = self._defaults.crash_window_seconds
             verdict = f"failed {len(engine.crashes)} times in {window:g} s; last: {reason}"
             engine.reason = engine.last_error = verdict
             engine.gave_up = True
@@ -689,15 +701,7 @@ class EngineManager:
         pid = engine.pid
         await self._kill(engine)  # a hung engine: its in-flight calls fail now and are retried
         window = self._defaults.crash_window_seconds
-        plan = plan_restart(
-            engine.crashes,
-            self._clock.monotonic(),
-            window_s=window,
-            max_crashes=self._defaults.max_crashes,
-            first_backoff_s=self._defaults.restart_backoff_seconds,
-            max_backoff_s=self._defaults.restart_backoff_max_seconds,
-        )
-        engine.crashes = plan.crashes
+        plan = self._count_failure(engine)
         restart = "gave up" if plan.gave_up else f"restart in {plan.backoff_s:g} s"
         event(
             log,
