@@ -118,11 +118,24 @@ class ModelDispatcher:
     def running_ids(self) -> list[str]:
         return list(self._running)
 
+    def starts_at_once(self) -> bool:
+        """Whether a job admitted now would start at once instead of being queued.
+
+        Not while a claim may still find waiting jobs (`_backlog`: from the start until the
+        first claim comes back short, and after every slow poll): they go first. A request that
+        arrives in that window is queued and claimed right after its insert; it loses nothing
+        but the overlap of its engine call with the insert.
+        """
+        return (
+            not self._stopping
+            and not self._backlog
+            and self.in_flight < self.settings.max_concurrent
+            and self._engine_url() is not None
+        )
+
     def direct_start(self) -> DirectStart | None:
         """Reserve an in-flight place for a job about to be admitted, if it can start at once."""
-        if self._stopping or self._backlog or self.in_flight >= self.settings.max_concurrent:
-            return None
-        if self._engine_url() is None:
+        if not self.starts_at_once():
             return None
         self.in_flight += 1
         return DirectStart(accept=self._launch, cancel=self._unreserve)

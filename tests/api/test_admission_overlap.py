@@ -18,13 +18,29 @@ import pytest
 from app.queue.jobs import Doc, Submission, build_document
 from app.queue.priority import Priority
 from app.queue.slots import slot_key
+from app.queue.store import JobStore
 from tests.api.test_metrics import scrape, value
 from tests.conftest import GatewayClient, GatewayFactory, eventually, stub
 
 # The dispatcher's slow poll marks a possible backlog until its claim comes back empty, and a
 # request admitted inside that window is queued rather than started at once (and its held insert
-# would then never reach the engine). Without the poll, every request here is a direct start.
+# would then never reach the engine). Without the poll, and once the start-up claim is back
+# (`direct_starts_open`), every request here is a direct start.
 DIRECT_STARTS = {"poll_interval_seconds": 600}
+
+
+async def direct_starts_open(gw: GatewayClient, model: str) -> None:
+    """Wait until a request for `model` would start at once.
+
+    The engine's readiness wakes the dispatcher for a first claim (jobs a predecessor left may be
+    waiting), and until that claim is back every admission is queued. `wait_ready` sees the engine
+    ready, not the claim: on a loaded machine the request used to arrive first, was queued, and its
+    insert, held by the test until the engine call it then never got, deadlocked the test.
+    """
+    dispatcher = gw.gateway.dispatchers[model]
+    await eventually(
+        lambda: asyncio.sleep(0, dispatcher.starts_at_once()), bool, what=f"direct starts for {model}"
+    )
 
 
 async def engine_requests(gw: GatewayClient, model: str) -> int:
@@ -52,6 +68,7 @@ async def test_engine_is_called_while_the_insert_is_in_flight_and_answers_after_
     gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gw = await gateway_factory({"demo": stub("--log-requests")}, queue=DIRECT_STARTS)
+    await direct_starts_open(gw, "demo")
     release = hold_inserts(monkeypatch, gw)
     answer = asyncio.create_task(gw.chat("demo", "overlap please"))
 
@@ -74,6 +91,7 @@ async def test_a_stream_reaches_its_client_only_after_the_insert(
     gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gw = await gateway_factory({"demo": stub("--log-requests")}, queue=DIRECT_STARTS)
+    await direct_starts_open(gw, "demo")
     release = hold_inserts(monkeypatch, gw)
     body = {
         "model": "demo",
@@ -99,6 +117,35 @@ async def test_a_stream_reaches_its_client_only_after_the_insert(
         return (await gw.http.get(f"/api/jobs/{job_id}", headers=gw.headers())).json()["state"]
 
     await eventually(state, lambda s: s == "succeeded", what="the stream's history write")
+
+
+async def test_a_request_admitted_while_the_start_up_claim_is_in_flight_is_queued_and_answered(
+    gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window `direct_starts_open` waits out, held open on purpose: the request is not
+    started before jobs the claim may find, and is not lost either; once its insert is
+    journaled the dispatcher claims it without waiting for the (600 s) poll."""
+    store = JobStore  # the claim's read of waiting jobs, held as a slow database would
+    real_candidates = store.queued_candidates
+    claim_in_flight, release_claim = asyncio.Event(), asyncio.Event()
+
+    async def held(self: JobStore, model: str, limit: int) -> list[Doc]:
+        claim_in_flight.set()
+        await release_claim.wait()
+        return await real_candidates(self, model, limit)
+
+    monkeypatch.setattr(store, "queued_candidates", held)
+    gw = await gateway_factory({"demo": stub("--log-requests")}, queue=DIRECT_STARTS)
+    await asyncio.wait_for(claim_in_flight.wait(), timeout=20)
+    assert not gw.gateway.dispatchers["demo"].starts_at_once()
+    answer = asyncio.create_task(gw.chat("demo", "in the window"))
+    await gw.until_count("demo", "queued", 1)  # queued behind the claim, not started at once
+    assert await engine_requests(gw, "demo") == 0
+    release_claim.set()
+    response = await asyncio.wait_for(answer, timeout=20)
+    assert response.status_code == 200, response.text
+    assert response.json()["message"]["content"] == "stub reply to: in the window"
+    assert await engine_requests(gw, "demo") == 1
 
 
 async def test_an_insert_that_fails_after_the_engine_call_began_leaves_nothing(
