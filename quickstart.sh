@@ -32,6 +32,8 @@ say() { printf '==> %s\n' "$*"; }
 missing=()
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
+# a C/C++ compiler: pip builds llama.cpp (the chat engine) from source on the first install
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
 if [ ! -x .venv/bin/python ] && ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
   missing+=(python3-venv)   # Debian's python3 ships without ensurepip
 fi
@@ -50,7 +52,12 @@ fi
 req_hash=$(cat requirements.txt requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
 stamp=.venv/.quickstart-requirements.sha256
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$req_hash" ]; then
-  say "installing requirements.txt into .venv"
+  if ! .venv/bin/python -c 'import llama_cpp' >/dev/null 2>&1; then
+    say "installing requirements.txt into .venv, building llama.cpp for the chat model"
+    say "(about 6 minutes on 2 cores the first time; pip caches the build for later installs)"
+  else
+    say "installing requirements.txt into .venv"
+  fi
   ./scripts/install_deps.sh
   echo "$req_hash" >"$stamp"
 else
@@ -142,6 +149,7 @@ Gateway starting on $URL (config $GATEWAY_CONFIG, data $GATEWAY_DATA_DIR). Try:
        -H 'Content-Type: application/json' \\
        -d '{"model": "$MODEL", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}' | jq
   curl -s $URL/admin/queue/$MODEL -H "Authorization: Bearer \$TOKEN" | jq
+  # a real model answers: SmolLM2-135M-Instruct on llama.cpp (CPU); /v1 works with any OpenAI SDK
   # real OCR on the CPU (RapidOCR): any image or PDF of yours
   curl -s $URL/api/ocr -H "Authorization: Bearer \$TOKEN" -H 'X-Client-ID: quickstart' \
        -F file=@/path/to/scan.png | jq '.text'

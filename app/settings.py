@@ -17,7 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from app.autoswitch.policy import PolicyConfig
 from app.errors import ConfigError
 
-EngineKind = Literal["stub", "vllm", "deepseek_ocr", "cpu_ocr"]
+EngineKind = Literal["stub", "vllm", "deepseek_ocr", "cpu_ocr", "llama_cpp"]
+# Requests one engine of the kind really runs at once, when the model does not say: llama.cpp's
+# Python server runs one completion at a time (a lock), so 10 "in flight" would be 9 queued there,
+# out of reach of the gateway's priorities.
+KIND_MAX_CONCURRENT: dict[str, int] = {"llama_cpp": 1}
 _PLACEHOLDER_SECRETS = {"change-me", "changeme", "your-secret-key", "your-secure-secret-key", "secret"}
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -192,11 +196,19 @@ class ModelSettings(_Strict):
     aliases: list[str] = []
     served_name: str | None = None
     path: str | None = Field(
-        None, description="weights: local path or hub id passed to `vllm serve`; default the name"
+        None,
+        description="weights: local path or hub id passed to `vllm serve`; llama_cpp: a GGUF file, "
+        "or package:<python package>/<file> for one shipped inside an installed package",
     )
     gpu: GpuNeeds = GpuNeeds()  # applies to GPU kinds, and to any kind that sets it explicitly
-    max_model_len: int | None = Field(None, ge=16)
+    max_model_len: int | None = Field(None, ge=16, description="vLLM --max-model-len; llama_cpp --n_ctx")
     max_num_seqs: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=512, description="llama_cpp: CPU threads (default: its own)")
+    chat_format: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="llama_cpp: a named chat format when the GGUF's own template is not enough",
+    )
     on_demand: bool = False
     startup_timeout: float | None = Field(None, gt=0, description="overrides engines.startup_timeout")
     max_concurrent: int = Field(10, ge=1, le=1024)
@@ -207,6 +219,15 @@ class ModelSettings(_Strict):
     args: list[str] = []
     env: dict[str, str] = {}
     autostart: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_concurrent" not in data:
+            kind_default = KIND_MAX_CONCURRENT.get(str(data.get("kind")))
+            if kind_default is not None:
+                return {**data, "max_concurrent": kind_default}
+        return data
 
     @field_validator("aliases")
     @classmethod

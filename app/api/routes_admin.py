@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 
 from app.api.deps import AdminDep, GatewayDep
 from app.engines.lifecycle import EngineRecord, EngineState
-from app.engines.process import log_tail
+from app.engines.process import log_tail, tree_rss_bytes
 from app.gateway import Gateway
 from app.queue.jobs import JobState
 
@@ -42,6 +42,7 @@ def _model_view(
         if ready and engine.ready_at
         else 0,
         "load_seconds": engine.load_seconds,
+        "memory_rss_bytes": tree_rss_bytes(engine.pid) if engine.process is not None else None,
         "loading_seconds": gw.engines.loading_seconds(engine),
         "is_healthy": ready,
         "processing": processing,

@@ -66,6 +66,27 @@ _SERVER_OWNED = {
     "--port": "the gateway (models.{name}.port or a free port)",
     "--model-name": "models.{name}.served_name",
 }
+# llama.cpp's OpenAI-compatible server (llama-cpp-python[server]): flags are its settings' field
+# names. `--interrupt_requests False` is not negotiable: its default lets a request that waits
+# for the server's one slot cut the running stream short with a [DONE], a truncated answer the
+# client cannot tell from a whole one; the gateway queues instead.
+LLAMA_CPP_MODULE = "llama_cpp.server"
+LLAMA_CPP_FIXED = ("--interrupt_requests", "False")
+_LLAMA_CPP_OWNED = {
+    "--model": "models.{name}.path",
+    "--model-alias": "models.{name}.served_name",
+    "--host": "the gateway (engines listen on 127.0.0.1 only)",
+    "--port": "the gateway (models.{name}.port or a free port)",
+    "--n-ctx": "models.{name}.max_model_len",
+    "--n-threads": "models.{name}.threads",
+    "--n-threads-batch": "models.{name}.threads",
+    "--chat-format": "models.{name}.chat_format",
+    "--interrupt-requests": "the llama_cpp kind (a request must never cut another one short)",
+    "--config-file": "the gateway (flags come from models.{name})",
+}
+# How each kind says it is ready to serve: llama.cpp's Python server has no /health (404) and
+# answers /v1/models once the model is loaded (it loads before it listens).
+_HEALTH_PATHS: dict[EngineKind, str] = {"llama_cpp": "/v1/models"}
 # vLLM's short aliases for owned flags.
 _ALIASES = {"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size", "-dp": "--data-parallel-size"}
 # Placement decides which GPUs an engine sees; an env entry overriding these would make the
@@ -76,6 +97,11 @@ RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
 def engine_needs_gpu(kind: EngineKind) -> bool:
     """True for kinds that cannot run without an NVIDIA GPU (without NVML only the others start)."""
     return kind in _GPU_KINDS
+
+
+def health_path(kind: EngineKind) -> str:
+    """The GET that answers 200 once an engine of this kind serves requests."""
+    return _HEALTH_PATHS.get(kind, "/health")
 
 
 def served_name(name: str, model: ModelSettings) -> str:
@@ -91,16 +117,26 @@ def model_path(name: str, model: ModelSettings) -> str:
 
 
 def build_command(
-    name: str, model: ModelSettings, *, port: int, python: str, gpu_total_bytes: Sequence[int] = ()
+    name: str,
+    model: ModelSettings,
+    *,
+    port: int,
+    python: str,
+    gpu_total_bytes: Sequence[int] = (),
+    model_file: str | None = None,
 ) -> list[str]:
     """The argv that starts the engine for `name` on 127.0.0.1:`port`.
 
     `python` is the interpreter whose environment holds the engine (for vLLM, often a
     separate venv from the gateway's). `gpu_total_bytes` is the total memory of each GPU that
-    placement chose (it turns `gpu.memory_gib` into vLLM's share). Raises ConfigError when
-    `model.args` or `model.env` set something the gateway owns, naming the model and the flag.
+    placement chose (it turns `gpu.memory_gib` into vLLM's share). `model_file` is `path`
+    resolved to a file (app/engines/model_files.py), for the kinds that load one. Raises
+    ConfigError when `model.args` or `model.env` set something the gateway owns, naming the
+    model and the flag.
     """
     check_environment(name, model)
+    if model.kind == "llama_cpp":
+        return _llama_cpp_command(name, model, port=port, python=python, model_file=model_file)
     if model.kind in _SERVER_MODULES:
         _check_args(name, model.args, _SERVER_OWNED)
         module = _SERVER_MODULES[model.kind]
@@ -124,6 +160,23 @@ def build_command(
     if model.kind == "deepseek_ocr":
         argv += DEEPSEEK_OCR_FLAGS
     return [*argv, *model.args]
+
+
+def _llama_cpp_command(
+    name: str, model: ModelSettings, *, port: int, python: str, model_file: str | None
+) -> list[str]:
+    _check_args(name, model.args, _LLAMA_CPP_OWNED)
+    if not model_file:
+        raise ConfigError(f"model {name!r}: kind llama_cpp needs path: a GGUF file to load")
+    argv = [python, "-m", LLAMA_CPP_MODULE, "--model", model_file]
+    argv += ["--model_alias", served_name(name, model), "--host", "127.0.0.1", "--port", str(port)]
+    if model.max_model_len is not None:
+        argv += ["--n_ctx", str(model.max_model_len)]
+    if model.threads is not None:
+        argv += ["--n_threads", str(model.threads), "--n_threads_batch", str(model.threads)]
+    if model.chat_format is not None:
+        argv += ["--chat_format", model.chat_format]
+    return [*argv, *LLAMA_CPP_FIXED, *model.args]
 
 
 def gpu_memory_utilization(needs: GpuNeeds, gpu_total_bytes: Sequence[int]) -> str:

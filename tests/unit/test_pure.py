@@ -95,7 +95,9 @@ def test_env_overrides_and_yaml_errors(tmp_path: Path) -> None:
 
 def test_shipped_config_is_valid() -> None:
     settings = load_settings(Path("config/config.yaml"), env={})
-    assert settings.models["demo"].aliases == ["demo-chat"]
+    chat = settings.models["chat"]  # a real model by default; the stub is never the default
+    assert (chat.kind, chat.aliases, chat.max_concurrent) == ("llama_cpp", ["smollm2", "demo-chat"], 1)
+    assert not any(model.kind == "stub" for model in settings.models.values())
     assert settings.queue.max_retries == 3
     assert settings.history.retention_days == 15
 
