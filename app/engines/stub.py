@@ -75,6 +75,12 @@ class StubEngine:
             return _error(500, "stub failure (--fail-rate)")
         prompt_tokens = sum(len(_text(m).split()) for m in messages)
         if prompt_tokens > self.args.max_model_len:
+            if body.get("stream") and self.args.late_stream_refusals:
+                # llama.cpp's Python server: the stream has begun (200) when the check fails
+                refused = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                await refused.prepare(request)
+                await refused.write_eof()
+                return refused
             return _error(
                 400,
                 f"This model's maximum context length is {self.args.max_model_len} tokens. "
@@ -288,6 +294,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="end the streamed body cleanly after N chunks, without a finish chunk or [DONE]",
     )
     parser.add_argument("--max-model-len", type=int, default=4096, help="longer prompts get a 400, like vLLM")
+    parser.add_argument(
+        "--late-stream-refusals",
+        action="store_true",
+        help="a streamed prompt over --max-model-len gets a 200 and an empty body, like llama.cpp",
+    )
     parser.add_argument("--max-tokens", type=int, default=16, help="default completion length")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-requests", action="store_true", help="print a line per chat request")

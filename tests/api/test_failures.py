@@ -39,6 +39,31 @@ async def test_engine_4xx_fails_at_once_with_engine_message(gateway_factory: Gat
     assert job["state"] == "failed"
 
 
+async def test_a_stream_refused_after_its_200_is_a_400_with_the_engines_message_not_a_retry(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """llama.cpp checks the context only once its stream has begun: a 200 and an empty body.
+    The gateway asks the same request without stream once, and relays that refusal."""
+    gw = await gateway_factory(
+        {"short": stub("--max-model-len", "3", "--late-stream-refusals", "--log-requests")}
+    )
+    body = {
+        "model": "short",
+        "messages": [{"role": "user", "content": "this prompt is longer than three tokens"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    response = await gw.http.post("/v1/chat/completions", json=body, headers=gw.headers())
+    assert response.status_code == 400, response.text
+    assert "maximum context length is 3 tokens" in response.json()["error"]["message"]
+    job = (await gw.http.get(f"/api/jobs/{response.headers['X-Request-ID']}", headers=gw.headers())).json()
+    assert (job["state"], job["attempts"], job["error"]["engine_status"]) == ("failed", 1, 400)
+    logs = await gw.http.get("/admin/models/short/logs?lines=50", headers=gw.headers(gw.admin_token))
+    sent = [line for line in logs.json()["lines"] if line.startswith("request ")]
+    assert len(sent) == 2  # the stream, then the probe without stream (and without stream_options)
+    assert '"stream": true' in sent[0] and '"stream": false' in sent[1] and "stream_options" not in sent[1]
+
+
 async def test_queue_wait_timeout_expires_the_job(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory({"busy": stub("--latency-ms", "2500", max_concurrent=1, timeout=0.5)})
     first = asyncio.create_task(gw.chat("busy", "first"))

@@ -24,7 +24,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from pymongo import AsyncMongoClient
 
 from app.engines.process import ENGINE_ID_ENV
-from tests.conftest import eventually
+from tests.conftest import GatewayFactory, eventually
 from tests.e2e.conftest import Daemon
 
 pytestmark = pytest.mark.e2e
@@ -257,3 +257,36 @@ async def test_stop_leaves_no_engine_process(tmp_path: Path, daemons: list[Daemo
             continue
     assert survivors == []
     assert (await _model(daemon, "smol"))["memory_rss_bytes"] is None
+
+
+async def test_auto_switch_swaps_two_real_models_in_one_slot(gateway_factory: GatewayFactory) -> None:
+    """The same GGUF under two names, one slot: demand for the stopped one makes auto-switch
+    stop the idle one and load the other (a real load, timed), the decision logged."""
+    switching = {"enabled": True, "slots": 1, "models": ["left", "right"], "interval_s": 3600}
+    switching |= {"miss_delay_s": 0, "cooldown_s": 0}
+    gw = await gateway_factory({"left": llama(), "right": llama(autostart=False)}, autoswitch=switching)
+    assert (await gw.chat("left", "hello")).status_code == 200  # a real answer from the loaded one
+    for _ in range(8):  # demand for the other: refused while it is not loaded, and counted
+        assert (await gw.chat("right", "hello")).status_code == 503
+    assert gw.gateway.missing is not None and gw.gateway.switcher is not None
+    await gw.gateway.missing.drain()
+
+    evaluation = await gw.gateway.switcher.run_scheduled()
+    assert evaluation is not None
+    assert [(a.kind, a.model) for a in evaluation.decision.actions] == [("stop", "left"), ("start", "right")]
+
+    async def states() -> tuple[str, str]:
+        engines = (await gw.http.get("/health")).json()["engines"]
+        return engines["left"]["state"], engines["right"]["state"]
+
+    await eventually(states, lambda s: s == ("stopped", "ready"), "right loaded in left's place")
+    answer = await gw.chat("right", "hello")
+    assert answer.status_code == 200 and answer.json()["message"]["content"]
+    admin = gw.headers(gw.admin_token)
+    logged = (await gw.http.get("/admin/autoswitch", headers=admin)).json()["decisions"][0]
+    assert logged["applied"] == [
+        {"kind": "stop", "model": "left", "ok": True},
+        {"kind": "start", "model": "right", "ok": True},
+    ]
+    right = (await gw.http.get("/admin/models/right", headers=admin)).json()
+    assert right["load_seconds"] > 0  # the real load the switch waited for
