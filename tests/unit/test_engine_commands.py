@@ -15,8 +15,8 @@ from app.engines.commands import (
     model_path,
     option_name,
 )
-from app.engines.model_files import resolve_model_file
 from app.engines.gpus import GIB, GpuInfo, StaticInventory
+from app.engines.model_files import resolve_model_file
 from app.engines.placement import place
 from app.errors import ConfigError
 from app.settings import ModelSettings
