@@ -38,6 +38,7 @@ Every process it starts is stopped by pid at the end, also on errors and Ctrl-C.
     .venv/bin/python scripts/bench.py --only-streaming    # streaming phase only, about a minute
     .venv/bin/python scripts/bench.py --only-ocr          # OCR phase only, ~3.5 minutes on 2 idle cores
     .venv/bin/python scripts/bench.py --only-metrics      # metrics on vs off only, about 2 minutes
+    .venv/bin/python scripts/bench.py --only-real-engine  # llama.cpp direct vs gateway, about 2 minutes
 """
 
 from __future__ import annotations
@@ -1984,6 +1985,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only the metrics on/off phase (two fresh gateways and the database): about 2 minutes",
     )
+    parser.add_argument(
+        "--only-real-engine",
+        action="store_true",
+        help="only the real-engine phase (llama.cpp + SmolLM2, direct vs gateway, model switch): ~2 minutes",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (gateway and engine logs)")
     args = parser.parse_args(argv)
@@ -1994,6 +2000,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--only-metrics", "--skip-metrics"),
         ("--only-metrics", "--only-streaming"),
         ("--only-metrics", "--only-ocr"),
+        ("--only-real-engine", "--only-metrics"),
+        ("--only-real-engine", "--only-streaming"),
+        ("--only-real-engine", "--only-ocr"),
     ]
     for first, second in clashes:
         if getattr(args, first[2:].replace("-", "_")) and getattr(args, second[2:].replace("-", "_")):
@@ -2038,9 +2047,41 @@ async def bench_metrics_only(args: argparse.Namespace, procs: Processes, tmp: Pa
         db.close()
 
 
+async def bench_real_engine_only(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
+    """--only-real-engine: the database and one gateway running llama.cpp (scripts/bench_real_engine.py)."""
+    from bench_real_engine import real_engine_report, real_engine_targets, run_real_engine_phase
+
+    uri, db_pid = await start_database(procs, tmp)
+    db = DbProbe(uri, db_pid)
+    try:
+        print(machine_line(db.version()), flush=True)
+        print("# real engine: llama.cpp direct vs through the gateway ...", file=sys.stderr)
+        result = await run_real_engine_phase(start_gateway, read_stream, procs, tmp, uri, args.quick)
+        print()
+        for line in real_engine_report(result):
+            print(line)
+        print()
+        print("| target | met | measured |")
+        print("|---|---|---|")
+        checks = real_engine_targets(result)
+        for name, met, detail in checks:
+            print(f"| {name} | {'n/a' if met is None else ('yes' if met else 'NO')} | {detail} |")
+        errors = [side.first_error for pair in result.concurrency.values() for side in pair if side.errors]
+        for error in errors:
+            print(f"# error in the real-engine phase: {error}", file=sys.stderr)
+        if args.json is not None:
+            payload = {"real_engine": asdict(result), "targets": [list(c) for c in checks]}
+            args.json.write_text(json.dumps(payload, indent=2, default=str))
+        return 1 if errors else 0
+    finally:
+        db.close()
+
+
 async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     if args.only_metrics:
         return await bench_metrics_only(args, procs, tmp)
+    if args.only_real_engine:
+        return await bench_real_engine_only(args, procs, tmp)
     chat = not (args.only_streaming or args.only_ocr)
     streaming = not (args.skip_streaming or args.only_ocr)
     ocr = not (args.skip_ocr or args.only_streaming)
