@@ -32,14 +32,8 @@ PROMPT = "Tell me a long story about a cat who learns to sail."
 MAX_TOKENS = 48
 
 
-def llama_model(autostart: bool = True) -> Doc:
-    return {
-        "kind": "llama_cpp",
-        "path": GGUF,
-        "max_model_len": 1024,
-        "max_waiting": 20,
-        "autostart": autostart,
-    }
+def llama_model() -> Doc:
+    return {"kind": "llama_cpp", "path": GGUF, "max_model_len": 1024, "max_waiting": 20}
 
 
 @dataclass
@@ -114,7 +108,7 @@ async def run_real_engine_phase(
     uri: str,
     quick: bool,
 ) -> RealEngineResult:
-    models = {"smol": llama_model(), "other": llama_model(autostart=False)}
+    models = {"smol": llama_model(), "other": llama_model()}  # start_gateway waits for all ready
     gateway = await start_gateway(
         procs, tmp, uri, "real-engine", "bench_real", models, {"rate_limit": {"per_minute": 0}}
     )
@@ -133,6 +127,7 @@ async def run_real_engine_phase(
             "stream": True,
         }
     ).encode()
+    await _stop(gateway.url, admin, "other")  # one engine loaded, as in one slot
     direct_url = f"http://127.0.0.1:{engine_port}/v1/chat/completions"
     gateway_url = f"{gateway.url}/v1/chat/completions"
     json_headers = {"Content-Type": "application/json"}
@@ -157,14 +152,21 @@ async def _swap(base: str, admin: dict[str, str], loaded: str, wanted: str) -> t
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         began = time.perf_counter()
-        async with session.post(f"{base}/admin/models/{loaded}/stop", headers=admin) as response:
-            if response.status != 200:
-                raise RuntimeError(f"stop {loaded}: {response.status} {await response.text()}")
+        await _stop(base, admin, loaded)
         stopped = time.perf_counter()
         async with session.post(f"{base}/admin/models/{wanted}/start?wait=true", headers=admin) as response:
             if response.status not in (200, 202):
                 raise RuntimeError(f"start {wanted}: {response.status} {await response.text()}")
         return stopped - began, time.perf_counter() - stopped
+
+
+async def _stop(base: str, admin: dict[str, str], model: str) -> None:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session,
+        session.post(f"{base}/admin/models/{model}/stop", headers=admin) as response,
+    ):
+        if response.status != 200:
+            raise RuntimeError(f"stop {model}: {response.status} {await response.text()}")
 
 
 def real_engine_report(r: RealEngineResult) -> list[str]:
