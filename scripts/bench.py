@@ -2010,6 +2010,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def print_report(lines: list[str], checks: list[tuple[str, bool | None, str]]) -> None:
+    """A phase's table, then its targets as a table of their own."""
+    print()
+    for line in lines:
+        print(line)
+    print()
+    print("| target | met | measured |")
+    print("|---|---|---|")
+    for name, met, detail in checks:
+        print(f"| {name} | {'n/a' if met is None else ('yes' if met else 'NO')} | {detail} |")
+
+
 async def bench_metrics_only(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     """--only-metrics: the database and the two gateways of the metrics phase, nothing else."""
     uri, db_pid = await start_database(procs, tmp)
@@ -2019,15 +2031,8 @@ async def bench_metrics_only(args: argparse.Namespace, procs: Processes, tmp: Pa
         sc = metrics_scenario(args.quick)
         print(f"# metrics on vs off: {sc.rounds} rounds x {sc.requests} requests ...", file=sys.stderr)
         result = await run_metrics_phase(procs, tmp, uri, sc)
-        print()
-        for line in metrics_report(result):
-            print(line)
-        print()
-        print("| target | met | measured |")
-        print("|---|---|---|")
         checks = metrics_targets(result)
-        for name, met, detail in checks:
-            print(f"| {name} | {'n/a' if met is None else ('yes' if met else 'NO')} | {detail} |")
+        print_report(metrics_report(result), checks)
         if result.errors:
             print(f"# errors in the metrics phase: {result.first_error}", file=sys.stderr)
         if args.json is not None:
@@ -2057,15 +2062,8 @@ async def bench_real_engine_only(args: argparse.Namespace, procs: Processes, tmp
         print(machine_line(db.version()), flush=True)
         print("# real engine: llama.cpp direct vs through the gateway ...", file=sys.stderr)
         result = await run_real_engine_phase(start_gateway, read_stream, procs, tmp, uri, args.quick)
-        print()
-        for line in real_engine_report(result):
-            print(line)
-        print()
-        print("| target | met | measured |")
-        print("|---|---|---|")
         checks = real_engine_targets(result)
-        for name, met, detail in checks:
-            print(f"| {name} | {'n/a' if met is None else ('yes' if met else 'NO')} | {detail} |")
+        print_report(real_engine_report(result), checks)
         errors = [side.first_error for pair in result.concurrency.values() for side in pair if side.errors]
         for error in errors:
             print(f"# error in the real-engine phase: {error}", file=sys.stderr)

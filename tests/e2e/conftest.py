@@ -139,6 +139,16 @@ class Daemon:
         finally:
             await client.close()
 
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """The job's document as the database has it now."""
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(self.db_uri())
+        try:
+            doc = await client.gateway.jobs.find_one({"_id": job_id})
+            assert doc is not None, f"no job {job_id}"
+            return doc
+        finally:
+            await client.close()
+
     def db_pid(self) -> int:
         return int(json.loads((self.data_dir / "db.pid").read_text())["pid"])
 

@@ -64,16 +64,6 @@ async def _model(daemon: Daemon, name: str) -> dict[str, Any]:
     return body
 
 
-async def _job(daemon: Daemon, job_id: str) -> dict[str, Any]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(daemon.db_uri())
-    try:
-        doc = await client.gateway.jobs.find_one({"_id": job_id})
-        assert doc is not None
-        return doc
-    finally:
-        await client.close()
-
-
 def _engine_log(daemon: Daemon, name: str) -> str:
     return (daemon.data_dir / "logs" / f"{name}.log").read_bytes().decode(errors="replace")
 
@@ -104,7 +94,7 @@ async def test_real_answers_plain_streamed_and_through_api_chat(
     assert streamed == text  # same prompt, temperature 0: the same tokens, relayed one by one
     assert len(chunks) > 5 and all(c.model == "smol" for c in chunks)
     job_id = raw.headers["x-request-id"]
-    doc = await eventually(lambda: _job(daemon, job_id), lambda d: d["state"] == "succeeded", "history")
+    doc = await eventually(lambda: daemon.job(job_id), lambda d: d["state"] == "succeeded", "history")
     assert doc["result"]["message"]["content"] == streamed
     assert doc["result"]["finish_reason"] in ("stop", "length")
 
@@ -197,7 +187,7 @@ async def test_a_client_that_disconnects_mid_stream_stops_the_generation_at_the_
         lambda log: "Disconnected from client" in log,
         "the engine's own word that its client went away",
     )
-    doc = await eventually(lambda: _job(daemon, job_id), lambda d: d["state"] == "cancelled", "job cancelled")
+    doc = await eventually(lambda: daemon.job(job_id), lambda d: d["state"] == "cancelled", "job cancelled")
     assert "closed the connection" in doc["error"]["message"]
     # the engine is free again: its one slot serves the next request
     after = await client.chat.completions.create(model="smol", messages=ASK, max_tokens=8)
@@ -230,7 +220,7 @@ async def test_kill9_of_the_engine_mid_generation_is_logged_restarted_and_the_jo
 
     job_id, text = await asyncio.wait_for(answer, timeout=120)
     assert text
-    doc = await _job(daemon, job_id)
+    doc = await daemon.job(job_id)
     assert doc["state"] == "succeeded" and doc["attempts"] == 2  # retried once on the restarted engine
     view = await _model(daemon, "smol")
     assert view["state"] == "ready" and view["pid"] != first_pid

@@ -19,13 +19,7 @@ HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "stream m
 
 
 async def _job(daemon: Daemon, job_id: str) -> dict[str, object]:
-    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(daemon.db_uri())
-    try:
-        doc = await client.gateway.jobs.find_one({"_id": job_id})
-        assert doc is not None
-        return doc
-    finally:
-        await client.close()
+    return await daemon.job(job_id)
 
 
 async def _until_state(daemon: Daemon, job_id: str, state: str, timeout_s: float = 15.0) -> dict[str, object]:
