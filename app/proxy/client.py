@@ -87,10 +87,13 @@ class EngineClient:
             raise RuntimeError("engine client is not started")
         return self._session
 
-    async def chat_completion(self, base_url: str, payload: Doc, timeout_s: float) -> Doc:
+    async def chat_completion(
+        self, base_url: str, payload: Doc, timeout_s: float, session: aiohttp.ClientSession | None = None
+    ) -> Doc:
         """POST /v1/chat/completions; raises EngineCallError saying whether a retry may help."""
         url = f"{base_url}/v1/chat/completions"
-        async with _engine_call(timeout_s), self.session.post(url, json=payload) as response:
+        post = (session or self.session).post(url, json=payload)
+        async with _engine_call(timeout_s), post as response:
             body = await response.read()
         if response.status >= 400:
             raise _status_error(response.status, body)
@@ -128,8 +131,6 @@ class EngineClient:
                     raise EngineCallError("engine sent an invalid stream chunk", retryable=True) from None
                 received = True
                 yield chunk
-            if not received:  # the engine gave up on this connection: not back into the pool
-                response.close()
         if not received:
             await self._why_empty(base_url, payload, timeout_s)
         raise EngineCallError("engine stream ended without data: [DONE]", retryable=True)
@@ -144,13 +145,18 @@ class EngineClient:
         this it would be retried as a broken stream and end as a 502 that names nothing. The
         probe is the same request (same limits), so the answer is the one the client would
         have had; a probe that succeeds leaves the stream failure as it was (retryable).
+
+        The probe goes out on a connection of its own: the server closes the broken stream's
+        connection as it ends it, and a pooled connection may be that one, closing under the
+        probe (seen as ServerDisconnectedError on most tries).
         """
         probe = {k: v for k, v in payload.items() if k != "stream_options"}  # vLLM: stream only
-        try:
-            await self.chat_completion(base_url, {**probe, "stream": False}, timeout_s)
-        except EngineCallError as exc:
-            if not exc.retryable:
-                raise
+        async with aiohttp.ClientSession() as fresh:
+            try:
+                await self.chat_completion(base_url, {**probe, "stream": False}, timeout_s, fresh)
+            except EngineCallError as exc:
+                if not exc.retryable:
+                    raise
 
     async def healthy(self, url: str, timeout_s: float = 2.0) -> bool:
         """GET `url` (the kind's health endpoint, commands.health_path) answers 200."""

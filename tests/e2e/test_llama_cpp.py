@@ -221,7 +221,9 @@ async def test_kill9_of_the_engine_mid_generation_is_logged_restarted_and_the_jo
     job_id, text = await asyncio.wait_for(answer, timeout=120)
     assert text
     doc = await daemon.job(job_id)
-    assert doc["state"] == "succeeded" and doc["attempts"] == 2  # retried once on the restarted engine
+    # retried on the restarted engine; a retry that came before the crash was noticed (still
+    # "ready", connection refused) is an attempt too, so 2 or more
+    assert doc["state"] == "succeeded" and doc["attempts"] >= 2
     view = await _model(daemon, "smol")
     assert view["state"] == "ready" and view["pid"] != first_pid
     async with httpx.AsyncClient() as http:
