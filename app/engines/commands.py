@@ -84,9 +84,12 @@ _LLAMA_CPP_OWNED = {
     "--interrupt-requests": "the llama_cpp kind (a request must never cut another one short)",
     "--config-file": "the gateway (flags come from models.{name})",
 }
-# How each kind says it is ready to serve: llama.cpp's Python server has no /health (404) and
-# answers /v1/models once the model is loaded (it loads before it listens).
-_HEALTH_PATHS: dict[EngineKind, str] = {"llama_cpp": "/v1/models"}
+# How each kind says it is ready to serve. llama.cpp's Python server has no /health (404); it
+# loads its model before it listens, so any answer means loaded. Not /v1/models: that handler
+# waits for the model lock, held for the whole of a running generation, so a health check during
+# a long answer would time out and the busy engine be restarted as hung (measured: 2.0 s for
+# /v1/models during a 2.5 s generation, 4 ms for /docs, FastAPI's docs page).
+_HEALTH_PATHS: dict[EngineKind, str] = {"llama_cpp": "/docs"}
 # vLLM's short aliases for owned flags.
 _ALIASES = {"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size", "-dp": "--data-parallel-size"}
 # Placement decides which GPUs an engine sees; an env entry overriding these would make the

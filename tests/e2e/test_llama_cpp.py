@@ -34,7 +34,7 @@ STORY: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me 
 
 
 def llama(**fields: Any) -> dict[str, Any]:
-    return {"kind": "llama_cpp", "path": SMOLLM2, "max_model_len": 512, "threads": 2, **fields}
+    return {"kind": "llama_cpp", "path": SMOLLM2, "max_model_len": 512, "threads": 1, **fields}
 
 
 async def _serving(tmp_path: Path, daemons: list[Daemon], models: dict[str, Any], **sections: Any) -> Daemon:
@@ -163,6 +163,31 @@ async def test_concurrent_requests_queue_in_the_gateway_and_never_cut_each_other
     results = await asyncio.gather(*(story() for _ in range(3)))
     assert [finish for finish, _ in results] == ["length"] * 3, results
     assert all(pieces >= 35 for _, pieces in results), results  # ~one chunk per token, none cut
+
+
+async def test_a_long_generation_is_not_taken_for_a_hung_engine(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """llama.cpp's /v1/models waits for the model lock a generation holds: health checked there,
+    a long answer looked like a hang and the busy engine was restarted under it. Health checks
+    every 0.3 s with a 0.2 s timeout, two misses = hung: a generation of seconds must survive."""
+    checks = {"health_check_interval": 0.3, "health_check_timeout": 0.2, "health_check_failures": 2}
+    daemon = await _serving(tmp_path, daemons, {"smol": llama(max_model_len=1024)}, engines=checks)
+    client = _sdk(daemon)
+    pid = (await _model(daemon, "smol"))["pid"]
+    counting: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Count from 1 to 1000, one number per line."}
+    ]
+    began = asyncio.get_running_loop().time()
+    answer = await client.chat.completions.create(model="smol", messages=counting, max_tokens=200)
+    took = asyncio.get_running_loop().time() - began
+    assert answer.usage is not None and answer.usage.completion_tokens > 50
+    assert took > 4 * 0.3, f"the generation took {took:.2f} s: too short to show anything"
+    view = await _model(daemon, "smol")
+    assert (view["pid"], view["state"]) == (pid, "ready")
+    async with httpx.AsyncClient() as http:
+        crashes = (await http.get(f"{daemon.url}/admin/crashes?model=smol", headers=_admin(daemon))).json()
+    assert crashes == []
 
 
 async def test_a_client_that_disconnects_mid_stream_stops_the_generation_at_the_engine(

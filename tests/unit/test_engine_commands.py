@@ -190,7 +190,7 @@ def test_llama_cpp_command_is_llama_cpps_server_on_the_resolved_file() -> None:
     assert flag_value(argv, "--chat_format") == "chatml"
     assert flag_value(argv, "--interrupt_requests") == "False"
     assert not engine_needs_gpu("llama_cpp")
-    assert health_path("llama_cpp") == "/v1/models" and health_path("stub") == "/health"
+    assert health_path("llama_cpp") == "/docs" and health_path("stub") == "/health"
 
 
 def test_llama_cpp_leaves_unset_options_to_the_server_and_appends_args() -> None:
