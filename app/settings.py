@@ -110,8 +110,9 @@ class HistorySettings(_Strict):
 
 
 class AutoSwitchSettings(_Strict):
-    """Auto-switch (DESIGN §7). The policy's thresholds are app.autoswitch.policy.PolicyConfig's
-    fields, validated by it; the defaults of the threshold mode match the system we re-implement."""
+    """Auto-switch (docs/ARCHITECTURE.md, "Auto-switch"). The policy's thresholds are
+    app.autoswitch.policy.PolicyConfig's fields, validated by it; the defaults of the threshold
+    mode match the system we re-implement."""
 
     enabled: bool = Field(False, description="at start; POST /admin/autoswitch changes it at run time")
     models: list[str] | None = Field(

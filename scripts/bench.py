@@ -1,9 +1,9 @@
 """Request-path benchmark: a stub engine called directly vs the same engine behind the gateway.
 
-Why this exists: DESIGN.md §3 promises that the durable queue (journaled writes on SecantusDB)
-costs the request path only a few milliseconds and a few database round trips, and that the
-embedded database stays fast with 15 days (here: 100k) of finished jobs in it. This script
-measures exactly that, on this machine, with real processes and real sockets:
+Why this exists: docs/ARCHITECTURE.md ("The embedded database") promises that the durable queue
+(journaled writes on SecantusDB) costs the request path only a few milliseconds and a few
+database round trips, and that the embedded database stays fast with 15 days (here: 100k) of
+finished jobs in it. This script measures exactly that, on this machine, with real processes and real sockets:
 
 * its own SecantusDB server (EmbeddedDatabase, temporary data dir), so its CPU time and its
   `serverStatus` opcounters belong to this run alone;

@@ -112,7 +112,7 @@ class _Message(BaseModel):
 
 
 class OcrJsonRequest(BaseModel):
-    """The form clients of the system we re-implement send (DESIGN §8)."""
+    """The form clients of the system we re-implement send (docs/ARCHITECTURE.md, "The HTTP contract")."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None

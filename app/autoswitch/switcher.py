@@ -4,7 +4,8 @@ The policy (app/autoswitch/policy.py) is pure; this is the only part with I/O. I
 gateway's scheduler every `interval_s`, and also `miss_delay_s` after a request found its
 model not loaded (at most one such run pending), so a model asked for in vain does not wait
 for the next interval. Runs never overlap (a lock), and on a host with several gateways only
-the holder of the host's lease in `leaders` decides (DESIGN §10): engines belong to a host.
+the holder of the host's lease in `leaders` decides (docs/ARCHITECTURE.md, "Several hosts"):
+engines belong to a host.
 
 Every applied evaluation is stored in `autoswitch_decisions` (15-day TTL) with its inputs and
 reasons; a dry run (`POST /admin/autoswitch/evaluate`) is returned, not stored or applied. The

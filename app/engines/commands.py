@@ -9,8 +9,8 @@ what the `vllm` console script runs (`vllm = "vllm.entrypoints.cli.main:main"`),
 on PATH and always runs under the interpreter (venv) the operator named. The older
 `python -m vllm.entrypoints.openai.api_server` is avoided: it is an internal module that vLLM
 reorganises (current `vllm serve` runs its server from elsewhere), while `vllm serve` is the
-documented entry point. Flags checked against vLLM's
-`vllm serve` CLI and the DeepSeek-OCR recipe (vLLM 0.11.1+/0.12; see DESIGN.md §5).
+documented entry point. Flags checked against vLLM's `vllm serve` CLI and the DeepSeek-OCR
+recipe (vLLM 0.11.1+/0.12; see docs/ARCHITECTURE.md, "vLLM and DeepSeek-OCR").
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ DEEPSEEK_OCR_DEFAULT_PATH = "deepseek-ai/DeepSeek-OCR"
 # From vLLM's DeepSeek-OCR recipe (vllm-project/recipes DeepSeek/DeepSeek-OCR.md, "Online OCR
 # serving"): the n-gram logits processor stops repetition loops; prefix and image caches only
 # cost hashing for one-shot OCR. The recipe has no --trust-remote-code (vLLM implements the
-# model natively); DESIGN.md §5 asks for it, and it lets the hub repo's Python run, so keep
+# model natively); the product asks for it, and it lets the hub repo's Python run, so keep
 # `path` pointing at a repo you trust.
 DEEPSEEK_OCR_FLAGS = (
     "--logits-processors",

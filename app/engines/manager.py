@@ -1,4 +1,4 @@
-"""The engine supervisor: the one owner of every engine's lifecycle (DESIGN.md §5).
+"""The engine supervisor: the one owner of every engine's lifecycle (docs/ARCHITECTURE.md, "Engines").
 
 It places engines on GPUs, starts them in their own process groups, waits for health, watches
 them (process exit at once, HTTP health every few seconds for hangs), records crashes and

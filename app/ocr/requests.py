@@ -17,8 +17,8 @@ PROMPTS: Final[dict[str, str]] = {
     "text": "Free OCR.",
     "markdown": "<|grounding|>Convert the document to markdown.",
 }
-# DESIGN §5: stops the runaway repetition DeepSeek-OCR is prone to; the whitelisted ids are
-# the table-cell tokens <td> and </td>, which legitimately repeat.
+# docs/ARCHITECTURE.md, "vLLM and DeepSeek-OCR": stops the runaway repetition DeepSeek-OCR is prone
+# to; the whitelisted ids are the table-cell tokens <td> and </td>, which legitimately repeat.
 VLLM_XARGS: Final[dict[str, Any]] = {
     "ngram_size": 30,
     "window_size": 90,

@@ -1,8 +1,8 @@
 """Calls engines over their OpenAI-compatible HTTP API and classifies what went wrong.
 
 aiohttp rather than httpx: measured on 2 cores, a FastAPI+aiohttp proxy served 3,826 rps
-against 488 rps with httpx (DESIGN.md §3). One session for the whole process keeps
-connections to every engine alive.
+against 488 rps with httpx (docs/ARCHITECTURE.md, "The engine HTTP client"). One session for
+the whole process keeps connections to every engine alive.
 """
 
 from __future__ import annotations

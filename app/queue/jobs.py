@@ -1,4 +1,5 @@
-"""The job document: queue entry, result and history record in one (DESIGN.md §4)."""
+"""The job document: queue entry, result and history record in one (docs/ARCHITECTURE.md,
+"The job document")."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Group commit for journaled writes.
 
-Journaled writes do not scale with concurrency on SecantusDB, but batches do (DESIGN.md §3:
-32 concurrent journaled inserts run at 167/s, one `insert_many` of 32 at ~15,000 docs/s). So
-every job write goes through one writer task per collection: callers enqueue an operation and
-await its own outcome; whatever arrives while a batch is in flight goes out in the next one.
-A lone caller pays no timer, only one event-loop tick.
+Journaled writes do not scale with concurrency on SecantusDB, but batches do
+(docs/ARCHITECTURE.md, "The embedded database": 32 concurrent journaled inserts run at 167/s,
+one `insert_many` of 32 at ~15,000 docs/s). So every job write goes through one writer task per
+collection: callers enqueue an operation and await its own outcome; whatever arrives while a
+batch is in flight goes out in the next one. A lone caller pays no timer, only one event-loop tick.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The database handle: collections with the write concern every job write needs, and indexes.
 
-SecantusDB loses every recent write on kill -9 unless it is journaled (DESIGN.md §3), so the
-collections that hold admitted work are opened with `j=True` (and `w="majority"` on a replica set).
+SecantusDB loses every recent write on kill -9 unless it is journaled (docs/ARCHITECTURE.md,
+"The embedded database"), so the collections that hold admitted work are opened with `j=True`
+(and `w="majority"` on a replica set).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ JOB_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
 
 
 async def ensure_indexes(database: Database) -> None:
-    """Every query on the request path has an index; SecantusDB scans are very slow (DESIGN §3).
+    """Every query on the request path has an index; SecantusDB scans are very slow (docs/ARCHITECTURE.md).
 
     Indexes an earlier version made and this one does not want (or wants with other keys) are
     dropped first: each costs work on every job write.

@@ -136,7 +136,7 @@ PNG_URL = "data:image/png;base64," + base64.b64encode(encode(text_image(["X"]), 
 async def test_json_form_bad_input(
     gw: GatewayClient, body: dict[str, Any], status: int, message: str
 ) -> None:
-    """Older clients' JSON form (DESIGN §8): a wrong image is a clear 4xx, never a queued job."""
+    """Older clients' JSON form (docs/ARCHITECTURE.md): a wrong image is a clear 4xx, never a queued job."""
     response = await gw.http.post("/api/ocr", json=body, headers=gw.headers())
     assert response.status_code == status, response.text
     assert message in str(response.json()["detail"]), response.json()
@@ -220,7 +220,7 @@ async def test_engine_is_sent_the_deepseek_ocr_prompts(gw: GatewayClient) -> Non
         if line.startswith("request ")
     ]
     assert len(logged) == 3
-    for fields in logged:  # what vLLM's DeepSeek-OCR needs with every request (DESIGN §5)
+    for fields in logged:  # what vLLM's DeepSeek-OCR needs with every request (docs/ARCHITECTURE.md)
         assert fields["skip_special_tokens"] is False
         assert fields["vllm_xargs"] == {
             "ngram_size": 30,

@@ -1,6 +1,6 @@
 """The request the gateway sends an OCR engine per page, and how it reads the answer (pure).
 
-DESIGN §5 fixes DeepSeek-OCR's per-request fields; vLLM ignores none of them, so a typo here
+docs/ARCHITECTURE.md fixes DeepSeek-OCR's per-request fields; vLLM ignores none of them, so a typo here
 would silently bring back the runaway repetition or strip the grounding tags. Both OCR kinds
 (deepseek_ocr on vLLM, cpu_ocr) get this one request: the builder takes no engine kind.
 """
