@@ -155,6 +155,20 @@ class ModelUnavailable(GatewayError):
     code = "model_unavailable"
 
 
+class UpstreamUnavailable(ModelUnavailable):
+    """An external upstream (kind openai) fails its health check; it is served again as soon as
+    a check passes, so the client is told when to look again."""
+
+    code = "upstream_unavailable"
+
+    def __init__(self, model: str, reason: str, retry_after_s: int) -> None:
+        super().__init__(
+            f"model {model!r} is unavailable: its upstream {reason}; it is served again once "
+            f"its health check passes (checked every {retry_after_s} s)"
+        )
+        self.retry_after_s = retry_after_s
+
+
 class EngineStartFailed(ModelUnavailable):
     """An admin start did not lead to a serving engine: the spawn or the load failed, or the
     model was stopped while it loaded. Raised instead of a "started" answer, so a caller that
@@ -175,6 +189,21 @@ class ModelBusy(GatewayError):
     """The model has work in flight and the operation would cut it; repeat with force."""
 
     code = "model_busy"
+
+
+class NotManaged(GatewayError):
+    """An admin start or stop of an external upstream (kind openai): the gateway routes to it but
+    does not run it, so there is nothing to start or stop here."""
+
+    code = "model_not_managed"
+
+    def __init__(self, model: str, url: str) -> None:
+        super().__init__(
+            f"model {model!r} is an external upstream ({url}): the gateway routes requests to it but "
+            "does not start or stop it; start or stop that server where it runs (it is served "
+            "while its health check passes)"
+        )
+        self.model = model
 
 
 class JobTimedOut(GatewayError):

@@ -24,6 +24,7 @@ from app.dispatch.workload import DispatchWorkload
 from app.engines.crashes import CrashLog
 from app.engines.gpus import GIB, GpuInfo, GpuInventory, NvmlInventory, StaticInventory
 from app.engines.manager import EngineManager
+from app.engines.upstream import auth_headers
 from app.history.missing import MissingModels
 from app.history.usage import UsageRollup
 from app.logs import event
@@ -42,7 +43,7 @@ from app.queue.stats import OutcomeCounters
 from app.queue.store import JobStore
 from app.queue.sweeper import Sweeper, make_worker_id
 from app.scheduler import Scheduler
-from app.settings import EngineDefaults, Settings, check_secret, redact_uri
+from app.settings import EngineDefaults, Settings, check_secret, redact_uri, upstream_environment
 from app.store.batch import BatchWriter
 from app.store.database import Database, connect, ensure_indexes
 from app.store.embedded import EmbeddedDatabase
@@ -86,6 +87,7 @@ class Gateway:
     _rollup_lease: Lease | None = None
     metrics: Metrics = field(default_factory=Metrics)  # the no-op unless build() enables them
     loop_lag: LoopLagMonitor | None = None
+    upstream_headers: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, settings: Settings, clock: Clock) -> Gateway:
@@ -101,6 +103,7 @@ class Gateway:
         )
         throttle = LoginThrottle(clock, auth.login_max_failures, auth.login_window_seconds)
         worker_id = make_worker_id()
+        upstream_headers = auth_headers(settings.models, upstream_environment())  # before anything runs
         capacities = {name: (m.max_concurrent, m.max_waiting) for name, m in settings.models.items()}
         return cls(
             settings=settings,
@@ -109,6 +112,7 @@ class Gateway:
             tokens=tokens,
             login_throttle=throttle,
             worker_id=worker_id,
+            upstream_headers=upstream_headers,
             metrics=build_metrics(settings.metrics.enabled, clock, capacities, __version__, worker_id),
         )
 
@@ -186,6 +190,7 @@ class Gateway:
             s.log_dir,
             gpu_inventory(s.engines),
             self.metrics,
+            self.upstream_headers,
         )
         retry = RetryPolicy(
             s.queue.max_retries, s.queue.retry_backoff_seconds, s.queue.retry_backoff_max_seconds
@@ -201,6 +206,7 @@ class Gateway:
                 self.engine_client,
                 self._url_of(name),
                 engines.get(name).served_name,
+                engines.get(name).auth_headers,
                 retry,
                 s.queue.poll_interval_seconds,
                 engine_suspect=lambda job_id, name=name: engines.check_process(name, job_id),  # type: ignore[misc]

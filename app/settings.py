@@ -17,13 +17,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from app.autoswitch.policy import PolicyConfig
 from app.errors import ConfigError
 
-EngineKind = Literal["stub", "vllm", "deepseek_ocr", "cpu_ocr", "llama_cpp"]
+EngineKind = Literal["stub", "vllm", "deepseek_ocr", "cpu_ocr", "llama_cpp", "openai"]
 # Requests one engine of the kind really runs at once, when the model does not say: llama.cpp's
 # Python server runs one completion at a time (a lock), so 10 "in flight" would be 9 queued there,
 # out of reach of the gateway's priorities.
 KIND_MAX_CONCURRENT: dict[str, int] = {"llama_cpp": 1}
 _PLACEHOLDER_SECRETS = {"change-me", "changeme", "your-secret-key", "your-secure-secret-key", "secret"}
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_UPSTREAM_URL = re.compile(r"^https?://[^\s/?#@]+(/[^\s?#]*)?$")
+# Keys that describe a process the gateway spawns: an external upstream (kind openai) has none,
+# and a value there would be silently ignored, so it is refused with the reason.
+_SPAWN_ONLY_KEYS = (
+    "path",
+    "gpu",
+    "max_model_len",
+    "max_num_seqs",
+    "threads",
+    "chat_format",
+    "on_demand",
+    "startup_timeout",
+    "port",
+    "args",
+    "env",
+    "autostart",
+)
 
 
 class _Strict(BaseModel):
@@ -210,6 +227,19 @@ class ModelSettings(_Strict):
         pattern=r"^[A-Za-z0-9._-]{1,64}$",
         description="llama_cpp: a named chat format when the GGUF's own template is not enough",
     )
+    url: str | None = Field(
+        None, description="kind openai only: the upstream's base URL (http://host:port, with or without /v1)"
+    )
+    api_key_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+        description="kind openai: the environment variable that holds the upstream's API key",
+    )
+    health_path: str | None = Field(
+        None,
+        pattern=r"^/[^\s?#]*(\?[^\s#]*)?$",
+        description="kind openai: the GET that answers 200 while the upstream serves (default /v1/models)",
+    )
     on_demand: bool = False
     startup_timeout: float | None = Field(None, gt=0, description="overrides engines.startup_timeout")
     max_concurrent: int = Field(10, ge=1, le=1024)
@@ -229,6 +259,37 @@ class ModelSettings(_Strict):
             if kind_default is not None:
                 return {**data, "max_concurrent": kind_default}
         return data
+
+    @field_validator("url")
+    @classmethod
+    def _upstream_url(cls, url: str | None) -> str | None:
+        """Stored without a trailing `/` or `/v1`: the relay appends `/v1/chat/completions`, and
+        operators paste either form (OpenAI SDK base URLs end in /v1, Ollama's docs omit it)."""
+        if url is None:
+            return None
+        if not _UPSTREAM_URL.match(url):
+            raise ValueError(
+                f"{url!r} is not an http(s) URL such as http://127.0.0.1:11434 (no query, no user:pass@)"
+            )
+        url = url.rstrip("/")
+        return url.removesuffix("/v1").rstrip("/")
+
+    @model_validator(mode="after")
+    def _upstream_keys(self) -> ModelSettings:
+        upstream_only = [k for k in ("url", "api_key_env", "health_path") if k in self.model_fields_set]
+        if self.kind != "openai":
+            if upstream_only:
+                raise ValueError(f"{upstream_only[0]} applies to kind openai only (an external upstream)")
+            return self
+        if self.url is None:
+            raise ValueError("kind openai needs url: the upstream's base URL, e.g. http://127.0.0.1:11434")
+        for key in _SPAWN_ONLY_KEYS:
+            if key in self.model_fields_set:
+                raise ValueError(
+                    f"{key} does not apply to kind openai: the gateway routes to that upstream but "
+                    "does not start it"
+                )
+        return self
 
     @field_validator("aliases")
     @classmethod
@@ -296,6 +357,11 @@ class Settings(_Strict):
         for name in self.autoswitch.models or []:
             if name not in self.models:
                 raise ValueError(f"autoswitch.models names {name!r}, which is not a configured model")
+            if self.models[name].kind == "openai":
+                raise ValueError(
+                    f"autoswitch.models names {name!r}, an external upstream (kind openai) the gateway "
+                    "cannot start or stop"
+                )
         return self
 
     @property
@@ -351,6 +417,12 @@ def read_env_file(path: Path) -> dict[str, str]:
         key, _, value = line.partition("=")
         values[key.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
     return values
+
+
+def upstream_environment() -> dict[str, str]:
+    """Where external upstreams' API keys are read (models.<m>.api_key_env): the process
+    environment over the `.env` file, as for the gateway's own secrets."""
+    return {**read_env_file(Path(".env")), **os.environ}
 
 
 def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: str) -> None:

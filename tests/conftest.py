@@ -187,13 +187,25 @@ class GatewayClient:
 
         await eventually(
             engines,
-            lambda summary: all(m["state"] in ("ready", "failed", "stopped") for m in summary.values()),
-            "engines settled (ready, failed or stopped)",
+            lambda summary: all(
+                m["state"] in ("ready", "failed", "stopped", "unavailable") for m in summary.values()
+            ),
+            "engines settled (ready, failed, stopped or unavailable)",
             timeout_s,
         )
 
 
 GatewayFactory = Callable[..., Awaitable[GatewayClient]]
+
+
+@pytest.fixture
+def external_servers() -> Iterator[list[Any]]:
+    """Upstream servers a test starts itself (tests/upstream.py ExternalServer), stopped after it."""
+    servers: list[Any] = []
+    yield servers
+    for server in servers:
+        with contextlib.suppress(Exception):
+            server.stop()
 
 
 @pytest.fixture

@@ -40,6 +40,7 @@ _STATUS: list[tuple[type[errors.GatewayError], int]] = [
     (errors.IdempotencyConflict, 409),
     (errors.JobAlreadyFinished, 409),
     (errors.ModelBusy, 409),
+    (errors.NotManaged, 409),
     (errors.ConfigError, 500),
 ]
 
@@ -122,7 +123,7 @@ def error_response(request: Request, exc: errors.GatewayError) -> JSONResponse:
     if job_id:
         extra["request_id"] = job_id
         headers["X-Request-ID"] = job_id
-    if isinstance(exc, errors.QueueFull | errors.LoginThrottled):
+    if isinstance(exc, errors.QueueFull | errors.LoginThrottled | errors.UpstreamUnavailable):
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, errors.RateLimited):
         headers["Retry-After"] = str(exc.retry_after_s)

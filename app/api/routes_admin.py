@@ -33,6 +33,9 @@ def _model_view(
         "aliases": engine.settings.aliases,
         "served_name": engine.served_name,
         "port": (engine.port or None) if engine.process is not None else None,  # no process, no port
+        # external upstreams (kind openai): where requests go, and when its health was last seen
+        "url": engine.settings.url,
+        "last_check_at": engine.last_check_at.isoformat() if engine.last_check_at else None,
         "pid": engine.pid,
         "gpus": engine.gpus,
         "adopted": engine.adopted,

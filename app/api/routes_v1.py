@@ -253,8 +253,8 @@ async def _replayed(
         delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
     yield _event({**base, "choices": [_choice(delta, None)]})
     yield _event({**base, "choices": [_choice({}, result.get("finish_reason"))]})
-    if include_usage:
-        yield _event({**base, "choices": [], "usage": result.get("usage") or {}})
+    if include_usage and result.get("usage"):  # as relayed: an engine that reported none gets none
+        yield _event({**base, "choices": [], "usage": result["usage"]})
     yield _DONE
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from app.errors import EngineCallError
@@ -36,6 +36,7 @@ class ModelDispatcher:
         client: EngineClient,
         engine_url: Callable[[], str | None],
         served_name: str,
+        engine_headers: Mapping[str, str],
         retry: RetryPolicy,
         poll_interval: float,
         engine_suspect: Callable[[str], None] = lambda job_id: None,
@@ -49,6 +50,7 @@ class ModelDispatcher:
         self._engine_url = engine_url  # callable: () -> base URL when ready, else None
         self._engine_suspect = engine_suspect  # a call could not connect: is the engine still alive?
         self._served_name = served_name
+        self._engine_headers = engine_headers  # on every call: an external upstream's API key
         self._ocr = ocr  # documents: page by page (app/ocr/runner.py)
         self._retry = retry
         self._metrics = metrics or Metrics()
@@ -210,7 +212,10 @@ class ModelDispatcher:
         began = self._metrics.now()
         try:
             answer = await self._once_admitted(
-                doc, self._client.chat_completion(url, payload, self.settings.request_timeout)
+                doc,
+                self._client.chat_completion(
+                    url, payload, self.settings.request_timeout, headers=self._engine_headers
+                ),
             )
         except EngineCallError as exc:
             self._metrics.engine_call(self.name, began)
@@ -282,7 +287,10 @@ class ModelDispatcher:
                 return
             sink = asyncio.Queue()  # its key's repeat replays the stored answer: run to the end
         relay = _StreamRelay(
-            self._client, sink, lambda: self._metrics.first_token(self.name, doc["enqueued_at"])
+            self._client,
+            self._engine_headers,
+            sink,
+            lambda: self._metrics.first_token(self.name, doc["enqueued_at"]),
         )
         began = self._metrics.now()
         try:
@@ -334,9 +342,14 @@ class _StreamRelay:
     """One engine stream: chunks go to the client's sink as they come, the text is kept for history."""
 
     def __init__(
-        self, client: EngineClient, sink: asyncio.Queue[tuple[str, Any]], on_first_token: Callable[[], None]
+        self,
+        client: EngineClient,
+        headers: Mapping[str, str],
+        sink: asyncio.Queue[tuple[str, Any]],
+        on_first_token: Callable[[], None],
     ) -> None:
         self._client = client
+        self._headers = headers
         self._sink = sink
         self._on_first_token = on_first_token
         self.sent = False  # a chunk reached the sink: the job can no longer be retried
@@ -348,7 +361,7 @@ class _StreamRelay:
 
     async def run(self, url: str, payload: Doc, timeout_s: float) -> bool:
         first_token = False
-        async for chunk in self._client.stream_chat(url, payload, timeout_s):
+        async for chunk in self._client.stream_chat(url, payload, timeout_s, self._headers):
             for choice in chunk.get("choices") or []:
                 delta = choice.get("delta") or {}
                 self._text.append(delta.get("content") or "")

@@ -138,6 +138,10 @@ def build_command(
     model and the flag.
     """
     check_environment(name, model)
+    if model.kind == "openai":
+        raise ConfigError(
+            f"model {name!r} is an external upstream (kind openai): the gateway starts no process for it"
+        )
     if model.kind == "llama_cpp":
         return _llama_cpp_command(name, model, port=port, python=python, model_file=model_file)
     if model.kind in _SERVER_MODULES:

@@ -23,15 +23,21 @@ class EngineState(StrEnum):
     STOPPING = "stopping"
     CRASHED = "crashed"  # died while ready; a restart is scheduled
     FAILED = "failed"  # could not start, or crashed too often; an operator start clears it
+    # an external upstream (kind openai) that does not answer its health check; it comes back by
+    # itself when it answers again (the gateway never runs such an engine, so it never crashes)
+    UNAVAILABLE = "unavailable"
 
 
 _ALLOWED: dict[EngineState, frozenset[EngineState]] = {
     EngineState.STOPPED: frozenset({EngineState.STARTING, EngineState.FAILED}),
-    EngineState.STARTING: frozenset({EngineState.READY, EngineState.FAILED, EngineState.STOPPING}),
-    EngineState.READY: frozenset({EngineState.STOPPING, EngineState.CRASHED}),
+    EngineState.STARTING: frozenset(
+        {EngineState.READY, EngineState.FAILED, EngineState.STOPPING, EngineState.UNAVAILABLE}
+    ),
+    EngineState.READY: frozenset({EngineState.STOPPING, EngineState.CRASHED, EngineState.UNAVAILABLE}),
     EngineState.STOPPING: frozenset({EngineState.STOPPED}),
     EngineState.CRASHED: frozenset({EngineState.STARTING, EngineState.FAILED, EngineState.STOPPING}),
     EngineState.FAILED: frozenset({EngineState.STARTING, EngineState.STOPPED}),
+    EngineState.UNAVAILABLE: frozenset({EngineState.READY}),
 }
 
 
@@ -106,10 +112,14 @@ class EngineRecord:
     # jobs whose calls failed to reach it while it was ready: if it turns out to have died, they
     # were running on it, even if they have left the dispatcher by the time the death is seen
     suspected_jobs: set[str] = field(default_factory=set)
+    # sent with every call to it: an external upstream's API key (kind openai), never logged
+    auth_headers: dict[str, str] = field(default_factory=dict, repr=False)
+    last_check_at: datetime | None = None  # external upstreams: the last health check's time
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """An external upstream's configured URL; a spawned engine listens on 127.0.0.1."""
+        return self.settings.url or f"http://127.0.0.1:{self.port}"
 
     @property
     def served_name(self) -> str:

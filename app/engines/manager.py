@@ -19,7 +19,7 @@ import logging
 import re
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,7 +34,15 @@ from app.engines.gpus import GIB, GpuInfo, GpuInventory, memory_released
 from app.engines.lifecycle import EngineRecord, EngineState, RestartPlan, plan_restart
 from app.engines.model_files import resolve_model_file
 from app.engines.placement import place, required_bytes
-from app.errors import EngineStartFailed, GatewayError, ModelBusy, ModelUnavailable, PlacementFailed
+from app.engines.upstream import UpstreamWatch
+from app.errors import (
+    EngineStartFailed,
+    GatewayError,
+    ModelBusy,
+    ModelUnavailable,
+    NotManaged,
+    PlacementFailed,
+)
 from app.logs import event
 from app.metrics import Metrics
 from app.proxy.client import EngineClient
@@ -90,8 +98,14 @@ class EngineManager:
         log_dir: Path,
         inventory: GpuInventory,
         metrics: Metrics | None = None,
+        upstream_headers: Mapping[str, dict[str, str]] | None = None,
     ) -> None:
         self.engines = {name: EngineRecord(name, cfg) for name, cfg in models.items()}
+        upstreams = [e for e in self.engines.values() if e.settings.kind == "openai"]
+        for upstream in upstreams:  # its API key (app/engines/upstream.py auth_headers)
+            upstream.auth_headers = dict((upstream_headers or {}).get(upstream.name, {}))
+        # external upstreams (kind openai): watched there, never spawned, adopted or killed here
+        self.upstreams = UpstreamWatch(upstreams, client, defaults, clock, self._announce_ready)
         self.crash_log = crashes
         self.inventory = inventory
         self._metrics = metrics or Metrics()
@@ -123,6 +137,8 @@ class EngineManager:
     def ready_url(self, name: str) -> str | None:
         """Where to send work: a ready engine, or one draining its admitted jobs before a stop."""
         engine = self.engines[name]
+        if name in self.upstreams:
+            return engine.base_url if self.upstreams.serving(name) else None
         if engine.state == EngineState.READY or (
             engine.state == EngineState.STOPPING and engine.process is not None
         ):
@@ -140,6 +156,11 @@ class EngineManager:
         crash loop forever, so that waits for an operator's start.
         """
         engine = self.engines[name]
+        if name in self.upstreams:
+            refusal = self.upstreams.admission_error(engine)
+            if refusal is not None:
+                raise refusal
+            return
         if engine.state in (EngineState.READY, EngineState.STARTING, EngineState.CRASHED):
             return
         if engine.state == EngineState.STOPPING:
@@ -166,6 +187,8 @@ class EngineManager:
         that cannot work fails now with the reason (PlacementFailed / ConfigError).
         """
         engine = self.engines[name]
+        if name in self.upstreams:
+            raise NotManaged(name, engine.base_url)
         if engine.state in (EngineState.READY, EngineState.STARTING):
             return engine
         if engine.state == EngineState.STOPPING:
@@ -207,6 +230,8 @@ class EngineManager:
         given up on at once (the crashes that made it `failed` are still in the window).
         """
         engine = self.engines[name]
+        if name in self.upstreams:
+            raise NotManaged(name, engine.base_url)
         if engine.state in (EngineState.FAILED, EngineState.STOPPED, EngineState.CRASHED):
             engine.crashes.clear()
             engine.gave_up = False
@@ -331,6 +356,10 @@ class EngineManager:
             if not engine.adopted:  # an adopted engine was loaded by another gateway, long ago
                 self._metrics.engine_loaded(engine.name, engine.load_seconds)
         event(log, "engine.ready", model=engine.name, port=engine.port, load_s=engine.load_seconds)
+        self._announce_ready(engine)
+
+    def _announce_ready(self, engine: EngineRecord) -> None:
+        """Dispatchers waiting for this engine claim its queued jobs now, not at their next poll."""
         for listener in self._listeners:
             listener(engine.name)
 
@@ -421,6 +450,8 @@ class EngineManager:
         now. Returns what was confirmed (port closed, GPU memory freed).
         """
         engine = self.engines[name]
+        if name in self.upstreams:
+            raise NotManaged(name, engine.base_url)
         if engine.state in (EngineState.STOPPED, EngineState.FAILED) and engine.process is None:
             if engine.state == EngineState.FAILED:
                 engine.move(EngineState.STOPPED, reason)
@@ -523,7 +554,10 @@ class EngineManager:
         Loads are not awaited: a vLLM model takes minutes, and requests for it queue meanwhile.
         """
         await self._adopt_or_kill()
+        self.upstreams.start()
         for name, engine in self.engines.items():
+            if name in self.upstreams:
+                continue
             if engine.settings.autostart and engine.state == EngineState.STOPPED:
                 with contextlib.suppress(GatewayError):  # the reason is on the record
                     self.begin_start(name)
@@ -536,6 +570,7 @@ class EngineManager:
             await asyncio.wait(tasks, timeout=timeout_s)
 
     async def stop_all(self) -> None:
+        await self.upstreams.stop()
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
@@ -603,6 +638,8 @@ class EngineManager:
             return "process is gone"
         if engine is None:
             return "model is no longer configured"
+        if engine.name in self.upstreams:
+            return "model is now an external upstream (kind openai)"
         sizes = {gpu.index: gpu.total_bytes for gpu in self.inventory.snapshot()}
         totals = [sizes[index] for index in doc.get("gpus") or [] if index in sizes]
         try:
@@ -630,7 +667,9 @@ class EngineManager:
                 self.check_process(engine.name)
             if loop.time() - self._last_health_round >= self._defaults.health_check_interval:
                 self._last_health_round = loop.time()
-                ready = [e for e in self.engines.values() if e.state == EngineState.READY]
+                ready = [
+                    e for e in self.engines.values() if e.state == EngineState.READY and e.process is not None
+                ]
                 await asyncio.gather(*(self._check_health(e) for e in ready))
                 await self._rotate_logs()
 
@@ -666,7 +705,11 @@ class EngineManager:
     def check_process(self, name: str, failed_job: str | None = None) -> None:
         """Notice at once that a ready engine's process exited (also called by the dispatcher
         with the job whose call failed to connect, so a retry does not go to a dead engine and
-        the crash record names that job even if the exit is seen only later)."""
+        the crash record names that job even if the exit is seen only later). An external
+        upstream has no process: its health is checked again at once instead."""
+        if name in self.upstreams:
+            self.upstreams.suspect(name)
+            return
         engine = self.engines[name]
         if engine.state != EngineState.READY or engine.process is None:
             return

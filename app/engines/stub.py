@@ -97,7 +97,9 @@ class StubEngine:
         called = _forced_tool(body)  # like a model told to call a tool: the call, no text
         arguments = json.dumps({"text": _text(messages[-1])})
         if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            # llama.cpp's server ignores stream_options: its streams never carry usage
+            asked = bool((body.get("stream_options") or {}).get("include_usage"))
+            include_usage = asked and not self.args.no_stream_usage
             forced = (called, arguments) if called is not None else None
             return await self._stream(request, words, finish, usage if include_usage else None, forced)
         if self.args.latency_ms:
@@ -258,9 +260,24 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
 
 
+def _api_key_check(api_key: str) -> Any:
+    """vLLM's --api-key: every /v1 route needs `Authorization: Bearer <key>`, else 401 with
+    `{"error": "Unauthorized"}`; /health stays open (so does llama.cpp's server with --api_key)."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/v1") and request.headers.get("Authorization") != f"Bearer {api_key}":
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return check
+
+
 def build_app(args: argparse.Namespace) -> web.Application:
     engine = StubEngine(args)
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    middlewares = [_api_key_check(args.api_key)] if args.api_key else []
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=middlewares)
     app.router.add_get("/health", engine.health)
     app.router.add_get("/v1/models", engine.models)
     app.router.add_post("/v1/chat/completions", engine.chat)
@@ -299,9 +316,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="a streamed prompt over --max-model-len gets a 200 and an empty body, like llama.cpp",
     )
+    parser.add_argument(
+        "--no-stream-usage",
+        action="store_true",
+        help="streams carry no usage chunk even when asked (stream_options), like llama.cpp",
+    )
     parser.add_argument("--max-tokens", type=int, default=16, help="default completion length")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-requests", action="store_true", help="print a line per chat request")
+    parser.add_argument("--api-key", default="", help="/v1 routes need this bearer token (vLLM's --api-key)")
     parser.add_argument(
         "--spawn-child",
         action="store_true",

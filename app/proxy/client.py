@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -18,6 +19,15 @@ import aiohttp
 from app.errors import EngineCallError
 
 Doc = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class HealthProblem:
+    """Why a health check failed. `unreachable`: no connection could be made at all (refused,
+    unknown host), a verdict one check can give; a slow or error answer may pass next time."""
+
+    reason: str
+    unreachable: bool = False
 
 
 class EngineTimeout(EngineCallError):
@@ -88,11 +98,18 @@ class EngineClient:
         return self._session
 
     async def chat_completion(
-        self, base_url: str, payload: Doc, timeout_s: float, session: aiohttp.ClientSession | None = None
+        self,
+        base_url: str,
+        payload: Doc,
+        timeout_s: float,
+        session: aiohttp.ClientSession | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Doc:
-        """POST /v1/chat/completions; raises EngineCallError saying whether a retry may help."""
+        """POST /v1/chat/completions; raises EngineCallError saying whether a retry may help.
+
+        `headers`: what the engine needs on every call (an external upstream's API key)."""
         url = f"{base_url}/v1/chat/completions"
-        post = (session or self.session).post(url, json=payload)
+        post = (session or self.session).post(url, json=payload, headers=headers)
         async with _engine_call(timeout_s), post as response:
             body = await response.read()
         if response.status >= 400:
@@ -105,7 +122,9 @@ class EngineClient:
             raise EngineCallError("engine answer has no choices", retryable=True)
         return data
 
-    async def stream_chat(self, base_url: str, payload: Doc, timeout_s: float) -> AsyncIterator[Doc]:
+    async def stream_chat(
+        self, base_url: str, payload: Doc, timeout_s: float, headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[Doc]:
         """POST with `stream: true` and yield each SSE `data:` chunk as a dict until [DONE].
 
         Failures before the first chunk raise EngineCallError like chat_completion; failures
@@ -115,7 +134,8 @@ class EngineClient:
         """
         url = f"{base_url}/v1/chat/completions"
         received = False
-        async with _engine_call(timeout_s), self.session.post(url, json=payload) as response:
+        post = self.session.post(url, json=payload, headers=headers)
+        async with _engine_call(timeout_s), post as response:
             if response.status >= 400:
                 raise _status_error(response.status, await response.read())
             async for raw in response.content:
@@ -132,10 +152,12 @@ class EngineClient:
                 received = True
                 yield chunk
         if not received:
-            await self._why_empty(base_url, payload, timeout_s)
+            await self._why_empty(base_url, payload, timeout_s, headers)
         raise EngineCallError("engine stream ended without data: [DONE]", retryable=True)
 
-    async def _why_empty(self, base_url: str, payload: Doc, timeout_s: float) -> None:
+    async def _why_empty(
+        self, base_url: str, payload: Doc, timeout_s: float, headers: Mapping[str, str] | None
+    ) -> None:
         """A 200 stream that closed before its first chunk: ask once without `stream` and raise
         the engine's own refusal, if that is what it was.
 
@@ -153,16 +175,31 @@ class EngineClient:
         probe = {k: v for k, v in payload.items() if k != "stream_options"}  # vLLM: stream only
         async with aiohttp.ClientSession() as fresh:
             try:
-                await self.chat_completion(base_url, {**probe, "stream": False}, timeout_s, fresh)
+                await self.chat_completion(base_url, {**probe, "stream": False}, timeout_s, fresh, headers)
             except EngineCallError as exc:
                 if not exc.retryable:
                     raise
 
     async def healthy(self, url: str, timeout_s: float = 2.0) -> bool:
         """GET `url` (the kind's health endpoint, commands.health_path) answers 200."""
+        return await self.health_problem(url, timeout_s) is None
+
+    async def health_problem(
+        self, url: str, timeout_s: float = 2.0, headers: Mapping[str, str] | None = None
+    ) -> HealthProblem | None:
+        """None when GET `url` answers 200, else what went wrong, in words an operator can act on
+        (shown as an external upstream's reason: refused, timed out, 401...)."""
         try:
             async with asyncio.timeout(timeout_s):
-                async with self.session.get(url) as response:
-                    return response.status == 200
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            return False
+                async with self.session.get(url, headers=headers) as response:
+                    if response.status == 200:
+                        return None
+                    body = await response.read()
+                    message = _engine_message(body)[:200]
+                    return HealthProblem(f"answered {response.status} to GET {url}: {message}")
+        except TimeoutError:
+            return HealthProblem(f"did not answer GET {url} within {timeout_s:g} s")
+        except aiohttp.ClientConnectorError as exc:  # refused, unknown host, no route
+            return HealthProblem(f"cannot be reached at {url}: {exc}", unreachable=True)
+        except (aiohttp.ClientError, OSError) as exc:
+            return HealthProblem(f"failed GET {url}: {exc.__class__.__name__}: {exc}")

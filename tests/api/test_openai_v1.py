@@ -228,6 +228,37 @@ async def test_a_streamed_idempotency_key_replays_the_stored_answer_as_a_stream(
         )
 
 
+async def test_an_engine_that_reports_no_usage_in_streams_gets_none_invented(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """llama.cpp's server ignores stream_options: no usage chunk comes. The gateway relays what
+    it got, never a made-up count: no usage chunk live or in a replay, history usage empty."""
+    gw = await gateway_factory({"quiet": stub("--no-stream-usage")})
+    client = sdk(gw)
+    hello: list[ChatCompletionMessageParam] = [{"role": "user", "content": "count nothing"}]
+    key = {"Idempotency-Key": "no-usage-stream"}
+    seen = []
+    for _ in range(2):  # live, then the key's replay
+        raw = await client.chat.completions.with_raw_response.create(
+            model="quiet",
+            messages=hello,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=key,
+        )
+        chunks = [c async for c in raw.parse()]
+        seen.append(("".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks))
+    for text, chunks in seen:
+        assert text == "stub reply to: count nothing"
+        assert [c for c in chunks if c.usage is not None or not c.choices] == []
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    assert gw.gateway.queue is not None
+    doc = await gw.gateway.queue.store.get(raw.headers["x-request-id"])
+    assert doc is not None and doc["result"]["usage"] == {}
+    plain = await client.chat.completions.create(model="quiet", messages=hello)  # not streamed: counted
+    assert plain.usage is not None and plain.usage.completion_tokens == 5
+
+
 async def test_queue_timeout_is_a_504_server_error(gateway_factory: GatewayFactory) -> None:
     """The SDK maps every status >= 500 to InternalServerError; the 504 says which one it was."""
     gw = await gateway_factory({"busy": stub("--latency-ms", "1500", max_concurrent=1, timeout=0.3)})

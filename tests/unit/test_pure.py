@@ -9,6 +9,7 @@ import pytest
 
 from app.auth.tokens import TokenService
 from app.clock import ManualClock
+from app.engines.upstream import auth_headers
 from app.errors import AuthenticationFailed, ConfigError, InvalidRequest, UnknownModel
 from app.models import ModelRegistry
 from app.queue.priority import Priority
@@ -76,6 +77,47 @@ def test_bad_config_names_the_key() -> None:
                 }
             }
         )
+
+
+def test_external_upstream_config_is_checked_and_its_url_normalised() -> None:
+    def upstream(**fields: object) -> dict[str, object]:
+        return {"models": {"remote": {"kind": "openai", **fields}}}
+
+    for given in ("http://10.0.0.5:11434", "http://10.0.0.5:11434/", "http://10.0.0.5:11434/v1/"):
+        assert parse_settings(upstream(url=given)).models["remote"].url == "http://10.0.0.5:11434"
+    served = parse_settings(upstream(url="https://llm.example.com/proxy/v1")).models["remote"]
+    assert served.url == "https://llm.example.com/proxy" and served.max_concurrent == 10
+    with pytest.raises(ConfigError, match=r"models\.remote: Value error, kind openai needs url"):
+        parse_settings(upstream())
+    for bad in ("localhost:11434", "ftp://host/", "http://user:pw@host/", "http://host/?key=1"):
+        with pytest.raises(
+            ConfigError, match=r"models\.remote\.url: Value error, .* is not an http\(s\) URL"
+        ):
+            parse_settings(upstream(url=bad))
+    for key, value in [("args", ["--x"]), ("path", "/m.gguf"), ("on_demand", True), ("autostart", False)]:
+        with pytest.raises(ConfigError, match=f"{key} does not apply to kind openai: the gateway routes"):
+            parse_settings(upstream(url="http://h:1", **{key: value}))
+    with pytest.raises(ConfigError, match="url applies to kind openai only"):
+        parse_settings({"models": {"local": {"kind": "stub", "url": "http://h:1"}}})
+    with pytest.raises(ConfigError, match=r"api_key_env: String should match pattern"):
+        parse_settings(upstream(url="http://h:1", api_key_env="not a name"))
+    with pytest.raises(ConfigError, match=r"'remote', an external upstream .* cannot start or stop"):
+        parse_settings({**upstream(url="http://h:1"), "autoswitch": {"models": ["remote"]}})
+
+
+def test_upstream_api_keys_come_from_the_environment_and_a_missing_one_is_named() -> None:
+    models = parse_settings(
+        {
+            "models": {
+                "keyed": {"kind": "openai", "url": "http://h:1", "api_key_env": "REMOTE_KEY"},
+                "open": {"kind": "openai", "url": "http://h:2"},
+                "local": {"kind": "stub"},
+            }
+        }
+    ).models
+    assert auth_headers(models, {"REMOTE_KEY": "sk-1"}) == {"keyed": {"Authorization": "Bearer sk-1"}}
+    with pytest.raises(ConfigError, match=r"models\.keyed\.api_key_env names REMOTE_KEY, which is not set"):
+        auth_headers(models, {"REMOTE_KEY": ""})
 
 
 def test_env_overrides_and_yaml_errors(tmp_path: Path) -> None:
