@@ -324,15 +324,37 @@ class JobQueue:
 
     # -- transitions -----------------------------------------------------------------------
 
-    async def claim(self, model: str, limit: int) -> tuple[list[Doc], float | None]:
+    async def candidates(self, model: str, limit: int) -> list[Doc]:
+        """The queued jobs a claim of `limit` would look at, in priority order (read only)."""
+        return await self.store.queued_candidates(model, limit + 10)
+
+    async def claim(
+        self, model: str, limit: int, read_ahead: list[Doc] | None = None
+    ) -> tuple[list[Doc], float | None]:
         """Claim up to `limit` queued jobs in priority order.
 
         Returns the won jobs and, when jobs are waiting out a retry backoff, the seconds
-        until the first of them may run.
+        until the first of them may run. `read_ahead`: candidates read earlier (`candidates`)
+        and still current as far as the caller knows; each claim is conditional on the job's
+        revision, so one that changed since is lost here and the jobs are read again.
         """
+        if read_ahead:
+            won, wait, lost = await self._claim_from(model, limit, read_ahead)
+            if not lost or len(won) == limit:
+                return won, wait
+            more, wait, _ = await self._claim_from(
+                model, limit - len(won), await self.candidates(model, limit - len(won))
+            )
+            return won + more, wait
+        won, wait, _ = await self._claim_from(model, limit, await self.candidates(model, limit))
+        return won, wait
+
+    async def _claim_from(
+        self, model: str, limit: int, candidates: list[Doc]
+    ) -> tuple[list[Doc], float | None, int]:
+        """Claim from these candidates: (won, seconds until a backed-off one may run, claims lost)."""
         now = self.clock.now()
         began = self._metrics.now()
-        candidates = await self.store.queued_candidates(model, limit + 10)
         ready = [
             d
             for d in candidates
@@ -363,7 +385,7 @@ class JobQueue:
                 if doc["attempts"] == 1:  # the queue wait a client feels: until its first dispatch
                     self._metrics.queue_wait(model, doc["enqueued_at"], now)
                 won.append(doc)
-        return won, (min(waits) if waits else None)
+        return won, (min(waits) if waits else None), len(ready) - len(won)
 
     async def succeed(self, doc: Doc, result: Doc) -> bool:
         if not await self.admitted(doc["_id"]):
