@@ -19,6 +19,7 @@ import aiohttp
 from app.errors import EngineCallError
 
 Doc = dict[str, Any]
+ENGINE_KEEPALIVE_S = 4.0  # below uvicorn's 5 s keep-alive (vLLM, llama.cpp's Python server)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,10 @@ class EngineClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        # Idle connections are dropped before the engine drops them: vLLM and llama.cpp serve
+        # with uvicorn, which closes a connection idle for 5 s; a request sent on one it is
+        # closing fails (ServerDisconnectedError) and spends a retry attempt for nothing.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S)
         self._session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
 
     async def stop(self) -> None:
