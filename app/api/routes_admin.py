@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from app.api.deps import AdminDep, GatewayDep
+from app.api.engine_views import gpus_view
 from app.engines.lifecycle import EngineRecord, EngineState
 from app.engines.process import log_tail, tree_rss_bytes
 from app.gateway import Gateway
@@ -46,7 +47,7 @@ def _model_view(
         else 0,
         "load_seconds": engine.load_seconds,
         "memory_rss_bytes": tree_rss_bytes(engine.pid),
-        "loading_seconds": gw.engines.loading_seconds(engine),
+        "loading_seconds": engine.loading_seconds(now),
         "is_healthy": ready,
         "processing": processing,
         "waiting": waiting,
@@ -187,7 +188,7 @@ async def crashes(
 @router.get("/gpus")
 async def gpus(gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
     assert gw.engines is not None
-    return await asyncio.to_thread(gw.engines.gpus_view)
+    return await asyncio.to_thread(gpus_view, gw.engines)
 
 
 @router.get("/queue/{model:path}")

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Body, Form, Request
 from pydantic import BaseModel, ConfigDict
 
 from app.api.deps import GatewayDep
+from app.api.engine_views import engines_summary
 from app.errors import AuthenticationFailed
 
 router = APIRouter()
@@ -20,7 +21,7 @@ async def health(gw: GatewayDep) -> dict[str, Any]:
         "status": "healthy" if database_ok else "unhealthy",
         "timestamp": gw.clock.now().isoformat(),
         "database": "ok" if database_ok else "unreachable",
-        "engines": gw.engines.summary() if gw.engines else {},
+        "engines": engines_summary(gw.engines, gw.clock.now()) if gw.engines else {},
     }
 
 

@@ -129,6 +129,35 @@ class EngineRecord:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
+    def begin_load(self, now: datetime, port: int, gpus: list[int], *, adopted: bool = False) -> None:
+        """A load begins (spawned here, or adopted from a killed gateway): fields of the last
+        run are reset together, so no view mixes two runs."""
+        self.move(EngineState.STARTING)
+        self.port, self.gpus, self.adopted = port, gpus, adopted
+        self.started_at, self.ready_at, self.load_seconds = now, None, None
+        self.placement_failed = False
+
+    def became_ready(self, now: datetime) -> None:
+        self.move(EngineState.READY)
+        self.ready_at = now
+        self.health_failures = 0
+        self.suspected_jobs.clear()
+        if self.started_at is not None:
+            self.load_seconds = round((now - self.started_at).total_seconds(), 3)
+
+    def give_up(self, verdict: str) -> None:
+        """Failed too often inside the window: only an operator's start runs it again."""
+        if self.state != EngineState.FAILED:
+            self.move(EngineState.FAILED, verdict)
+        self.reason = self.last_error = verdict
+        self.gave_up = True
+
+    def loading_seconds(self, now: datetime) -> float | None:
+        """While starting: how long the load has taken so far (shown to operators)."""
+        if self.state != EngineState.STARTING or self.started_at is None:
+            return None
+        return round((now - self.started_at).total_seconds(), 1)
+
     def move(self, to: EngineState, reason: str = "") -> None:
         if to not in _ALLOWED[self.state]:
             raise IllegalTransition(f"engine {self.name!r}: {self.state.value} -> {to.value} is not allowed")

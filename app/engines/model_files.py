@@ -12,7 +12,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from app.engines.commands import build_command
 from app.errors import ConfigError
+from app.settings import ModelSettings
 
 PACKAGE_PREFIX = "package:"
 
@@ -44,3 +46,14 @@ def _in_package(model: str, spec: str) -> Path:
             f"(it carries {relative}; see README for the install step)"
         )
     return Path(locations[0]) / relative
+
+
+def command_for(
+    name: str, model: ModelSettings, port: int, python: str, gpu_total_bytes: list[int]
+) -> list[str]:
+    """The engine's argv on `port`, its model file found first for the kinds that load one
+    (ConfigError, a GatewayError, when its config cannot run)."""
+    model_file = resolve_model_file(name, model.path) if model.kind == "llama_cpp" else None
+    return build_command(
+        name, model, port=port, python=python, gpu_total_bytes=gpu_total_bytes, model_file=model_file
+    )

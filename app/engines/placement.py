@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from app.engines.commands import engine_needs_gpu
 from app.engines.gpus import GIB, GpuInfo
 from app.errors import PlacementFailed
-from app.settings import EngineKind, GpuNeeds
+from app.settings import EngineKind, GpuNeeds, ModelSettings
+
+
+def uses_gpu(settings: ModelSettings) -> bool:
+    """GPU kinds always; any other kind only if its config asks for GPUs (tests emulate that)."""
+    if engine_needs_gpu(settings.kind):
+        return settings.gpu.count > 0
+    return "gpu" in settings.model_fields_set and settings.gpu.count > 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,58 @@ def place(
         raise PlacementFailed(model_name, message)
     chosen = sorted(fitting, key=lambda gpu: (gpu.free_bytes, gpu.index))[: needs.count]
     return Placement(sorted(gpu.index for gpu in chosen))
+
+
+@dataclass(frozen=True)
+class Holding:
+    """One of the gateway's engines on GPUs: what placement counts as taken besides the snapshot.
+
+    `pids` is its process tree now: the memory those processes hold is already in the snapshot's
+    numbers, the rest of its reservation is not yet (a vLLM engine still loading).
+    """
+
+    name: str
+    gpus: list[int]
+    needs: GpuNeeds
+    pids: frozenset[int] = frozenset()
+
+
+def gpu_owners(holdings: list[Holding], exclude: str | None = None) -> dict[int, list[str]]:
+    """GPU index -> the models running on it (named in placement's refusals and /admin/gpus)."""
+    owners: dict[int, list[str]] = {}
+    for holding in holdings:
+        if holding.name != exclude:
+            for index in holding.gpus:
+                owners.setdefault(index, []).append(holding.name)
+    return owners
+
+
+def effective_inventory(
+    snapshot: list[GpuInfo], holdings: list[Holding], exclude: str | None = None
+) -> list[GpuInfo]:
+    """The snapshot's free memory, less what our engines reserved but do not hold yet.
+
+    A vLLM engine that is still loading holds little memory yet; without this, two starts
+    a second apart would both see the GPU free and the second would fail to load. Memory
+    the engine's processes already hold is in the snapshot's numbers, so only the rest
+    of its reservation is taken off.
+    """
+    pending: dict[int, int] = {}
+    for holding in holdings:
+        if holding.name == exclude:
+            continue
+        for gpu in snapshot:
+            if gpu.index in holding.gpus:
+                held = sum(p.used_bytes or 0 for p in gpu.processes if p.pid in holding.pids)
+                need = required_bytes(holding.needs, gpu)
+                pending[gpu.index] = pending.get(gpu.index, 0) + max(0, need - held)
+    adjusted = []
+    for gpu in snapshot:
+        free = max(0, gpu.free_bytes - pending.get(gpu.index, 0))
+        adjusted.append(
+            GpuInfo(gpu.index, gpu.name, gpu.total_bytes, free, gpu.total_bytes - free, gpu.processes)
+        )
+    return adjusted
 
 
 def required_bytes(needs: GpuNeeds, gpu: GpuInfo) -> int:

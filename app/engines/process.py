@@ -10,7 +10,9 @@ inherit, and survivors are found by that id.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -200,3 +202,14 @@ def log_tail(path: Path, lines: int = 20, max_bytes: int = 8192) -> str:
             return "\n".join(fh.read().decode(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def log_file_name(model: str) -> str:
+    """One flat file per model in the log directory. Model names may hold `/` and `:` (hub
+    ids such as `deepseek-ai/DeepSeek-OCR`); used as they are, `/` would point into a missing
+    directory and `..` segments outside the log directory. Such names are flattened, with a
+    short hash so that `a/b` and `a_b` do not share a file."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", model).lstrip(".") or "_"
+    if safe == model:
+        return f"{model}.log"
+    return f"{safe}-{hashlib.sha256(model.encode()).hexdigest()[:8]}.log"

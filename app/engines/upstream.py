@@ -78,7 +78,7 @@ class UpstreamWatch:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def __contains__(self, name: str) -> bool:
+    def __contains__(self, name: object) -> bool:
         return name in self._upstreams
 
     def start(self) -> None:

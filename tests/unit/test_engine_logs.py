@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.engines.manager import log_file_name
-from app.engines.process import rotate_log
+from app.engines.process import log_file_name, rotate_log
 
 
 def test_log_files_stay_flat_inside_the_log_directory() -> None:
