@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.config)
-        logs.configure(settings.server.log_level)
+        logs.configure(settings.server.log_level, settings.server.log_format)
         app = create_app(settings)
     except ConfigError as exc:
         print(f"gateway: {exc.message}", file=sys.stderr)
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.server.host,
         port=settings.server.port,
         log_level="warning",
+        log_config=None,  # uvicorn's lines go through ours (text or JSON), not a handler of its own
         access_log=False,
         timeout_graceful_shutdown=15,
         lifespan="on",

@@ -248,6 +248,15 @@ class EngineCallError(GatewayError):
         self.status = status
 
 
+class NotRunning(GatewayError):
+    """A request reached the gateway while its services were not running (starting, stopping)."""
+
+    code = "not_running"
+
+    def __init__(self) -> None:
+        super().__init__("the gateway is starting or stopping; retry in a moment")
+
+
 class DatabaseUnavailable(GatewayError):
     """The database cannot be reached; nothing was admitted."""
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from app.autoswitch.policy import PolicyConfig
+from app.autoswitch.inputs import PolicyConfig
 from app.errors import ConfigError
 
 EngineKind = Literal["stub", "vllm", "deepseek_ocr", "cpu_ocr", "llama_cpp", "openai"]
@@ -51,6 +51,9 @@ class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per line (time, level, logger, message, action, fields)"
+    )
     max_body_bytes: int = Field(
         2 * 1024 * 1024, ge=1024, description="JSON bodies; 413 beyond (uploads: ocr)"
     )
@@ -128,7 +131,7 @@ class HistorySettings(_Strict):
 
 class AutoSwitchSettings(_Strict):
     """Auto-switch (docs/ARCHITECTURE.md, "Auto-switch"). The policy's thresholds are
-    app.autoswitch.policy.PolicyConfig's fields, validated by it; the defaults of the threshold
+    app.autoswitch.inputs.PolicyConfig's fields, validated by it; the defaults of the threshold
     mode match the system we re-implement."""
 
     enabled: bool = Field(False, description="at start; POST /admin/autoswitch changes it at run time")
@@ -374,6 +377,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "GATEWAY_PORT": ("server", "port"),
     "GATEWAY_DATA_DIR": ("data_dir",),
     "GATEWAY_LOG_LEVEL": ("server", "log_level"),
+    "GATEWAY_LOG_FORMAT": ("server", "log_format"),
     "MONGODB_URI": ("database", "uri"),
     "GATEWAY_JWT_SECRET": ("auth", "jwt_secret"),
     "GATEWAY_METRICS_TOKEN": ("metrics", "token"),

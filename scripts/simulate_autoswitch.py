@@ -55,16 +55,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # `python scripts/x.py` puts scripts/ first, not the repo
 
-from app.autoswitch.policy import (  # noqa: E402
-    Capacity,
-    Decision,
-    ModelView,
-    PolicyConfig,
-    Usage,
-    forecast_policy,
-    plan,
-    threshold_policy,
-)
+from app.autoswitch.inputs import Capacity, Decision, ModelView, PolicyConfig, Usage  # noqa: E402
+from app.autoswitch.policy import forecast_policy, plan, threshold_policy  # noqa: E402
 
 T0 = datetime(2026, 1, 5, tzinfo=UTC)  # a Monday, 00:00 UTC
 HOUR_S = 3600.0

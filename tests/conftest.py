@@ -22,6 +22,7 @@ from app.clock import Clock, SystemClock
 from app.errors import InvalidRequest
 from app.gateway import Gateway
 from app.main import create_app
+from app.services import Services
 from app.settings import Settings, parse_settings
 from app.store.embedded import EmbeddedDatabase
 
@@ -155,6 +156,12 @@ class GatewayClient:
         self.client_token = ""
         self.app: FastAPI | None = None
 
+    @property
+    def services(self) -> Services:
+        """The started gateway's services (app/services.py)."""
+        assert self.gateway.services is not None, "the gateway is not running"
+        return self.gateway.services
+
     def headers(self, token: str | None = None, **extra: str) -> dict[str, str]:
         base = {"Authorization": f"Bearer {token or self.client_token}", "X-Client-ID": "tests"}
         base.update({k.replace("_", "-"): v for k, v in extra.items()})
@@ -168,8 +175,7 @@ class GatewayClient:
 
     async def count(self, model: str, state: str) -> int:
         """Jobs of the model in that state right now, read from the database."""
-        queue = self.gateway.queue
-        assert queue is not None
+        queue = self.services.queue
         return sum(1 for d in await queue.store.active(model) if d["state"] == state)
 
     async def until_count(self, model: str, state: str, expected: int, timeout_s: float = 10.0) -> None:
@@ -224,13 +230,12 @@ async def gateway_factory(mongo_uri: str, tmp_path: Path) -> AsyncIterator[Gatew
         gw: Gateway = app.state.gateway
         client = GatewayClient(http, gw)
         client.app = app
-        assert gw.users is not None
         for name, password, role in [
             ("admin", ADMIN_PASSWORD, "admin"),
             ("alice", CLIENT_PASSWORD, "client"),
         ]:
             with contextlib.suppress(InvalidRequest):  # a second gateway on the same database
-                await gw.users.create(name, password, role)
+                await client.services.users.create(name, password, role)
         client.admin_token = gw.tokens.issue("admin", "admin")
         client.client_token = gw.tokens.issue("alice", "client")
         await client.wait_ready()

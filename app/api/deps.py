@@ -14,41 +14,43 @@ from fastapi import Depends, Header, Request
 from app.api.hardening import RATE_LIMIT_STATE
 from app.auth.api_keys import PREFIX as API_KEY_PREFIX
 from app.auth.tokens import Principal
-from app.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
+from app.errors import AuthenticationFailed, InvalidRequest, NotRunning, PermissionDenied
 from app.gateway import Gateway
+from app.services import Services
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
-async def gateway(request: Request) -> Gateway:
-    gw: Gateway = request.app.state.gateway
-    return gw
+async def services(request: Request) -> Services:
+    """The started services (app/services.py); 503 in the moments before start or after stop."""
+    gateway: Gateway = request.app.state.gateway
+    if gateway.services is None:
+        raise NotRunning()
+    return gateway.services
 
 
-GatewayDep = Annotated[Gateway, Depends(gateway)]
+ServicesDep = Annotated[Services, Depends(services)]
 
 
-async def principal(request: Request, gw: GatewayDep) -> Principal:
+async def principal(request: Request, svc: ServicesDep) -> Principal:
     """The caller, from a JWT or an API key (`Bearer agw_...` or `X-API-Key`), then counted
     against its rate limit. The X-RateLimit-* headers are left in the request's state for the
     Hardening middleware, which puts them on whatever answer the request gets: a JSON body, a
     Response a route builds itself (an event stream), or an error raised after this point."""
-    caller = await authenticate(request, gw)
-    assert gw.rate_limiter is not None
-    state = gw.rate_limiter.hit(caller)
+    caller = await authenticate(request, svc)
+    state = svc.rate_limiter.hit(caller)
     if state is not None:
         setattr(request.state, RATE_LIMIT_STATE, state.headers())
     return caller
 
 
-async def authenticate(request: Request, gw: Gateway) -> Principal:
+async def authenticate(request: Request, svc: Services) -> Principal:
     """Who the credentials name, without counting a request against a rate limit."""
-    assert gw.api_keys is not None and gw.users is not None
     api_key = request.headers.get("x-api-key")
     header = request.headers.get("authorization")
     if api_key is not None:
-        return await gw.api_keys.verify(api_key.strip())
+        return await svc.api_keys.verify(api_key.strip())
     if not header:
         raise AuthenticationFailed(
             "missing credentials (expected: Authorization: Bearer <token or API key>, or X-API-Key)"
@@ -58,8 +60,8 @@ async def authenticate(request: Request, gw: Gateway) -> Principal:
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationFailed("Authorization header must be: Bearer <token>")
     if token.startswith(API_KEY_PREFIX):
-        return await gw.api_keys.verify(token)
-    return await gw.users.check_token_holder(gw.tokens.verify(token))
+        return await svc.api_keys.verify(token)
+    return await svc.users.check_token_holder(svc.tokens.verify(token))
 
 
 PrincipalDep = Annotated[Principal, Depends(principal)]

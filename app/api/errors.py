@@ -35,6 +35,7 @@ _STATUS: list[tuple[type[errors.GatewayError], int]] = [
     (errors.LoginThrottled, 429),
     (errors.ModelUnavailable, 503),
     (errors.DatabaseUnavailable, 503),
+    (errors.NotRunning, 503),
     (errors.JobTimedOut, 504),
     (errors.JobCancelled, 409),
     (errors.IdempotencyConflict, 409),

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from app.api.deps import AdminDep, GatewayDep
+from app.api.deps import AdminDep, ServicesDep
 from app.errors import InvalidRequest
 
 router = APIRouter(prefix="/admin")
@@ -37,31 +37,28 @@ class UserChange(BaseModel):
 
 
 @router.get("/users")
-async def list_users(gw: GatewayDep, _: AdminDep) -> list[dict[str, Any]]:
-    assert gw.users is not None
-    return [_user_view(doc) for doc in await gw.users.list()]
+async def list_users(svc: ServicesDep, _: AdminDep) -> list[dict[str, Any]]:
+    return [_user_view(doc) for doc in await svc.users.list()]
 
 
 @router.post("/users", status_code=201)
-async def create_user(body: NewUser, gw: GatewayDep, admin: AdminDep) -> dict[str, Any]:
-    assert gw.users is not None and gw.audit is not None
-    doc = await gw.users.create(body.username, body.password, body.role)
-    await gw.audit.record(admin.subject, "user.create", body.username, role=body.role)
+async def create_user(body: NewUser, svc: ServicesDep, admin: AdminDep) -> dict[str, Any]:
+    doc = await svc.users.create(body.username, body.password, body.role)
+    await svc.audit.record(admin.subject, "user.create", body.username, role=body.role)
     return _user_view(doc)
 
 
 @router.patch("/users/{username}")
-async def change_user(username: str, body: UserChange, gw: GatewayDep, admin: AdminDep) -> dict[str, Any]:
+async def change_user(username: str, body: UserChange, svc: ServicesDep, admin: AdminDep) -> dict[str, Any]:
     """Disable or enable, change the role, reset the password. Tokens of a disabled user, or
     issued for the old role, stop working (within seconds on other instances)."""
-    assert gw.users is not None and gw.audit is not None
     doc = None
     if body.password is not None:
-        doc = await gw.users.reset_password(username, body.password)
-        await gw.audit.record(admin.subject, "user.reset_password", username)
+        doc = await svc.users.reset_password(username, body.password)
+        await svc.audit.record(admin.subject, "user.reset_password", username)
     if body.disabled is not None or body.role is not None:
-        doc = await gw.users.update(username, disabled=body.disabled, role=body.role)
-        await gw.audit.record(admin.subject, "user.update", username, disabled=body.disabled, role=body.role)
+        doc = await svc.users.update(username, disabled=body.disabled, role=body.role)
+        await svc.audit.record(admin.subject, "user.update", username, disabled=body.disabled, role=body.role)
     if doc is None:
         raise InvalidRequest("nothing to change: send disabled, role and/or password", param="disabled")
     return _user_view(doc)
@@ -77,38 +74,34 @@ class NewKey(BaseModel):
 
 
 @router.post("/api-keys", status_code=201)
-async def create_key(body: NewKey, gw: GatewayDep, admin: AdminDep) -> dict[str, Any]:
+async def create_key(body: NewKey, svc: ServicesDep, admin: AdminDep) -> dict[str, Any]:
     """The key is in this answer only; the gateway keeps its hash."""
-    assert gw.api_keys is not None and gw.audit is not None
-    models = sorted({gw.registry.resolve(m) for m in body.models}) if body.models else None
-    key, record = await gw.api_keys.create(
+    models = sorted({svc.registry.resolve(m) for m in body.models}) if body.models else None
+    key, record = await svc.api_keys.create(
         body.name, body.role, admin.subject, models, body.expires_at, body.rate_limit_per_minute
     )
-    await gw.audit.record(admin.subject, "api_key.create", body.name, role=body.role, models=models)
+    await svc.audit.record(admin.subject, "api_key.create", body.name, role=body.role, models=models)
     return {**record, "key": key}
 
 
 @router.get("/api-keys")
-async def list_keys(gw: GatewayDep, _: AdminDep) -> list[dict[str, Any]]:
-    assert gw.api_keys is not None
-    return await gw.api_keys.list()
+async def list_keys(svc: ServicesDep, _: AdminDep) -> list[dict[str, Any]]:
+    return await svc.api_keys.list()
 
 
 @router.delete("/api-keys/{key_id}")
-async def revoke_key(key_id: str, gw: GatewayDep, admin: AdminDep) -> dict[str, Any]:
-    assert gw.api_keys is not None and gw.audit is not None
-    record = await gw.api_keys.revoke(key_id)
-    await gw.audit.record(admin.subject, "api_key.revoke", record["name"], id=key_id)
+async def revoke_key(key_id: str, svc: ServicesDep, admin: AdminDep) -> dict[str, Any]:
+    record = await svc.api_keys.revoke(key_id)
+    await svc.audit.record(admin.subject, "api_key.revoke", record["name"], id=key_id)
     return record
 
 
 @router.get("/audit")
 async def audit(
-    gw: GatewayDep,
+    svc: ServicesDep,
     _: AdminDep,
     actor: Annotated[str | None, Query(max_length=64)] = None,
     action: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[dict[str, Any]]:
-    assert gw.audit is not None
-    return await gw.audit.recent(actor=actor, action=action, limit=limit)
+    return await svc.audit.recent(actor=actor, action=action, limit=limit)

@@ -8,21 +8,20 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import AdminDep, GatewayDep
+from app.api.deps import AdminDep, ServicesDep
 from app.api.engine_views import gpus_view
 from app.engines.lifecycle import EngineRecord, EngineState
 from app.engines.process import log_tail, tree_rss_bytes
-from app.gateway import Gateway
 from app.queue.jobs import JobState
+from app.services import Services
 
 router = APIRouter(prefix="/admin")
 
 
 def _model_view(
-    gw: Gateway, engine: EngineRecord, processing: int, waiting: int, resolution: str
+    svc: Services, engine: EngineRecord, processing: int, waiting: int, resolution: str
 ) -> dict[str, Any]:
-    assert gw.engines is not None
-    now = gw.clock.now()
+    now = svc.clock.now()
     ready = engine.state == EngineState.READY
     return {
         "name": engine.name,
@@ -58,10 +57,9 @@ def _model_view(
     }
 
 
-async def _occupancy(gw: Gateway) -> dict[str, tuple[int, int]]:
-    assert gw.queue is not None
+async def _occupancy(svc: Services) -> dict[str, tuple[int, int]]:
     counts: dict[str, tuple[int, int]] = {}
-    for doc in await gw.queue.store.active():
+    for doc in await svc.queue.store.active():
         running, queued = counts.get(doc["model"], (0, 0))
         if doc["state"] == JobState.RUNNING.value:
             running += 1
@@ -71,36 +69,32 @@ async def _occupancy(gw: Gateway) -> dict[str, tuple[int, int]]:
     return counts
 
 
-async def _default_resolution(gw: Gateway) -> str:
-    assert gw.ocr is not None
-    return await gw.ocr.default_resolution.get()
+async def _default_resolution(svc: Services) -> str:
+    return await svc.ocr.default_resolution.get()
 
 
 @router.get("/models")
-async def models(gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
+async def models(svc: ServicesDep, _: AdminDep) -> dict[str, Any]:
     """Keyed by model name (the shape clients of the system we re-implement read)."""
-    assert gw.engines is not None
-    counts = await _occupancy(gw)
-    resolution = await _default_resolution(gw)
+    counts = await _occupancy(svc)
+    resolution = await _default_resolution(svc)
     return {
-        name: _model_view(gw, engine, *counts.get(name, (0, 0)), resolution)
-        for name, engine in gw.engines.engines.items()
+        name: _model_view(svc, engine, *counts.get(name, (0, 0)), resolution)
+        for name, engine in svc.engines.engines.items()
     }
 
 
 @router.post("/models/{model:path}/start", status_code=202)
-async def start_model(model: str, gw: GatewayDep, admin: AdminDep, wait: bool = False) -> dict[str, Any]:
+async def start_model(model: str, svc: ServicesDep, admin: AdminDep, wait: bool = False) -> dict[str, Any]:
     """202 at once (a vLLM load takes minutes; poll GET /admin/models/{m}); `wait=true` blocks
     until ready, and a load that fails answers 503 engine_start_failed with the reason. A start
     of a loading model joins it; of a ready one is a no-op."""
-    assert gw.engines is not None
-    assert gw.audit is not None
-    name = gw.registry.resolve(model)
+    name = svc.registry.resolve(model)
     try:
-        engine = await gw.engines.start(name, wait=wait)
+        engine = await svc.engines.start(name, wait=wait)
     finally:
-        state = gw.engines.get(name).state.value
-        await gw.audit.record(admin.subject, "model.start", name, state=state)
+        state = svc.engines.get(name).state.value
+        await svc.audit.record(admin.subject, "model.start", name, state=state)
     return {
         "status": "started",
         "model": name,
@@ -115,31 +109,28 @@ async def start_model(model: str, gw: GatewayDep, admin: AdminDep, wait: bool = 
 @router.post("/models/{model:path}/stop")
 async def stop_model(
     model: str,
-    gw: GatewayDep,
+    svc: ServicesDep,
     user: AdminDep,
     force: bool = False,
     graceful: bool | None = None,
 ) -> dict[str, Any]:
     """A busy model is refused (409) unless `graceful=true` (let its jobs finish, up to the
     grace period) or `force=true` / `graceful=false` (cancel them now)."""
-    assert gw.engines is not None
-    name = gw.registry.resolve(model)
+    name = svc.registry.resolve(model)
     forced = force or graceful is False
-    assert gw.audit is not None
-    outcome = await gw.engines.stop(
+    outcome = await svc.engines.stop(
         name, force=forced, drain=graceful is True, reason=f"stopped by {user.subject}"
     )
-    await gw.audit.record(user.subject, "model.stop", name, force=forced, drain=graceful is True)
+    await svc.audit.record(user.subject, "model.stop", name, force=forced, drain=graceful is True)
     return {"status": "stopped", "model": name, "force": forced, **outcome}
 
 
 @router.get("/models/{model:path}/logs")
 async def model_logs(
-    model: str, gw: GatewayDep, _: AdminDep, lines: Annotated[int, Query(ge=1, le=5000)] = 100
+    model: str, svc: ServicesDep, _: AdminDep, lines: Annotated[int, Query(ge=1, le=5000)] = 100
 ) -> dict[str, Any]:
-    assert gw.engines is not None
-    name = gw.registry.resolve(model)
-    path = gw.engines.log_path(name)
+    name = svc.registry.resolve(model)
+    path = svc.engines.log_path(name)
     text = await asyncio.to_thread(log_tail, path, lines, 4 * 1024 * 1024)
     return {"model": name, "lines": text.splitlines(), "path": str(path)}
 
@@ -148,25 +139,23 @@ async def model_logs(
 # clients of the system we re-implement put in these paths). The generic GET comes after
 # /logs, or it would take ".../logs" for a model name.
 @router.get("/models/{model:path}")
-async def model(model: str, gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
-    assert gw.engines is not None
-    name = gw.registry.resolve(model)
-    counts = (await _occupancy(gw)).get(name, (0, 0))
-    return _model_view(gw, gw.engines.get(name), *counts, await _default_resolution(gw))
+async def model(model: str, svc: ServicesDep, _: AdminDep) -> dict[str, Any]:
+    name = svc.registry.resolve(model)
+    counts = (await _occupancy(svc)).get(name, (0, 0))
+    return _model_view(svc, svc.engines.get(name), *counts, await _default_resolution(svc))
 
 
 @router.get("/crashes")
 async def crashes(
-    gw: GatewayDep,
+    svc: ServicesDep,
     _: AdminDep,
     model: str | None = None,
     since: datetime | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[dict[str, Any]]:
     """Newest first; `timestamp`, `error`, `request_id`, `stack_trace` are the older clients' names."""
-    assert gw.engines is not None
-    name = gw.registry.resolve(model) if model else None
-    docs = await gw.engines.crash_log.recent(name, since, limit)
+    name = svc.registry.resolve(model) if model else None
+    docs = await svc.engines.crash_log.recent(name, since, limit)
     return [
         {
             "id": str(doc["_id"]),
@@ -186,24 +175,21 @@ async def crashes(
 
 
 @router.get("/gpus")
-async def gpus(gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
-    assert gw.engines is not None
-    return await asyncio.to_thread(gpus_view, gw.engines)
+async def gpus(svc: ServicesDep, _: AdminDep) -> dict[str, Any]:
+    return await asyncio.to_thread(gpus_view, svc.engines)
 
 
 @router.get("/queue/{model:path}")
-async def queue_stats(model: str, gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
-    assert gw.queue is not None
-    name = gw.registry.resolve(model)
-    cfg = gw.registry.models[name]
-    active = await gw.queue.store.active(name)
+async def queue_stats(model: str, svc: ServicesDep, _: AdminDep) -> dict[str, Any]:
+    name = svc.registry.resolve(model)
+    cfg = svc.registry.models[name]
+    active = await svc.queue.store.active(name)
     processing = sum(1 for d in active if d["state"] == JobState.RUNNING.value)
     waiting_docs = [d for d in active if d["state"] == JobState.QUEUED.value]
     by_priority = {
         p: sum(1 for d in waiting_docs if d.get("priority") == p) for p in ("high", "normal", "low")
     }
-    assert gw.counters is not None
-    totals = await gw.counters.totals(name)
+    totals = await svc.counters.totals(name)
     return {
         "model": name,
         "processing": processing,

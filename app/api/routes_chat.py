@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
-from app.api.deps import GatewayDep, PrincipalDep, client_id, idempotency_key
+from app.api.deps import PrincipalDep, ServicesDep, client_id, idempotency_key
 from app.api.routes_ocr import OCR_FORM_SCHEMA, read_ocr_request
 from app.api.schemas import ChatRequest, JobRequest, inline_schema, parse_json_body
 from app.api.views import chat_answer, job_view
@@ -21,7 +21,7 @@ router = APIRouter()
 @router.post("/api/chat")
 async def chat(
     body: ChatRequest,
-    gw: GatewayDep,
+    svc: ServicesDep,
     user: PrincipalDep,
     client: Annotated[str, Depends(client_id)],
     key: Annotated[str | None, Depends(idempotency_key)],
@@ -32,8 +32,7 @@ async def chat(
             "stream is not supported on /api/chat; use POST /v1/chat/completions", param="stream"
         )
     priority = Priority.parse(x_priority)
-    assert gw.chat is not None
-    doc = await gw.chat.complete(user, body.engine_request(), client, priority, key)
+    doc = await svc.chat.complete(user, body.engine_request(), client, priority, key)
     return chat_answer(doc)
 
 
@@ -50,7 +49,7 @@ _JOB_REQUEST_BODY = {
 async def submit_job(
     request: Request,
     response: Response,
-    gw: GatewayDep,
+    svc: ServicesDep,
     user: PrincipalDep,
     client: Annotated[str, Depends(client_id)],
     key: Annotated[str | None, Depends(idempotency_key)],
@@ -63,21 +62,20 @@ async def submit_job(
     multipart exactly as for /api/ocr.
     """
     priority = Priority.parse(x_priority)
-    assert gw.chat is not None and gw.ocr is not None
     if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        ask = await read_ocr_request(request, gw.settings.ocr.max_upload_bytes, x_resolution)
-        doc = await gw.ocr.submit(user, ask, client, priority, key, wait=False)
+        ask = await read_ocr_request(request, svc.settings.ocr.max_upload_bytes, x_resolution)
+        doc = await svc.ocr.submit(user, ask, client, priority, key, wait=False)
     else:
         body = parse_json_body(JobRequest, await request.body())
-        doc = await gw.chat.submit(user, body.engine_request(), client, priority, key)
+        doc = await svc.chat.submit(user, body.engine_request(), client, priority, key)
     location = f"/api/jobs/{doc['_id']}"
     response.headers["Location"] = location
-    return {**job_view(doc), "location": location, "position": await gw.chat.position(doc)}
+    return {**job_view(doc), "location": location, "position": await svc.chat.position(doc)}
 
 
 @router.get("/api/jobs")
 async def list_jobs(
-    gw: GatewayDep,
+    svc: ServicesDep,
     user: PrincipalDep,
     state: str | None = None,
     model: Annotated[str | None, Query(max_length=128)] = None,
@@ -91,12 +89,11 @@ async def list_jobs(
 ) -> dict[str, Any]:
     """Own jobs newest first (admins: everyone's); page back with `cursor` = the previous
     page's `next` (null on the last page)."""
-    assert gw.chat is not None
     if cursor is not None and before is not None:
         raise InvalidRequest("send either cursor or before, not both", param="cursor")
     after = ListingCursor.decode(cursor) if cursor is not None else None
     wanted = JobState.parse(state) if state else None
-    docs = await gw.chat.jobs(user, state=wanted, model=model, before=before, limit=limit + 1, after=after)
+    docs = await svc.chat.jobs(user, state=wanted, model=model, before=before, limit=limit + 1, after=after)
     page = docs[:limit]
     more = len(docs) > limit
     return {
@@ -108,16 +105,14 @@ async def list_jobs(
 
 
 @router.get("/api/jobs/{job_id}")
-async def get_job(job_id: str, gw: GatewayDep, user: PrincipalDep) -> dict[str, Any]:
-    assert gw.chat is not None
-    doc = await gw.chat.job(user, job_id[:64])
+async def get_job(job_id: str, svc: ServicesDep, user: PrincipalDep) -> dict[str, Any]:
+    doc = await svc.chat.job(user, job_id[:64])
     if doc is None:
         raise JobNotFound(job_id[:64])
-    return {**job_view(doc), "position": await gw.chat.position(doc)}
+    return {**job_view(doc), "position": await svc.chat.position(doc)}
 
 
 @router.delete("/api/jobs/{job_id}")
-async def cancel_job(job_id: str, gw: GatewayDep, user: PrincipalDep) -> dict[str, Any]:
+async def cancel_job(job_id: str, svc: ServicesDep, user: PrincipalDep) -> dict[str, Any]:
     """Cancel a queued or running job (a running one's engine call is stopped); 409 if it ended."""
-    assert gw.chat is not None
-    return job_view(await gw.chat.cancel_job(user, job_id[:64]))
+    return job_view(await svc.chat.cancel_job(user, job_id[:64]))

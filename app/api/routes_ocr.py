@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import Message
 
-from app.api.deps import AdminDep, GatewayDep, PrincipalDep, client_id, idempotency_key
+from app.api.deps import AdminDep, PrincipalDep, ServicesDep, client_id, idempotency_key
 from app.api.schemas import inline_schema, parse_json_body
 from app.api.views import ocr_answer
 from app.errors import DocumentTooLarge, InvalidRequest
@@ -205,7 +205,7 @@ OCR_REQUEST_BODY: dict[str, Any] = {
 @router.post("/api/ocr", openapi_extra={"requestBody": OCR_REQUEST_BODY})
 async def ocr(
     request: Request,
-    gw: GatewayDep,
+    svc: ServicesDep,
     user: PrincipalDep,
     client: Annotated[str, Depends(client_id)],
     key: Annotated[str | None, Depends(idempotency_key)],
@@ -213,9 +213,8 @@ async def ocr(
     x_resolution: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
     """The whole document is one job in the model's queue; the answer has every page."""
-    assert gw.ocr is not None
-    ask = await read_ocr_request(request, gw.settings.ocr.max_upload_bytes, x_resolution)
-    doc = await gw.ocr.submit(user, ask, client, Priority.parse(x_priority), key, wait=True)
+    ask = await read_ocr_request(request, svc.settings.ocr.max_upload_bytes, x_resolution)
+    doc = await svc.ocr.submit(user, ask, client, Priority.parse(x_priority), key, wait=True)
     return ocr_answer(doc)
 
 
@@ -229,9 +228,8 @@ class ResolutionBody(BaseModel):
 
 
 @router.get("/admin/ocr/resolution")
-async def get_resolution(gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
-    assert gw.ocr is not None
-    return {"resolution": await gw.ocr.default_resolution.get(), "modes": dict(RESOLUTIONS)}
+async def get_resolution(svc: ServicesDep, _: AdminDep) -> dict[str, Any]:
+    return {"resolution": await svc.ocr.default_resolution.get(), "modes": dict(RESOLUTIONS)}
 
 
 @router.post(
@@ -244,10 +242,9 @@ async def get_resolution(gw: GatewayDep, _: AdminDep) -> dict[str, Any]:
     },
 )
 async def set_resolution(
-    request: Request, gw: GatewayDep, user: AdminDep, resolution: str | None = None
+    request: Request, svc: ServicesDep, user: AdminDep, resolution: str | None = None
 ) -> dict[str, Any]:
     """`?resolution=gundam` (older clients) or a JSON body `{"mode": "gundam"}`."""
-    assert gw.ocr is not None
     value = resolution
     if value is None and (await request.body()).strip():
         body = parse_json_body(ResolutionBody, await request.body())
@@ -257,9 +254,9 @@ async def set_resolution(
             f'say which resolution: ?resolution=... or {{"mode": ...}}; valid: {", ".join(RESOLUTIONS)}',
             param="mode",
         )
-    mode = await gw.ocr.default_resolution.set(value, user.subject)
-    if gw.audit is not None:
-        await gw.audit.record(user.subject, "ocr.resolution", mode)
+    mode = await svc.ocr.default_resolution.set(value, user.subject)
+    if svc.audit is not None:
+        await svc.audit.record(user.subject, "ocr.resolution", mode)
     return {
         "status": "switched",
         "resolution": mode,

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Form, Request
 from pydantic import BaseModel, ConfigDict
 
-from app.api.deps import GatewayDep
+from app.api.deps import ServicesDep
 from app.api.engine_views import engines_summary
 from app.errors import AuthenticationFailed
 
@@ -15,22 +15,22 @@ router = APIRouter()
 
 
 @router.get("/health")
-async def health(gw: GatewayDep) -> dict[str, Any]:
-    database_ok = gw.database is not None and await gw.database.ping()
+async def health(svc: ServicesDep) -> dict[str, Any]:
+    database_ok = await svc.database.ping()
     return {
         "status": "healthy" if database_ok else "unhealthy",
-        "timestamp": gw.clock.now().isoformat(),
+        "timestamp": svc.clock.now().isoformat(),
         "database": "ok" if database_ok else "unreachable",
-        "engines": engines_summary(gw.engines, gw.clock.now()) if gw.engines else {},
+        "engines": engines_summary(svc.engines, svc.clock.now()),
     }
 
 
-def _token_answer(gw: GatewayDep, subject: str, role: str) -> dict[str, Any]:
+def _token_answer(svc: ServicesDep, subject: str, role: str) -> dict[str, Any]:
     return {
-        "access_token": gw.tokens.issue(subject, role),
+        "access_token": svc.tokens.issue(subject, role),
         "token_type": "bearer",
-        "expires_in": gw.tokens.access_ttl_s,
-        "refresh_token": gw.tokens.issue(subject, role, "refresh"),
+        "expires_in": svc.tokens.access_ttl_s,
+        "refresh_token": svc.tokens.issue(subject, role, "refresh"),
         "role": role,
     }
 
@@ -38,21 +38,20 @@ def _token_answer(gw: GatewayDep, subject: str, role: str) -> dict[str, Any]:
 @router.post("/auth/token")
 async def token(
     request: Request,
-    gw: GatewayDep,
+    svc: ServicesDep,
     username: Annotated[str, Form(min_length=1, max_length=64)],
     password: Annotated[str, Form(min_length=1, max_length=1024)],
 ) -> dict[str, Any]:
     """Throttled per username and per client address after repeated failures (429)."""
-    assert gw.users is not None
     address = request.client.host if request.client else "unknown"
-    gw.login_throttle.check(username, address)
+    svc.login_throttle.check(username, address)
     try:
-        user = await gw.users.authenticate(username, password)
+        user = await svc.users.authenticate(username, password)
     except AuthenticationFailed:
-        gw.login_throttle.failed(username, address)
+        svc.login_throttle.failed(username, address)
         raise
-    gw.login_throttle.succeeded(username)
-    return _token_answer(gw, user.subject, user.role)
+    svc.login_throttle.succeeded(username)
+    return _token_answer(svc, user.subject, user.role)
 
 
 class RefreshRequest(BaseModel):
@@ -61,10 +60,9 @@ class RefreshRequest(BaseModel):
 
 
 @router.post("/auth/refresh")
-async def refresh(gw: GatewayDep, body: Annotated[RefreshRequest, Body()]) -> dict[str, Any]:
-    assert gw.users is not None
-    claimed = gw.tokens.verify(body.refresh_token, use="refresh")
-    user = await gw.users.active_principal(claimed)
+async def refresh(svc: ServicesDep, body: Annotated[RefreshRequest, Body()]) -> dict[str, Any]:
+    claimed = svc.tokens.verify(body.refresh_token, use="refresh")
+    user = await svc.users.active_principal(claimed)
     if user.role != claimed.role:
         raise AuthenticationFailed("token is invalid")
-    return _token_answer(gw, user.subject, user.role)
+    return _token_answer(svc, user.subject, user.role)

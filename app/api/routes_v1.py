@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.deps import GatewayDep, PrincipalDep, idempotency_key, optional_client_id
+from app.api.deps import PrincipalDep, ServicesDep, idempotency_key, optional_client_id
 from app.api.schemas import ChatRequest
 from app.api.views import chat_answer, raise_unless_succeeded
 from app.queue.jobs import JobState
@@ -53,9 +53,8 @@ class OpenAIChatRequest(ChatRequest):
 
 
 @router.get("/models")
-async def list_models(gw: GatewayDep, user: PrincipalDep) -> dict[str, Any]:
-    assert gw.engines is not None
-    created = int(gw.clock.now().timestamp())
+async def list_models(svc: ServicesDep, user: PrincipalDep) -> dict[str, Any]:
+    created = int(svc.clock.now().timestamp())
     data = [
         {
             "id": name,
@@ -66,7 +65,7 @@ async def list_models(gw: GatewayDep, user: PrincipalDep) -> dict[str, Any]:
             "state": engine.state.value,
             "kind": engine.settings.kind,
         }
-        for name, engine in gw.engines.engines.items()
+        for name, engine in svc.engines.engines.items()
         if user.may_use(name)
     ]
     return {"object": "list", "data": data}
@@ -75,7 +74,7 @@ async def list_models(gw: GatewayDep, user: PrincipalDep) -> dict[str, Any]:
 @router.post("/chat/completions")
 async def chat_completions(
     body: OpenAIChatRequest,
-    gw: GatewayDep,
+    svc: ServicesDep,
     user: PrincipalDep,
     key: Annotated[str | None, Depends(idempotency_key)],
     x_client_id: Annotated[str | None, Depends(optional_client_id)],
@@ -83,10 +82,9 @@ async def chat_completions(
 ) -> Response:
     priority = Priority.parse(x_priority)
     client = x_client_id or body.user or _DEFAULT_CLIENT
-    assert gw.chat is not None
     if body.stream:
-        return await _stream(gw, user, body, client, priority, key)
-    doc = await gw.chat.complete(user, body.engine_request(), client, priority, key)
+        return await _stream(svc, user, body, client, priority, key)
+    doc = await svc.chat.complete(user, body.engine_request(), client, priority, key)
     answer = chat_answer(doc)
     result = doc.get("result") or {}
     completion = {
@@ -109,25 +107,24 @@ async def chat_completions(
 
 
 async def _stream(
-    gw: GatewayDep,
+    svc: ServicesDep,
     user: PrincipalDep,
     body: OpenAIChatRequest,
     client: str,
     priority: Priority,
     key: str | None,
 ) -> StreamingResponse:
-    assert gw.chat is not None
-    doc, sink = await gw.chat.start_stream(user, body.engine_stream_request(), client, priority, key)
+    doc, sink = await svc.chat.start_stream(user, body.engine_stream_request(), client, priority, key)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if sink is None:
         if JobState(doc["state"]).terminal:
             raise_unless_succeeded(doc)  # the key's job failed: its status, as without `stream`
-        events = _replayed(gw, doc, body.model, include_usage)
+        events = _replayed(svc, doc, body.model, include_usage)
     else:
-        first = await _first_event(gw, doc, sink, cancel_on_close=key is None)
+        first = await _first_event(svc, doc, sink, cancel_on_close=key is None)
         if first is not None and first[0] == "error":
             raise_unless_succeeded(first[1])  # no byte went out yet: the failure keeps its status
-        events = _relayed(gw, doc, sink, first, body.model, include_usage, cancel_on_close=key is None)
+        events = _relayed(svc, doc, sink, first, body.model, include_usage, cancel_on_close=key is None)
     return StreamingResponse(
         events,
         media_type="text/event-stream",
@@ -136,7 +133,7 @@ async def _stream(
 
 
 async def _first_event(
-    gw: GatewayDep, doc: dict[str, Any], sink: asyncio.Queue[tuple[str, Any]], *, cancel_on_close: bool
+    svc: ServicesDep, doc: dict[str, Any], sink: asyncio.Queue[tuple[str, Any]], *, cancel_on_close: bool
 ) -> tuple[str, Any] | None:
     """The stream's first event, if it comes within one keep-alive interval.
 
@@ -145,21 +142,20 @@ async def _first_event(
     raises the same class as for a request without `stream`, as OpenAI's API does. A job still
     waiting for its turn after that gets its 200 and keep-alive comments instead.
     """
-    assert gw.chat is not None and gw.queue is not None
     try:
-        event = await asyncio.wait_for(sink.get(), timeout=gw.settings.server.stream_keepalive_seconds)
+        event = await asyncio.wait_for(sink.get(), timeout=svc.settings.server.stream_keepalive_seconds)
     except TimeoutError:
         return None
     except BaseException:  # the client went away before its stream began
-        await _stream_closed(gw, doc, cancel=cancel_on_close)
+        await _stream_closed(svc, doc, cancel=cancel_on_close)
         raise
     if event[0] == "error":
-        gw.queue.close_sink(doc["_id"])
+        svc.queue.close_sink(doc["_id"])
     return event
 
 
 async def _relayed(
-    gw: GatewayDep,
+    svc: ServicesDep,
     doc: dict[str, Any],
     sink: asyncio.Queue[tuple[str, Any]],
     first: tuple[str, Any] | None,
@@ -181,7 +177,7 @@ async def _relayed(
             else:
                 try:
                     kind, data = await asyncio.wait_for(
-                        sink.get(), timeout=gw.settings.server.stream_keepalive_seconds
+                        sink.get(), timeout=svc.settings.server.stream_keepalive_seconds
                     )
                 except TimeoutError:
                     yield _KEEPALIVE  # waiting in the queue: keep proxies from cutting us
@@ -197,29 +193,27 @@ async def _relayed(
             yield _DONE if kind == "done" else _error_event(data)
             return
     finally:
-        await _stream_closed(gw, doc, cancel=cancel_on_close and not finished)
+        await _stream_closed(svc, doc, cancel=cancel_on_close and not finished)
 
 
-async def _stream_closed(gw: GatewayDep, doc: dict[str, Any], *, cancel: bool) -> None:
+async def _stream_closed(svc: ServicesDep, doc: dict[str, Any], *, cancel: bool) -> None:
     """No one reads the job's events any more; with `cancel` (the client went away before the
     end, without an Idempotency-Key) the job is cancelled and its slot freed at once, even while
     the handler itself is being cancelled."""
-    assert gw.chat is not None and gw.queue is not None
-    gw.queue.close_sink(doc["_id"])
+    svc.queue.close_sink(doc["_id"])
     if cancel:
         with anyio.CancelScope(shield=True):
-            await gw.chat.cancel(doc, "the client closed the connection")
+            await svc.chat.cancel(doc, "the client closed the connection")
 
 
 async def _replayed(
-    gw: GatewayDep, doc: dict[str, Any], model: str, include_usage: bool
+    svc: ServicesDep, doc: dict[str, Any], model: str, include_usage: bool
 ) -> AsyncIterator[bytes]:
     """A repeated Idempotency-Key: the job's stored answer as a stream, once the job has ended
     (keep-alive comments until then), or the error it ended with."""
-    assert gw.chat is not None
-    outcome = asyncio.ensure_future(gw.chat.outcome(doc))
+    outcome = asyncio.ensure_future(svc.chat.outcome(doc))
     try:
-        while not (await asyncio.wait({outcome}, timeout=gw.settings.server.stream_keepalive_seconds))[0]:
+        while not (await asyncio.wait({outcome}, timeout=svc.settings.server.stream_keepalive_seconds))[0]:
             yield _KEEPALIVE
         final = outcome.result()
     finally:

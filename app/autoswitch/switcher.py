@@ -26,7 +26,8 @@ from typing import Any
 
 from pymongo.asynchronous.collection import AsyncCollection
 
-from app.autoswitch.policy import Capacity, Decision, ModelView, PolicyConfig, Usage, decide
+from app.autoswitch.inputs import Capacity, Decision, ModelView, PolicyConfig, Usage
+from app.autoswitch.policy import decide
 from app.clock import Clock
 from app.engines.commands import engine_needs_gpu
 from app.engines.manager import EngineManager

@@ -37,7 +37,7 @@ async def direct_starts_open(gw: GatewayClient, model: str) -> None:
     ready, not the claim: on a loaded machine the request used to arrive first, was queued, and its
     insert, held by the test until the engine call it then never got, deadlocked the test.
     """
-    dispatcher = gw.gateway.dispatchers[model]
+    dispatcher = gw.services.dispatchers[model]
     await eventually(
         lambda: asyncio.sleep(0, dispatcher.starts_at_once()), bool, what=f"direct starts for {model}"
     )
@@ -52,7 +52,7 @@ async def engine_requests(gw: GatewayClient, model: str) -> int:
 
 def hold_inserts(monkeypatch: pytest.MonkeyPatch, gw: GatewayClient) -> asyncio.Event:
     """Make every job insert wait for the returned event, as a slow disk would."""
-    store = gw.gateway.queue.store  # type: ignore[union-attr]
+    store = gw.services.queue.store
     real_insert = store.insert
     release = asyncio.Event()
 
@@ -137,7 +137,7 @@ async def test_a_request_admitted_while_the_start_up_claim_is_in_flight_is_queue
     monkeypatch.setattr(store, "queued_candidates", held)
     gw = await gateway_factory({"demo": stub("--log-requests")}, queue=DIRECT_STARTS)
     await asyncio.wait_for(claim_in_flight.wait(), timeout=20)
-    assert not gw.gateway.dispatchers["demo"].starts_at_once()
+    assert not gw.services.dispatchers["demo"].starts_at_once()
     answer = asyncio.create_task(gw.chat("demo", "in the window"))
     await gw.until_count("demo", "queued", 1)  # queued behind the claim, not started at once
     assert await engine_requests(gw, "demo") == 0
@@ -155,7 +155,7 @@ async def test_an_insert_that_fails_after_the_engine_call_began_leaves_nothing(
     request is launched, its inserts collide, the refreshed book says full → 429, and the
     early engine call is abandoned without a document or a held in-flight place."""
     gw = await gateway_factory({"m": stub("--latency-ms", "2000", max_concurrent=1, max_waiting=1)})
-    queue = gw.gateway.queue
+    queue = gw.services.queue
     assert queue is not None
     now = queue.clock.now()
     for index in range(2):
@@ -178,7 +178,7 @@ async def test_an_insert_that_fails_after_the_engine_call_began_leaves_nothing(
     assert response.status_code == 429, response.text
     assert "full" in response.json()["detail"]
 
-    dispatcher = gw.gateway.dispatchers["m"]
+    dispatcher = gw.services.dispatchers["m"]
     await eventually(
         lambda: asyncio.sleep(0, (dispatcher.in_flight, dispatcher.running_ids())),
         lambda seen: seen == (0, []),

@@ -52,9 +52,9 @@ async def test_jobs_paging_cursor_does_not_skip_jobs_of_the_same_millisecond(
     gw = await gateway_factory({"demo": stub()})
     ids = [(await gw.chat("demo", f"job {i}")).json()["id"] for i in range(5)]
     # four of them admitted in the same millisecond (as under load, or on two instances)
-    assert gw.gateway.database is not None
+    assert gw.services.database is not None
     same = datetime(2030, 1, 1, 12, 0, 0, 123000, tzinfo=UTC)
-    await gw.gateway.database.jobs.update_many({"_id": {"$in": ids[1:]}}, {"$set": {"enqueued_at": same}})
+    await gw.services.database.jobs.update_many({"_id": {"$in": ids[1:]}}, {"$set": {"enqueued_at": same}})
     seen: list[str] = []
     params: dict[str, Any] = {"limit": 2}
     for _ in range(10):
@@ -140,7 +140,7 @@ async def test_ocr_idempotency_replay_without_stored_prompts(gateway_factory: Ga
 
     first = await ocr(png, "ocr-1")
     assert first.status_code == 200, first.text
-    stored = await gw.gateway.database.jobs.find_one({"_id": first.json()["id"]})  # type: ignore[union-attr]
+    stored = await gw.services.database.jobs.find_one({"_id": first.json()["id"]})
     assert stored is not None and "request" not in stored  # the prompt was not kept
     again = await ocr(png, "ocr-1", name="renamed.png")  # the file name is not part of the request
     assert again.status_code == 200, again.text

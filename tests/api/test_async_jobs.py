@@ -90,8 +90,8 @@ async def test_cancel_running_frees_the_slot_for_the_next(gateway_factory: Gatew
 
 async def test_list_own_jobs_filters_and_admin_sees_all(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory({"a": stub(), "b": stub()})
-    assert gw.gateway.users is not None
-    await gw.gateway.users.create("bob", "bob-password-long", "client")
+    assert gw.services.users is not None
+    await gw.services.users.create("bob", "bob-password-long", "client")
     bob = gw.gateway.tokens.issue("bob", "client")
     for content in ("a1", "a2", "a3"):
         assert (await gw.chat("a", content)).status_code == 200
@@ -171,7 +171,7 @@ async def test_a_job_cancelled_through_another_instance_stops_its_engine_call_he
     gw = await gateway_factory(
         {"slow": stub("--latency-ms", "30000")}, queue={"heartbeat_seconds": 0.2, "lease_seconds": 2}
     )
-    queue, dispatcher = gw.gateway.queue, gw.gateway.dispatchers["slow"]
+    queue, dispatcher = gw.services.queue, gw.services.dispatchers["slow"]
     assert queue is not None
     waiting = asyncio.create_task(gw.chat("slow", "cancelled elsewhere"))
     (job,) = await eventually(

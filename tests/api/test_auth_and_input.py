@@ -152,7 +152,7 @@ async def test_bad_input_is_a_clear_4xx_and_admits_nothing(
     assert response.status_code == status, response.text
     assert message in str(response.json()["detail"])
     assert await gw.count("demo", "queued") + await gw.count("demo", "running") == 0
-    database = gw.gateway.database
+    database = gw.services.database
     assert database is not None
     assert await database.jobs.count_documents({}) == 0
 

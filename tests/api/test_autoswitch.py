@@ -22,8 +22,8 @@ SWITCHING = {
 
 
 def switcher_of(gw: GatewayClient) -> Switcher:
-    assert gw.gateway.switcher is not None
-    return gw.gateway.switcher
+    assert gw.services.switcher is not None
+    return gw.services.switcher
 
 
 async def state_of(gw: GatewayClient, model: str) -> str:
@@ -36,7 +36,7 @@ async def refused(gw: GatewayClient, model: str, times: int) -> None:
     for _ in range(times):
         response = await gw.chat(model)
         assert response.status_code == 503, response.text
-    missing = gw.gateway.missing
+    missing = gw.services.missing
     assert missing is not None
     await missing.drain()
 
@@ -190,7 +190,7 @@ HISTORY_COLLECTIONS = (
 
 async def test_every_history_collection_expires_its_documents(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory({"a": stub()}, history={"prune": "on", "prune_interval_seconds": 0.2})
-    database = gw.gateway.database
+    database = gw.services.database
     assert database is not None
     past = gw.gateway.clock.now() - timedelta(seconds=1)
     future = gw.gateway.clock.now() + timedelta(days=1)

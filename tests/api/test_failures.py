@@ -103,7 +103,7 @@ async def test_same_idempotency_key_gets_the_same_job(gateway_factory: GatewayFa
 async def test_history_ttl_index_and_expire_at(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory({"demo": stub()})
     response = await gw.chat("demo")
-    database = gw.gateway.database
+    database = gw.services.database
     assert database is not None
     indexes = await database.jobs.index_information()
     ttl = indexes["history_ttl"]
@@ -122,7 +122,7 @@ async def test_privacy_settings_keep_prompts_and_outputs_out_of_history(
     response = await gw.chat("demo", "a private question", Idempotency_Key="private-1")
     assert response.status_code == 200, response.text
     assert response.json()["message"]["content"] == "stub reply to: a private question"
-    database = gw.gateway.database
+    database = gw.services.database
     assert database is not None
     doc = await database.jobs.find_one({"_id": response.json()["id"]})
     assert doc is not None
@@ -146,7 +146,7 @@ async def test_engines_do_not_inherit_the_gateway_secrets(gateway_factory: Gatew
         gw = await gateway_factory({"demo": stub()})
     finally:
         del os.environ["GATEWAY_ADMIN_PASSWORD"]
-    engines = gw.gateway.engines
+    engines = gw.services.engines
     assert engines is not None
     process = engines.get("demo").process
     assert process is not None
@@ -159,7 +159,7 @@ async def test_engine_crash_mid_request_is_retried_after_restart(gateway_factory
     gw = await gateway_factory({"fragile": stub("--crash-after", "1")})
     first = await gw.chat("fragile", "one")
     assert first.status_code == 200
-    engines = gw.gateway.engines
+    engines = gw.services.engines
     assert engines is not None
     old_pid = engines.get("fragile").process.pid  # type: ignore[union-attr]
     second = await gw.chat("fragile", "two")  # kills the engine; retried on the restarted one

@@ -167,7 +167,7 @@ async def test_default_resolution_is_persisted(gw: GatewayClient, gateway_factor
     models = (await gw.http.get("/admin/models", headers=admin)).json()
     assert (models["ocr"]["resolution"], models["llm"]["resolution"]) == ("tiny", None)
     # another gateway on the same database (a restart, or a second instance) sees it
-    assert gw.gateway.ocr is not None
+    assert gw.services.ocr is not None
     database = gw.gateway.settings.database.name
     other = await gateway_factory({"ocr": stub()}, database={"name": database})
     assert (await other.http.get("/admin/ocr/resolution", headers=other.headers(other.admin_token))).json()[
@@ -213,10 +213,10 @@ async def test_engine_is_sent_the_deepseek_ocr_prompts(gw: GatewayClient) -> Non
     assert markdown.json()["truncated"] is False
     cut = await _ocr(gw, _png(["X"]), model="echo", max_tokens="2")
     assert (cut.json()["text"], cut.json()["truncated"]) == ("stub reply", True)
-    assert gw.gateway.engines is not None
+    assert gw.services.engines is not None
     logged = [
         json.loads(line.split(" messages ", 1)[1])
-        for line in gw.gateway.engines.log_path("echo").read_text().splitlines()
+        for line in gw.services.engines.log_path("echo").read_text().splitlines()
         if line.startswith("request ")
     ]
     assert len(logged) == 3

@@ -169,8 +169,8 @@ async def test_idempotency_key_replays_the_answer_and_rejects_another_body(
     again = await client.chat.completions.create(model="demo", messages=hello, extra_headers=key)
     assert again.id == first.id
     assert again.choices[0].message.content == first.choices[0].message.content == "stub reply to: once only"
-    assert gw.gateway.engines is not None
-    engine_log = gw.gateway.engines.log_path("demo").read_text()
+    assert gw.services.engines is not None
+    engine_log = gw.services.engines.log_path("demo").read_text()
     assert engine_log.count("request ") == 1, engine_log  # the replay never reached the engine
     with pytest.raises(openai.ConflictError) as conflict:
         await client.chat.completions.create(
@@ -211,8 +211,8 @@ async def test_a_streamed_idempotency_key_replays_the_stored_answer_as_a_stream(
     assert again_id == first_id
     assert again_text == first_text == "stub reply to: stream once"
     assert again_usage == first_usage == [5]
-    assert gw.gateway.engines is not None
-    engine_log = gw.gateway.engines.log_path("demo").read_text()
+    assert gw.services.engines is not None
+    engine_log = gw.services.engines.log_path("demo").read_text()
     assert engine_log.count("request ") == 1, engine_log  # the replay never reached the engine
     failed_key = {"Idempotency-Key": "v1-stream-failed"}
     for _ in range(2):  # the key's job failed: its repeat answers the same status, no new attempt
@@ -252,8 +252,8 @@ async def test_an_engine_that_reports_no_usage_in_streams_gets_none_invented(
         assert text == "stub reply to: count nothing"
         assert [c for c in chunks if c.usage is not None or not c.choices] == []
         assert chunks[-1].choices[0].finish_reason == "stop"
-    assert gw.gateway.queue is not None
-    doc = await gw.gateway.queue.store.get(raw.headers["x-request-id"])
+    assert gw.services.queue is not None
+    doc = await gw.services.queue.store.get(raw.headers["x-request-id"])
     assert doc is not None and doc["result"]["usage"] == {}
     plain = await client.chat.completions.create(model="quiet", messages=hello)  # not streamed: counted
     assert plain.usage is not None and plain.usage.completion_tokens == 5
@@ -344,10 +344,10 @@ async def test_openai_fields_beyond_sampling_reach_the_engine_and_come_back(
     assert scored.choices[0].logprobs is not None and scored.choices[0].logprobs.content is not None
     assert [t.token for t in scored.choices[0].logprobs.content] == ["stub", "reply"]
 
-    assert gw.gateway.engines is not None
+    assert gw.services.engines is not None
     sent = [
         json.loads(line.split(" messages ", 1)[1])
-        for line in gw.gateway.engines.log_path("demo").read_text().splitlines()
+        for line in gw.services.engines.log_path("demo").read_text().splitlines()
         if line.startswith("request ")
     ]
     assert sent[0]["tools"] == [lookup]  # the JSON Schema's "$schema" key survived the database

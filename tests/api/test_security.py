@@ -17,8 +17,8 @@ async def _clock() -> float:
 
 
 async def _user(gw: GatewayClient, name: str, role: str = "client") -> str:
-    assert gw.gateway.users is not None
-    await gw.gateway.users.create(name, f"{name}-password-long", role)
+    assert gw.services.users is not None
+    await gw.services.users.create(name, f"{name}-password-long", role)
     return gw.gateway.tokens.issue(name, role)
 
 
@@ -147,9 +147,9 @@ async def test_rate_limit_with_headers_and_recovery(gateway_factory: GatewayFact
     )
     assert again.headers["X-RateLimit-Remaining"] == "2"
     # the counter is shared through the database: another instance sees the same window
-    assert gw.gateway.rate_limiter is not None
-    await gw.gateway.rate_limiter.sync()
-    docs = await gw.gateway.database.rate_limits.find({}).to_list()  # type: ignore[union-attr]
+    assert gw.services.rate_limiter is not None
+    await gw.services.rate_limiter.sync()
+    docs = await gw.services.database.rate_limits.find({}).to_list()
     assert sum(int(d["count"]) for d in docs if d["_id"].startswith("alice|")) >= 4
 
 

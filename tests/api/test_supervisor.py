@@ -484,8 +484,8 @@ async def test_a_running_engines_log_is_rotated_by_the_watch_loop(gateway_factor
     gw = await gateway_factory(
         {"chatty": stub("--log-requests")}, engines={**FAST_HEALTH, "log_max_bytes": 1024}
     )
-    assert gw.gateway.engines is not None
-    log = gw.gateway.engines.log_path("chatty")
+    assert gw.services.engines is not None
+    log = gw.services.engines.log_path("chatty")
     pid = (await _model(gw, "chatty"))["pid"]
 
     async def rotated() -> bool:

@@ -76,9 +76,9 @@ async def test_an_upstream_is_served_through_the_queue_with_its_api_key(
         job_id = streamed.headers["x-request-id"]
     text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or "" for line in lines)
     assert text == "stub reply to: streamed"
-    assert gw.gateway.queue is not None
+    assert gw.services.queue is not None
     doc = await eventually(
-        lambda: gw.gateway.queue.store.get(job_id),  # type: ignore[union-attr]
+        lambda: gw.services.queue.store.get(job_id),
         lambda d: d is not None and d["state"] == "succeeded",
         "the streamed job in history",
     )
@@ -109,8 +109,8 @@ async def test_a_wrong_api_key_is_a_502_naming_the_refusal_and_is_not_retried(
     answer = await gw.chat("open")
     assert answer.status_code == 502, answer.text
     assert "Unauthorized" in answer.json()["detail"]
-    assert gw.gateway.queue is not None
-    doc = await gw.gateway.queue.store.get(answer.json()["request_id"])
+    assert gw.services.queue is not None
+    doc = await gw.services.queue.store.get(answer.json()["request_id"])
     assert doc is not None and doc["attempts"] == 1 and doc["error"]["engine_status"] == 401
 
 
@@ -156,8 +156,8 @@ async def test_an_upstream_that_goes_away_is_unavailable_and_comes_back_by_itsel
     answer = await first
     assert answer.status_code == 200, answer.text
     assert answer.json()["message"]["content"] == "stub reply to: admitted before the fall"
-    assert gw.gateway.queue is not None
-    doc = await gw.gateway.queue.store.get(answer.json()["request_id"])
+    assert gw.services.queue is not None
+    doc = await gw.services.queue.store.get(answer.json()["request_id"])
     assert doc is not None and doc["attempts"] == 2  # one attempt lost with the server, one answered
     again = await gw.chat("remote", "after the return")
     assert (

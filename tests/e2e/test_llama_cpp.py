@@ -285,10 +285,10 @@ async def test_auto_switch_swaps_two_real_models_in_one_slot(gateway_factory: Ga
     assert (await gw.chat("left", "hello")).status_code == 200  # a real answer from the loaded one
     for _ in range(8):  # demand for the other: refused while it is not loaded, and counted
         assert (await gw.chat("right", "hello")).status_code == 503
-    assert gw.gateway.missing is not None and gw.gateway.switcher is not None
-    await gw.gateway.missing.drain()
+    assert gw.services.missing is not None and gw.services.switcher is not None
+    await gw.services.missing.drain()
 
-    evaluation = await gw.gateway.switcher.run_scheduled()
+    evaluation = await gw.services.switcher.run_scheduled()
     assert evaluation is not None
     assert [(a.kind, a.model) for a in evaluation.decision.actions] == [("stop", "left"), ("start", "right")]
 
