@@ -95,7 +95,7 @@ class ChatService:
         """Admit without waiting (POST /api/jobs); a repeated key returns the job it made."""
         doc, admitted = await self._admit_once(principal, request, client_id, priority, idempotency_key)
         if admitted:
-            self._queue.detach(doc["_id"])
+            self._queue.delivery.detach(doc["_id"])
         return doc
 
     async def _admit_once(
@@ -147,7 +147,7 @@ class ChatService:
         )
         if not admitted:
             return doc, None
-        sink = self._queue.sink(doc["_id"])
+        sink = self._queue.delivery.sink(doc["_id"])
         assert sink is not None
         return doc, sink
 
@@ -235,7 +235,7 @@ class ChatService:
         )
 
     async def position(self, doc: Doc) -> int | None:
-        return await self._queue.position(doc)
+        return await self._queue.store.position(doc)
 
     async def job(self, principal: Principal, job_id: str) -> Doc | None:
         doc = await self._queue.store.get(job_id)

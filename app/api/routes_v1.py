@@ -150,7 +150,7 @@ async def _first_event(
         await _stream_closed(svc, doc, cancel=cancel_on_close)
         raise
     if event[0] == "error":
-        svc.queue.close_sink(doc["_id"])
+        svc.queue.delivery.close_sink(doc["_id"])
     return event
 
 
@@ -200,7 +200,7 @@ async def _stream_closed(svc: ServicesDep, doc: dict[str, Any], *, cancel: bool)
     """No one reads the job's events any more; with `cancel` (the client went away before the
     end, without an Idempotency-Key) the job is cancelled and its slot freed at once, even while
     the handler itself is being cancelled."""
-    svc.queue.close_sink(doc["_id"])
+    svc.queue.delivery.close_sink(doc["_id"])
     if cancel:
         with anyio.CancelScope(shield=True):
             await svc.chat.cancel(doc, "the client closed the connection")

@@ -328,7 +328,7 @@ class ModelDispatcher:
         that arrive before the admission insert is journaled wait in the sink: the handler
         reads it only after admission returned.
         """
-        sink = self._queue.sink(doc["_id"])
+        sink = self._queue.delivery.sink(doc["_id"])
         if sink is None:  # the client is gone already
             if "idempotency_key" not in doc:
                 await self._queue.cancel(doc["_id"], "the client closed the connection")

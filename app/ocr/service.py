@@ -152,7 +152,7 @@ class OcrService:
             self._queue, principal.subject, idempotency_key, fingerprint, admit
         )
         if admitted and not wait:
-            self._queue.detach(doc["_id"])
+            self._queue.delivery.detach(doc["_id"])
         if not wait or JobState(doc["state"]).terminal:
             return doc
         return await self._queue.wait(doc)

@@ -17,12 +17,12 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
 
 from app.clock import Clock
 from app.errors import JobNotFound, QueueFull
 from app.logs import event
 from app.metrics import Metrics
+from app.queue.delivery import Delivery
 from app.queue.jobs import Doc, JobState, Submission, build_document, new_job_id
 from app.queue.slots import SlotBook, slot_index, slot_key
 from app.queue.stats import OutcomeCounters
@@ -59,16 +59,13 @@ class JobQueue:
         self.lease = timedelta(seconds=lease_seconds)
         self._poll_interval = poll_interval
         self._books = {model: SlotBook(capacity) for model, capacity in capacities.items()}
-        self._waiters: dict[str, asyncio.Future[Doc]] = {}
-        self._waiting: dict[str, int] = {}  # handlers waiting per job (repeated idempotency keys share one)
+        self.delivery = Delivery()  # who listens here: stream handlers, waiters
         self._listeners: dict[str, Callable[[], None]] = {}
         self.counters = counters
         self._metrics = metrics or Metrics()
         self._local: set[str] = set()  # jobs running in this process: their waiters need no polling
         # direct starts launched before their insert was journaled: True once it was, False if it failed
         self._inserting: dict[str, asyncio.Future[bool]] = {}
-        # streamed jobs: events for the handler holding the client connection
-        self._sinks: dict[str, asyncio.Queue[tuple[str, Any]]] = {}
 
     def on_backlog(self, model: str, listener: Callable[[], None]) -> None:
         """Register the model's dispatcher, woken when a job becomes claimable."""
@@ -96,18 +93,18 @@ class JobQueue:
         book = self._books[sub.model]
         job_id = job_id or new_job_id()
         if sub.pinned_to is not None:
-            self.open_sink(job_id)  # before the insert: a direct start may stream at once
+            self.delivery.open_sink(job_id)  # before the insert: a direct start may stream at once
         try:
             return await self._admit(sub, job_id, book, direct)
         except BaseException:
-            self.close_sink(job_id)
+            self.delivery.close_sink(job_id)
             raise
 
     async def _admit(self, sub: Submission, job_id: str, book: SlotBook, direct: DirectStart | None) -> Doc:
         refreshed = False
         doc: Doc | None = None
         pending: asyncio.Future[bool] | None = None  # set when the job was launched before its insert
-        self._waiters[job_id] = asyncio.get_running_loop().create_future()
+        self.delivery.expect(job_id)
         while True:
             index = book.reserve()
             if index is None:
@@ -167,7 +164,7 @@ class JobQueue:
     ) -> None:
         """Admission failed: no waiter; a job launched early learns it was never admitted (the
         answer stays in `_inserting` until the dispatcher lets go of the job)."""
-        self._waiters.pop(job_id, None)
+        self.delivery.forget(job_id)
         if pending is not None:
             self._local.discard(job_id)
             pending.set_result(False)
@@ -185,19 +182,6 @@ class JobQueue:
             return True
         return await asyncio.shield(pending)
 
-    # -- streams -----------------------------------------------------------------------------
-
-    def open_sink(self, job_id: str) -> asyncio.Queue[tuple[str, Any]]:
-        sink: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self._sinks[job_id] = sink
-        return sink
-
-    def sink(self, job_id: str) -> asyncio.Queue[tuple[str, Any]] | None:
-        return self._sinks.get(job_id)
-
-    def close_sink(self, job_id: str) -> None:
-        self._sinks.pop(job_id, None)
-
     async def cancel(self, job_id: str, reason: str) -> bool:
         """End a queued or running job as cancelled (its slot is freed in the same write)."""
         if not await self.admitted(job_id):
@@ -212,34 +196,6 @@ class JobQueue:
         )
         self._ended(doc, "cancelled")
         return True
-
-    def detach(self, job_id: str) -> None:
-        """Nobody will wait on this job here (an async submission): drop its future now."""
-        if not self._waiting.get(job_id):
-            self._waiters.pop(job_id, None)
-
-    async def depth(self) -> dict[tuple[str, str], int]:
-        """Queued jobs per (model, priority) in the shared queue, from one read of the active jobs
-        (never a count over history: the partial index holds only live jobs)."""
-        depth: dict[tuple[str, str], int] = {}
-        for doc in await self.store.active_states():
-            if doc.get("state") == JobState.QUEUED.value:
-                key = (str(doc.get("model")), str(doc.get("priority")))
-                depth[key] = depth.get(key, 0) + 1
-        return depth
-
-    async def position(self, doc: Doc) -> int | None:
-        """1-based place of a queued job among its model's queued jobs (claim order); None if not queued.
-
-        At most max_concurrent + max_waiting jobs are active per model, so this reads a handful.
-        """
-        if doc.get("state") != JobState.QUEUED.value:
-            return None
-        mine = (doc["priority_rank"], doc["enqueued_at"])
-        queued = [d for d in await self.store.active(doc["model"]) if d["state"] == JobState.QUEUED.value]
-        return 1 + sum(
-            1 for d in queued if d["_id"] != doc["_id"] and (d["priority_rank"], d["enqueued_at"]) < mine
-        )
 
     def left_this_process(self, job_id: str) -> None:
         """The dispatcher is done with the job (whatever the outcome): waiters poll again."""
@@ -262,11 +218,7 @@ class JobQueue:
         the moment and not to the sweeper's period.
         """
         job_id = doc["_id"]
-        future = self._waiters.get(job_id)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._waiters[job_id] = future
-        self._waiting[job_id] = self._waiting.get(job_id, 0) + 1
+        future = self.delivery.join(job_id)
         try:
             while True:
                 # a job running here resolves the future itself; reading it back is only a
@@ -290,16 +242,7 @@ class JobQueue:
                 if doc["state"] == JobState.QUEUED.value and self.clock.now() >= doc["queue_deadline"]:
                     await self.expire(job_id)
         finally:
-            left = self._waiting.pop(job_id, 1) - 1
-            if left > 0:
-                self._waiting[job_id] = left
-            else:
-                self._waiters.pop(job_id, None)
-
-    def _resolve(self, doc: Doc) -> None:
-        future = self._waiters.get(doc["_id"])
-        if future is not None and not future.done():
-            future.set_result(doc)
+            self.delivery.leave(job_id)
 
     def _ended(self, doc: Doc, outcome: str) -> None:
         """Bookkeeping after a terminal write: free the slot hint, count, wake the waiter."""
@@ -313,14 +256,7 @@ class JobQueue:
             if timed_out:
                 self.counters.record(doc["model"], "timeouts")
         self._metrics.job_finished(doc["model"], "timeout" if timed_out else outcome)
-        self._deliver(doc)
-
-    def _deliver(self, doc: Doc) -> None:
-        """A terminal job to whoever waits for it here: its stream's handler, its waiter."""
-        sink = self._sinks.get(doc["_id"])
-        if sink is not None:
-            sink.put_nowait(("done", doc) if doc["state"] == JobState.SUCCEEDED.value else ("error", doc))
-        self._resolve(doc)
+        self.delivery.deliver(doc)
 
     # -- transitions -----------------------------------------------------------------------
 
@@ -454,7 +390,7 @@ class JobQueue:
         rather than at lease pace, when the job has ended (cancelled through another instance)."""
         self._local.discard(doc["_id"])
         if JobState(doc["state"]).terminal:
-            self._deliver(doc)
+            self.delivery.deliver(doc)
 
     async def extend_leases(self, job_ids: list[str]) -> int:
         if not job_ids:

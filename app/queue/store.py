@@ -77,6 +77,29 @@ class JobStore:
         cursor = self._jobs.find(ACTIVE, {"model": 1, "state": 1, "priority": 1})
         return [doc async for doc in cursor]
 
+    async def queued_depth(self) -> dict[tuple[str, str], int]:
+        """Queued jobs per (model, priority) in the shared queue, from one read of the active jobs
+        (never a count over history: the partial index holds only live jobs)."""
+        depth: dict[tuple[str, str], int] = {}
+        for doc in await self.active_states():
+            if doc.get("state") == JobState.QUEUED.value:
+                key = (str(doc.get("model")), str(doc.get("priority")))
+                depth[key] = depth.get(key, 0) + 1
+        return depth
+
+    async def position(self, doc: Doc) -> int | None:
+        """1-based place of a queued job among its model's queued jobs (claim order); None if not queued.
+
+        At most max_concurrent + max_waiting jobs are active per model, so this reads a handful.
+        """
+        if doc.get("state") != JobState.QUEUED.value:
+            return None
+        mine = (doc["priority_rank"], doc["enqueued_at"])
+        queued = [d for d in await self.active(doc["model"]) if d["state"] == JobState.QUEUED.value]
+        return 1 + sum(
+            1 for d in queued if d["_id"] != doc["_id"] and (d["priority_rank"], d["enqueued_at"]) < mine
+        )
+
     async def listing(
         self,
         *,
