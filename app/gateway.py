@@ -32,12 +32,13 @@ from app.engines.upstream import auth_headers
 from app.history.missing import MissingModels
 from app.history.usage import UsageRollup
 from app.logs import event
-from app.metrics import LoopLagMonitor, Metrics, build_metrics
+from app.metrics import Metrics
 from app.models import ModelRegistry
 from app.ocr.pages import PageStore
 from app.ocr.resolution import DefaultResolution
 from app.ocr.runner import OcrRunner
 from app.ocr.service import OcrService
+from app.prometheus import LoopLagMonitor, build_metrics
 from app.proxy.client import EngineClient
 from app.queue.history import HistoryPruner
 from app.queue.jobs import Doc

@@ -1204,7 +1204,7 @@ def metric_calls_us(rounds: int = 20_000) -> float:
     upper bound), on the gateway's own PrometheusMetrics in this process: a figure that does not
     move with the machine's other load, unlike the throughput ratio."""
     from app.clock import SystemClock
-    from app.metrics import PrometheusMetrics
+    from app.prometheus import PrometheusMetrics
 
     metrics = PrometheusMetrics(SystemClock(), {FAST_MODEL: (32, 32)}, "bench", "bench")
     now = datetime.now(UTC)

@@ -1,4 +1,4 @@
-"""GET /metrics: the Prometheus text exposition (the metrics themselves: app/metrics.py).
+"""GET /metrics: the Prometheus text exposition (the metrics themselves: app/prometheus.py).
 
 Who may scrape is `metrics.auth`: `localhost` lets a Prometheus on the same host in without
 credentials (the common single-box set-up) and asks anyone else for admin credentials or the
@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request, Response
 from app.api.deps import ServicesDep, authenticate
 from app.errors import NotFound, PermissionDenied
 from app.logs import event
-from app.metrics import CONTENT_TYPE, GatewayState
+from app.prometheus import CONTENT_TYPE, GatewayState, PrometheusMetrics
 from app.services import Services
 
 router = APIRouter()
@@ -30,13 +30,13 @@ _LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
 async def metrics(request: Request, svc: ServicesDep) -> Response:
     """Prometheus text format: counters and histograms of this process, gauges read now."""
-    if not svc.metrics.enabled:
+    if not isinstance(svc.metrics, PrometheusMetrics):
         raise NotFound("metrics are off (metrics.enabled: false)")
     mode = svc.settings.metrics.auth
     local = request.client is not None and request.client.host in _LOOPBACK
     if mode == "token" or (mode == "localhost" and not local):
         await _authorize(request, svc)
-    body = svc.metrics.render(await _state(svc))
+    body = svc.metrics.render(await _state(svc))  # the adapter's exposition
     return Response(body, media_type=CONTENT_TYPE)
 
 

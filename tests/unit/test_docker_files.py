@@ -56,7 +56,7 @@ COMPOSE_GPU = DOCKER / "docker-compose.gpu.yml"
 ENV_EXAMPLE = DOCKER / ".env.example"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "gateway.json"
 
-# Every metric the gateway exports on GET /metrics (app/metrics.py), as Prometheus names them
+# Every metric the gateway exports on GET /metrics (app/prometheus.py), as Prometheus names them
 # (counters with _total; histograms as the base name, queried through _bucket/_sum/_count).
 # The dashboard may use only these. Kept here by hand so that a renamed metric breaks this test
 # instead of leaving an empty panel; a test against a live /metrics can cross-check this list.
