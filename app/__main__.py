@@ -12,7 +12,7 @@ import uvicorn
 from app import logs
 from app.errors import ConfigError
 from app.main import create_app
-from app.settings import load_settings
+from app.settings_loader import load_settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,8 @@ from pathlib import Path
 from app.auth.users import UserService
 from app.clock import SystemClock
 from app.errors import GatewayError
-from app.settings import Settings, load_settings
+from app.settings import Settings
+from app.settings_loader import load_settings
 from app.store.database import connect
 from app.store.embedded import EmbeddedDatabase
 

@@ -49,7 +49,8 @@ from app.queue.store import JobStore
 from app.queue.sweeper import Sweeper, make_worker_id
 from app.scheduler import Scheduler
 from app.services import Services
-from app.settings import EngineDefaults, Settings, check_secret, redact_uri, upstream_environment
+from app.settings import EngineDefaults, Settings
+from app.settings_loader import check_secret, redact_uri, upstream_environment
 from app.store.batch import BatchWriter
 from app.store.database import Database, connect, ensure_indexes
 from app.store.embedded import EmbeddedDatabase

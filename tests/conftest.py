@@ -23,7 +23,8 @@ from app.errors import InvalidRequest
 from app.gateway import Gateway
 from app.main import create_app
 from app.services import Services
-from app.settings import Settings, parse_settings
+from app.settings import Settings
+from app.settings_loader import parse_settings
 from app.store.embedded import EmbeddedDatabase
 
 JWT_SECRET = secrets.token_hex(32)

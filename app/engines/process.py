@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from app.settings import child_environment
+from app.settings_loader import child_environment
 
 # The environment variable that marks every process of one spawned engine (children inherit it).
 ENGINE_ID_ENV = "GATEWAY_ENGINE_ID"

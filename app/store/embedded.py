@@ -25,7 +25,7 @@ from pymongo import AsyncMongoClient
 
 from app.errors import DatabaseUnavailable
 from app.logs import event
-from app.settings import child_environment
+from app.settings_loader import child_environment
 
 log = logging.getLogger("gateway.embedded_db")
 

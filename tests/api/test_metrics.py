@@ -238,7 +238,7 @@ async def test_open_mode_and_disabled(gateway_factory: GatewayFactory) -> None:
 
 def test_settings_refuse_a_short_metrics_token() -> None:
     from app.errors import ConfigError
-    from app.settings import parse_settings
+    from app.settings_loader import parse_settings
 
     settings: dict[str, Any] = {"metrics": {"token": "short"}}
     try:

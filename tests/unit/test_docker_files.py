@@ -46,7 +46,8 @@ from jsonschema.protocols import Validator
 
 from app.api.routes_ocr import MULTIPART_OVERHEAD
 from app.errors import ConfigError
-from app.settings import Settings, check_secret, parse_settings
+from app.settings import Settings
+from app.settings_loader import check_secret, parse_settings
 from tests.conftest import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]

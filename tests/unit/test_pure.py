@@ -15,7 +15,7 @@ from app.models import ModelRegistry
 from app.queue.priority import Priority
 from app.queue.retry import RetryPolicy
 from app.queue.slots import SlotBook, slot_index, slot_key
-from app.settings import check_secret, load_settings, parse_settings
+from app.settings_loader import check_secret, load_settings, parse_settings
 
 
 def test_priority_parse_and_rank() -> None:
