@@ -21,7 +21,6 @@ from app.auth.throttle import LoginThrottle
 from app.auth.tokens import TokenService
 from app.auth.users import UserService
 from app.autoswitch.switcher import Switcher
-from app.chat import ChatService
 from app.clock import Clock
 from app.dispatch.dispatcher import ModelDispatcher
 from app.dispatch.workload import DispatchWorkload
@@ -37,7 +36,6 @@ from app.models import ModelRegistry
 from app.ocr.pages import PageStore
 from app.ocr.resolution import DefaultResolution
 from app.ocr.runner import OcrRunner
-from app.ocr.service import OcrService
 from app.prometheus import LoopLagMonitor, build_metrics
 from app.proxy.client import EngineClient
 from app.queue.history import HistoryPruner
@@ -56,6 +54,8 @@ from app.store.database import Database, connect, ensure_indexes
 from app.store.embedded import EmbeddedDatabase
 from app.store.lease import Lease
 from app.store.ttl import prune_expired
+from app.usecases.chat import ChatService
+from app.usecases.ocr import OcrService
 
 log = logging.getLogger("gateway")
 AUTOSWITCH_JOB = "autoswitch"

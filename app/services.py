@@ -15,7 +15,6 @@ from app.auth.throttle import LoginThrottle
 from app.auth.tokens import TokenService
 from app.auth.users import UserService
 from app.autoswitch.switcher import Switcher
-from app.chat import ChatService
 from app.clock import Clock
 from app.dispatch.dispatcher import ModelDispatcher
 from app.engines.manager import EngineManager
@@ -23,12 +22,13 @@ from app.history.missing import MissingModels
 from app.history.usage import UsageRollup
 from app.metrics import Metrics
 from app.models import ModelRegistry
-from app.ocr.service import OcrService
 from app.queue.service import JobQueue
 from app.queue.stats import OutcomeCounters
 from app.scheduler import Scheduler
 from app.settings import Settings
 from app.store.database import Database
+from app.usecases.chat import ChatService
+from app.usecases.ocr import OcrService
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from app.clock import Clock, SystemClock
 from app.errors import InvalidRequest
 from app.gateway import Gateway
 from app.main import create_app
+from app.queue.jobs import JobState
 from app.services import Services
 from app.settings import Settings
 from app.settings_loader import parse_settings
@@ -176,8 +177,7 @@ class GatewayClient:
 
     async def count(self, model: str, state: str) -> int:
         """Jobs of the model in that state right now, read from the database."""
-        queue = self.services.queue
-        return sum(1 for d in await queue.store.active(model) if d["state"] == state)
+        return (await self.services.queue.store.occupancy(model)).of(model, JobState(state))
 
     async def until_count(self, model: str, state: str, expected: int, timeout_s: float = 10.0) -> None:
         await eventually(

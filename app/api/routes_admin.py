@@ -58,15 +58,12 @@ def _model_view(
 
 
 async def _occupancy(svc: Services) -> dict[str, tuple[int, int]]:
-    counts: dict[str, tuple[int, int]] = {}
-    for doc in await svc.queue.store.active():
-        running, queued = counts.get(doc["model"], (0, 0))
-        if doc["state"] == JobState.RUNNING.value:
-            running += 1
-        else:
-            queued += 1
-        counts[doc["model"]] = (running, queued)
-    return counts
+    """Model -> (running, queued) jobs now."""
+    live = await svc.queue.store.occupancy()
+    return {
+        name: (live.of(name, JobState.RUNNING), live.of(name, JobState.QUEUED))
+        for name in svc.registry.models
+    }
 
 
 async def _default_resolution(svc: Services) -> str:

@@ -46,7 +46,7 @@ async def _state(svc: Services) -> GatewayState:
     and GPUs where the inventory reports them (NVML off the event loop)."""
     depth: dict[tuple[str, str], int] | None = None
     try:
-        depth = await svc.queue.store.queued_depth()
+        depth = (await svc.queue.store.occupancy()).queued_by_priority()
     except Exception as exc:  # the database being away must not fail the whole scrape
         event(log, "metrics.queue_depth_failed", logging.WARNING, error=repr(exc))
     return GatewayState(

@@ -21,8 +21,8 @@ from app.api.views import ocr_answer
 from app.errors import DocumentTooLarge, InvalidRequest
 from app.ocr.documents import RESOLUTIONS
 from app.ocr.requests import Output, output_for_prompt
-from app.ocr.service import OcrAsk
 from app.queue.priority import Priority
+from app.usecases.ocr import OcrAsk
 
 router = APIRouter()
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and the small form fields around the file

@@ -36,6 +36,7 @@ from app.errors import GatewayError
 from app.history.missing import MissingModels
 from app.history.usage import UsageRollup
 from app.logs import event
+from app.queue.jobs import JobState
 from app.queue.store import JobStore
 from app.settings import AutoSwitchSettings
 from app.store.lease import Lease
@@ -180,7 +181,13 @@ class Switcher:
         missing = await self._missing.configured_since(now - timedelta(seconds=config.recent_window_s))
         capacity, costs, unplaceable = self._capacity()
         eligible = set(self.eligible) - unplaceable
-        busy = Counter(doc["model"] for doc in await self._jobs.active_states())  # one query, all models
+        live = await self._jobs.occupancy()  # one query, all models
+        busy = Counter(
+            {
+                name: live.of(name, JobState.RUNNING) + live.of(name, JobState.QUEUED)
+                for name in self._engines.engines
+            }
+        )
         views = []
         for name, engine in self._engines.engines.items():
             views.append(

@@ -21,8 +21,7 @@ class DispatchWorkload:
         return self._dispatchers[model].running_ids()
 
     async def queued(self, model: str) -> int:
-        active = await self._queue.store.active(model)
-        return sum(1 for doc in active if doc["state"] == JobState.QUEUED.value)
+        return (await self._queue.store.occupancy(model)).of(model, JobState.QUEUED)
 
     async def cancel_all(self, model: str, reason: str) -> int:
         """Cancel the model's queued jobs and stop its running calls; returns how many."""

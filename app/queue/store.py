@@ -9,6 +9,7 @@ A terminal transition unsets `slot` (freeing the queue place in the same write) 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pymongo import DESCENDING
@@ -20,6 +21,29 @@ from app.store.database import ACTIVE
 
 # what an engine produced (chat message, OCR text and per-page text): dropped when outputs are not kept
 _OUTPUT_FIELDS = frozenset({"message", "text", "pages", "logprobs"})
+
+
+@dataclass(frozen=True)
+class Occupancy:
+    """Live jobs by (model, state, priority): admin views, the supervisor's busy check, the
+    queue gauges and the tests all read this one count."""
+
+    counts: dict[tuple[str, str, str], int]
+
+    def of(self, model: str, state: JobState, priority: str | None = None) -> int:
+        return sum(
+            n
+            for (m, st, p), n in self.counts.items()
+            if m == model and st == state.value and (priority is None or p == priority)
+        )
+
+    def queued_by_priority(self) -> dict[tuple[str, str], int]:
+        """(model, priority) -> queued jobs: the queue-depth gauge."""
+        depth: dict[tuple[str, str], int] = {}
+        for (model, state, priority), n in self.counts.items():
+            if state == JobState.QUEUED.value:
+                depth[(model, priority)] = depth.get((model, priority), 0) + n
+        return depth
 
 
 class JobStore:
@@ -72,20 +96,18 @@ class JobStore:
         cursor = self._jobs.find(query, {"request": 0})
         return [doc async for doc in cursor]
 
-    async def active_states(self) -> list[Doc]:
-        """Model, state and priority of every queued and running job (for the queue gauges)."""
-        cursor = self._jobs.find(ACTIVE, {"model": 1, "state": 1, "priority": 1})
-        return [doc async for doc in cursor]
-
-    async def queued_depth(self) -> dict[tuple[str, str], int]:
-        """Queued jobs per (model, priority) in the shared queue, from one read of the active jobs
-        (never a count over history: the partial index holds only live jobs)."""
-        depth: dict[tuple[str, str], int] = {}
-        for doc in await self.active_states():
-            if doc.get("state") == JobState.QUEUED.value:
-                key = (str(doc.get("model")), str(doc.get("priority")))
-                depth[key] = depth.get(key, 0) + 1
-        return depth
+    async def occupancy(self, model: str | None = None) -> Occupancy:
+        """Queued and running jobs counted by model, state and priority, from one read of the live
+        jobs (never a count over history: the partial index holds only live jobs, at most
+        max_concurrent + max_waiting per model)."""
+        query: Doc = dict(ACTIVE)
+        if model is not None:
+            query["model"] = model
+        counts: dict[tuple[str, str, str], int] = {}
+        async for doc in self._jobs.find(query, {"model": 1, "state": 1, "priority": 1}):
+            key = (str(doc.get("model")), str(doc.get("state")), str(doc.get("priority")))
+            counts[key] = counts.get(key, 0) + 1
+        return Occupancy(counts)
 
     async def position(self, doc: Doc) -> int | None:
         """1-based place of a queued job among its model's queued jobs (claim order); None if not queued.

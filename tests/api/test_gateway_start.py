@@ -19,10 +19,10 @@ from app.engines.crashes import CrashLog
 from app.engines.manager import EngineManager
 from app.gateway import Gateway
 from app.main import create_app
-from app.ocr.service import OcrService
 from app.queue.service import JobQueue
 from app.queue.sweeper import Sweeper
 from app.scheduler import Scheduler
+from app.usecases.ocr import OcrService
 from tests.conftest import eventually, make_settings, stub
 
 

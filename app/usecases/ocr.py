@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from app.auth.tokens import Principal
-from app.chat import ensure_servable, resolve_for
 from app.dispatch.dispatcher import ModelDispatcher
 from app.engines.manager import EngineManager
 from app.errors import DocumentTooLarge, InvalidRequest
@@ -29,6 +28,7 @@ from app.queue.jobs import Doc, JobState, Submission, new_job_id, request_finger
 from app.queue.priority import Priority
 from app.queue.service import JobQueue
 from app.settings import OcrSettings
+from app.usecases.chat import ensure_servable, resolve_for
 
 OCR_KINDS = frozenset({"cpu_ocr", "deepseek_ocr", "stub"})  # the stub stands in for both in tests
 PAGES_KEPT = timedelta(days=1)  # pages of a job that never ended cleanly are pruned after this
