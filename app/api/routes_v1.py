@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.api.deps import PrincipalDep, ServicesDep, idempotency_key, optional_client_id
 from app.api.schemas import ChatRequest
 from app.api.views import chat_answer, raise_unless_succeeded
+from app.queue.delivery import StreamEvent
 from app.queue.jobs import JobState
 from app.queue.priority import Priority
 
@@ -122,7 +123,7 @@ async def _stream(
         events = _replayed(svc, doc, body.model, include_usage)
     else:
         first = await _first_event(svc, doc, sink, cancel_on_close=key is None)
-        if first is not None and first[0] == "error":
+        if first is not None and first.kind == "error":
             raise_unless_succeeded(first[1])  # no byte went out yet: the failure keeps its status
         events = _relayed(svc, doc, sink, first, body.model, include_usage, cancel_on_close=key is None)
     return StreamingResponse(
@@ -133,8 +134,8 @@ async def _stream(
 
 
 async def _first_event(
-    svc: ServicesDep, doc: dict[str, Any], sink: asyncio.Queue[tuple[str, Any]], *, cancel_on_close: bool
-) -> tuple[str, Any] | None:
+    svc: ServicesDep, doc: dict[str, Any], sink: asyncio.Queue[StreamEvent], *, cancel_on_close: bool
+) -> StreamEvent | None:
     """The stream's first event, if it comes within one keep-alive interval.
 
     The 200 is held back until then, so a failure that comes this early (the engine rejects the
@@ -149,7 +150,7 @@ async def _first_event(
     except BaseException:  # the client went away before its stream began
         await _stream_closed(svc, doc, cancel=cancel_on_close)
         raise
-    if event[0] == "error":
+    if event.kind == "error":
         svc.queue.delivery.close_sink(doc["_id"])
     return event
 
@@ -157,8 +158,8 @@ async def _first_event(
 async def _relayed(
     svc: ServicesDep,
     doc: dict[str, Any],
-    sink: asyncio.Queue[tuple[str, Any]],
-    first: tuple[str, Any] | None,
+    sink: asyncio.Queue[StreamEvent],
+    first: StreamEvent | None,
     model: str,
     include_usage: bool,
     *,

@@ -17,6 +17,7 @@ from app.logs import event
 from app.metrics import Metrics
 from app.ocr.runner import OcrRunner
 from app.proxy.client import EngineClient, EngineTimeout
+from app.queue.delivery import StreamEvent
 from app.queue.jobs import Doc
 from app.queue.retry import RetryPolicy
 from app.queue.service import DirectStart, JobQueue
@@ -355,7 +356,7 @@ class ModelDispatcher:
         # The client has the whole answer: end its stream now and write the history after,
         # so the journaled write is not on the client's critical path (it cannot change the
         # answer; if it fails, the job's record says so, not the client's answer).
-        sink.put_nowait(("done", {}))
+        sink.put_nowait(StreamEvent("done", {}))
         await self._queue.succeed(doc, relay.result())
 
     async def _failed(self, doc: Doc, exc: EngineCallError) -> None:
@@ -394,7 +395,7 @@ class _StreamRelay:
         self,
         client: EngineClient,
         headers: Mapping[str, str],
-        sink: asyncio.Queue[tuple[str, Any]],
+        sink: asyncio.Queue[StreamEvent],
         on_first_token: Callable[[], None],
     ) -> None:
         self._client = client
@@ -419,7 +420,7 @@ class _StreamRelay:
                 self._finish = choice.get("finish_reason") or self._finish
             self._usage = chunk.get("usage") or self._usage
             self._fingerprint = chunk.get("system_fingerprint") or self._fingerprint
-            self._sink.put_nowait(("chunk", chunk))
+            self._sink.put_nowait(StreamEvent("chunk", chunk))
             self.sent = True
             if not first_token and self._text and self._text[-1]:
                 first_token = True

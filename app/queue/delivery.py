@@ -8,11 +8,17 @@ listening here: the database is the job's truth, this is the fast path to whoeve
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from app.queue.jobs import Doc, JobState
 
-StreamEvent = tuple[str, Any]  # ("chunk", chunk) | ("done", doc) | ("error", doc)
+
+class StreamEvent(NamedTuple):
+    """What a stream's handler receives: `chunk` (an engine chunk, relayed), `done` (the answer is
+    whole; `data` is the job's document or {} before its write), `error` (the job's document)."""
+
+    kind: Literal["chunk", "done", "error"]
+    data: Any
 
 
 class Delivery:
@@ -68,7 +74,7 @@ class Delivery:
         """A terminal job to whoever waits for it here: its stream's handler, its waiters."""
         sink = self._sinks.get(doc["_id"])
         if sink is not None:
-            sink.put_nowait(("done", doc) if doc["state"] == JobState.SUCCEEDED.value else ("error", doc))
+            sink.put_nowait(StreamEvent("done" if doc["state"] == JobState.SUCCEEDED.value else "error", doc))
         future = self._waiters.get(doc["_id"])
         if future is not None and not future.done():
             future.set_result(doc)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
-from typing import Any
 
 from app.auth.tokens import Principal
 from app.dispatch.dispatcher import ModelDispatcher
@@ -18,6 +17,7 @@ from app.errors import (
 )
 from app.history.missing import MissingModels
 from app.models import ModelRegistry
+from app.queue.delivery import StreamEvent
 from app.queue.idempotency import admit_or_reuse
 from app.queue.jobs import Doc, JobState, ListingCursor, Submission, request_fingerprint
 from app.queue.priority import Priority
@@ -135,7 +135,7 @@ class ChatService:
         client_id: str,
         priority: Priority,
         idempotency_key: str | None = None,
-    ) -> tuple[Doc, asyncio.Queue[tuple[str, Any]] | None]:
+    ) -> tuple[Doc, asyncio.Queue[StreamEvent] | None]:
         """Admit a streamed job pinned to this instance; its events arrive on the returned queue.
 
         A repeated Idempotency-Key returns the job the key made and no queue: the caller waits
