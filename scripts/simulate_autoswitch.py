@@ -56,7 +56,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # `python scripts/x.py` puts scripts/ first, not the repo
 
 from app.autoswitch.inputs import Capacity, Decision, ModelView, PolicyConfig, Usage  # noqa: E402
-from app.autoswitch.policy import forecast_policy, plan, threshold_policy  # noqa: E402
+from app.autoswitch.policy import forecast_policy, plan  # noqa: E402
+from app.autoswitch.threshold import threshold_policy  # noqa: E402
 
 T0 = datetime(2026, 1, 5, tzinfo=UTC)  # a Monday, 00:00 UTC
 HOUR_S = 3600.0

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 
+from app.autoswitch.decisions import DecisionBuilder, hms, span, unstoppable
 from app.autoswitch.forecast import forecast_demand, utc
 from app.autoswitch.inputs import (
     EPS,
@@ -41,11 +42,11 @@ from app.autoswitch.inputs import (
     Capacity,
     Decision,
     Forecast,
-    Mode,
     ModelView,
     PolicyConfig,
     Usage,
 )
+from app.autoswitch.threshold import threshold_policy
 
 # -- entry points ----------------------------------------------------------------------------
 
@@ -81,77 +82,6 @@ def forecast_policy(
     return plan(config, demand, models, capacity, now, forecasts=tuple(forecasts.values()))
 
 
-def threshold_policy(
-    config: PolicyConfig,
-    usage: Usage,
-    models: Sequence[ModelView],
-    capacity: Capacity,
-    now: datetime,
-    *,
-    missing: Mapping[str, int] | None = None,
-) -> Decision:
-    """The old rule: load the top model by share over the window if it passes both thresholds."""
-    now = utc(now)
-    views = _index(models)
-    forecasts = forecast_demand(config, usage, now, missing=missing, models=models)
-    out = _Builder(config, now, "threshold", models, capacity, tuple(forecasts.values()))
-    if out.blocked_by_stopping():
-        return out.build()
-    total = sum(f.window_requests for f in forecasts.values())
-    days = f"{config.window_days:g} days"
-    if total == 0:
-        out.note(f"no requests in the last {days}")
-        return out.build()
-    top = min(forecasts.values(), key=lambda f: (-f.window_requests, f.model))
-    if top.window_requests < config.min_requests:
-        out.note(
-            f"top model {top.model} has {top.window_requests} requests in {days} "
-            f"(needs {config.min_requests})"
-        )
-        return out.build()
-    if top.share < config.min_share:
-        out.note(f"top model {top.model} has {top.share:.0%} of requests (needs {config.min_share:.0%})")
-        return out.build()
-    view = views.get(top.model)
-    why_not = _not_startable(view, top.model, capacity)
-    if view is None or why_not:
-        out.note(why_not)
-        return out.build()
-    if view.state in LOADED:
-        out.note(f"top model {top.model} ({top.share:.0%} of {total} requests) is already {view.state}")
-        return out.build()
-    reason = f"top model: {top.share:.0%} of {total} requests in {days}"
-    start = Action("start", top.model, reason)
-    if out.cooldown_until is not None:
-        out.defer(Action("start", top.model, f"{reason}; cooldown until {_hms(out.cooldown_until)}"))
-        return out.build()
-    need = view.cost - (capacity.budget - out.used)
-    stops: list[Action] = []
-    held: list[str] = []
-    victims = sorted(
-        (m for m in models if m.state in LOADED and m.name != top.model),
-        key=lambda m: (forecasts[m.name].window_requests if m.name in forecasts else 0, m.name),
-    )
-    for victim in victims:
-        if need <= 0:
-            break
-        why = _unstoppable(victim)
-        if why:
-            held.append(f"{victim.name} {why}")
-            continue
-        stops.append(Action("stop", victim.name, f"make room for {top.model} ({reason})"))
-        need -= victim.cost
-    if need > 0:
-        waiting = "; ".join(held) or "nothing else can be stopped"
-        out.defer(Action("start", top.model, f"{reason}; waiting for idle: {waiting}"))
-        for stop in stops:
-            out.defer(Action("stop", stop.model, f"waiting with the start of {top.model}: {waiting}"))
-        return out.build()
-    for action in [*stops, start]:
-        out.act(action)
-    return out.build()
-
-
 def plan(
     config: PolicyConfig,
     demand: Mapping[str, float],
@@ -166,7 +96,7 @@ def plan(
     Exposed so that a simulation can feed it the true future (an oracle) or other forecasts.
     """
     now = utc(now)
-    out = _Builder(config, now, "forecast", models, capacity, forecasts)
+    out = DecisionBuilder(config, now, "forecast", models, capacity, forecasts)
     if out.blocked_by_stopping():
         return out.build()
     for model in models:
@@ -177,8 +107,8 @@ def plan(
 
     current = [m for m in models if m.state in LOADED and m.eligible]  # ours to keep or stop
     fixed = [m for m in models if m.state in HOLDS_GPU and not (m.eligible and m.state in LOADED)]
-    pinned = [m for m in current if _unstoppable(m)]
-    movable = [m for m in current if not _unstoppable(m)]
+    pinned = [m for m in current if unstoppable(m)]
+    movable = [m for m in current if not unstoppable(m)]
     startable = [
         m
         for m in models
@@ -195,7 +125,7 @@ def plan(
 
     blocked = _busy_blocked(config, pinned, movable, startable, fixed, capacity, values, current)
     for model in pinned:
-        out.note(f"kept {model.name}: {_unstoppable(model)}")
+        out.note(f"kept {model.name}: {unstoppable(model)}")
 
     if starts and not stops:
         _free_starts(config, out, starts, capacity, values, demand)
@@ -212,7 +142,7 @@ def plan(
             )
             _free_starts(config, out, startable, capacity, values, demand)
         elif out.cooldown_until is not None:
-            until = _hms(out.cooldown_until)
+            until = hms(out.cooldown_until)
             for model in stops:
                 out.defer(Action("stop", model.name, f"to make room for {names_in}; cooldown until {until}"))
             for model in starts:
@@ -226,14 +156,14 @@ def plan(
                         "stop",
                         model.name,
                         f"make room for {names_in}: expects {values[model.name]:.1f} vs "
-                        f"{gain_in:.1f} requests in the next {_span(config.horizon_s)}",
+                        f"{gain_in:.1f} requests in the next {span(config.horizon_s)}",
                     )
                 )
             for model in starts:
                 why = _start_reason(config, model, values, demand, f"instead of {names_out}")
                 out.act(Action("start", model.name, why))
     if blocked is not None:
-        busy = "; ".join(f"{m.name} {_unstoppable(m)}" for m in blocked[0])
+        busy = "; ".join(f"{m.name} {unstoppable(m)}" for m in blocked[0])
         handled = {a.model for a in out.actions} | {a.model for a in out.deferred}
         for model in blocked[1]:
             if model.name not in handled:
@@ -244,7 +174,7 @@ def plan(
         if not any(values[m.name] > EPS for m in current + startable):
             out.note("no demand expected: nothing to change")
         elif kept:
-            out.note(f"kept {kept}: the best set that fits ({_span(config.horizon_s)} ahead)")
+            out.note(f"kept {kept}: the best set that fits ({span(config.horizon_s)} ahead)")
     return out.build()
 
 
@@ -341,7 +271,7 @@ def _busy_blocked(
 
 def _free_starts(
     config: PolicyConfig,
-    out: _Builder,
+    out: DecisionBuilder,
     startable: list[ModelView],
     capacity: Capacity,
     values: Mapping[str, float],
@@ -355,106 +285,6 @@ def _free_starts(
         out.act(Action("start", model.name, _start_reason(config, model, values, demand, "free room")))
 
 
-# -- helpers ---------------------------------------------------------------------------------
-
-
-class _Builder:
-    """Collects a decision's parts; `used`, `cooldown_until` and `loaded` are fixed at entry."""
-
-    def __init__(
-        self,
-        config: PolicyConfig,
-        now: datetime,
-        mode: Mode,
-        models: Sequence[ModelView],
-        capacity: Capacity,
-        forecasts: tuple[Forecast, ...],
-    ) -> None:
-        _index(models)
-        self.now, self.mode, self.models, self.capacity = now, mode, models, capacity
-        self.forecasts = forecasts
-        self.used = sum(m.cost for m in models if m.state in HOLDS_GPU)
-        switches = [utc(m.last_switch) for m in models if m.last_switch is not None]
-        until = max(switches) + timedelta(seconds=config.cooldown_s) if switches else None
-        self.cooldown_until = until if until is not None and until > now else None
-        self.actions: list[Action] = []
-        self.deferred: list[Action] = []
-        self.notes: list[str] = []
-
-    def act(self, action: Action) -> None:
-        self.actions.append(action)
-        if action.kind == "start":
-            self.used += next(m.cost for m in self.models if m.name == action.model)
-
-    def defer(self, action: Action) -> None:
-        self.deferred.append(action)
-
-    def note(self, text: str) -> None:
-        if text:
-            self.notes.append(text)
-
-    def blocked_by_stopping(self) -> bool:
-        stopping = sorted(m.name for m in self.models if m.state == "stopping")
-        if stopping:
-            self.note(f"waiting for {', '.join(stopping)} to stop before deciding")
-        return bool(stopping)
-
-    def build(self) -> Decision:
-        loaded = tuple(sorted(m.name for m in self.models if m.state in HOLDS_GPU))
-        target = set(loaded)
-        for action in self.actions:
-            if action.kind == "stop":
-                target.discard(action.model)
-            else:
-                target.add(action.model)
-        self.actions.sort(key=lambda a: 0 if a.kind == "stop" else 1)  # stable: stops first
-        return Decision(
-            at=self.now,
-            mode=self.mode,
-            actions=tuple(self.actions),
-            deferred=tuple(self.deferred),
-            notes=tuple(self.notes),
-            forecasts=self.forecasts,
-            loaded=loaded,
-            target=tuple(sorted(target)),
-            budget=self.capacity.budget,
-            used=sum(m.cost for m in self.models if m.state in HOLDS_GPU),
-            cooldown_until=self.cooldown_until,
-        )
-
-
-def _index(models: Sequence[ModelView]) -> dict[str, ModelView]:
-    views: dict[str, ModelView] = {}
-    for model in models:
-        if model.name in views:
-            raise ValueError(f"model {model.name!r} is listed twice")
-        views[model.name] = model
-    return views
-
-
-def _unstoppable(model: ModelView) -> str:
-    """Why auto-switch may not stop this loaded model now ("" when it may)."""
-    if not model.eligible:
-        return "is not managed by auto-switch"
-    if model.busy > 0:
-        return f"busy ({model.busy} job{'s' if model.busy != 1 else ''})"
-    if model.state == "starting":
-        return "is loading"
-    return ""
-
-
-def _not_startable(view: ModelView | None, name: str, capacity: Capacity) -> str:
-    if view is None:
-        return f"top model {name} is not configured here"
-    if not view.eligible:
-        return f"top model {name} is not managed by auto-switch"
-    if view.state == "failed":
-        return f"top model {name} is failed: an operator start clears it (auto-switch will not)"
-    if view.cost > capacity.budget:
-        return f"top model {name} never fits: needs {view.cost}, the budget is {capacity.budget}"
-    return ""
-
-
 def _start_reason(
     config: PolicyConfig,
     model: ModelView,
@@ -462,15 +292,7 @@ def _start_reason(
     demand: Mapping[str, float],
     context: str,
 ) -> str:
-    text = f"expects {demand.get(model.name, 0.0):.1f} requests in the next {_span(config.horizon_s)}"
+    text = f"expects {demand.get(model.name, 0.0):.1f} requests in the next {span(config.horizon_s)}"
     if model.busy:
         text += f", {model.busy} waiting"
     return f"{text} (value {values[model.name]:.1f}, {context})"
-
-
-def _hms(moment: datetime) -> str:
-    return moment.strftime("%H:%M:%S")
-
-
-def _span(seconds: float) -> str:
-    return f"{seconds / 60:g} min" if seconds < 3600 else f"{seconds / 3600:g} h"

@@ -13,7 +13,8 @@ import pytest
 
 from app.autoswitch.forecast import forecast_demand
 from app.autoswitch.inputs import Capacity, Decision, ModelView, PolicyConfig, Usage
-from app.autoswitch.policy import decide, forecast_policy, plan, threshold_policy
+from app.autoswitch.policy import decide, forecast_policy, plan
+from app.autoswitch.threshold import threshold_policy
 from app.engines.lifecycle import EngineState
 
 NOW = datetime(2026, 1, 12, 10, 0, tzinfo=UTC)  # a Monday, 10:00
