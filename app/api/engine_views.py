@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from app.engines.claims import holdings
 from app.engines.gpus import GIB
 from app.engines.lifecycle import EngineState
 from app.engines.manager import EngineManager
@@ -25,7 +26,7 @@ def engines_summary(engines: EngineManager, now: datetime) -> dict[str, dict[str
 
 def gpus_view(engines: EngineManager) -> dict[str, Any]:
     """Each GPU with its memory, the models placed on it and its processes (blocking: NVML)."""
-    owners = gpu_owners(engines.holdings())
+    owners = gpu_owners(holdings(engines.engines.values()))
     pids = {e.pid: e.name for e in engines.engines.values() if e.pid is not None}
     inventory = engines.inventory
     gpus = [

@@ -7,6 +7,8 @@ that is gone; the dispatchers and the queue hold those facts, so this adapter jo
 
 from __future__ import annotations
 
+import asyncio
+
 from app.dispatch.dispatcher import ModelDispatcher
 from app.queue.jobs import JobState
 from app.queue.service import JobQueue
@@ -33,6 +35,18 @@ class DispatchWorkload:
                 count += await self._queue.cancel(doc["_id"], reason)
         await self.settle(model, 10.0)
         return count
+
+    async def drain(self, model: str, grace_s: float) -> int:
+        """Let running and queued jobs finish (up to the grace period); cancel what is left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while True:
+            await self.settle(model, max(0.0, deadline - loop.time()))
+            busy = self.running(model) or await self.queued(model)
+            if not busy or loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)  # queued jobs are being claimed
+        return await self.cancel_all(model, f"model {model!r} was stopped after a {grace_s:g} s drain")
 
     async def settle(self, model: str, timeout_s: float) -> None:
         """Wait until the model's running calls have ended (or the timeout)."""

@@ -25,12 +25,12 @@ from app.clock import Clock
 from app.engines import process as proc
 from app.engines.admission import admission, given_up
 from app.engines.adoption import Adoption, AdoptionReview
+from app.engines.claims import place_engine
 from app.engines.crashes import CrashLog
-from app.engines.gpus import GpuInfo, GpuInventory
+from app.engines.gpus import GpuInventory
 from app.engines.lifecycle import EngineRecord, EngineState, RestartPlan, plan_restart
 from app.engines.loading import Loader
 from app.engines.model_files import command_for
-from app.engines.placement import Holding, effective_inventory, gpu_owners, place, uses_gpu
 from app.engines.process import log_file_name
 from app.engines.records import EngineRecords
 from app.engines.teardown import Teardown
@@ -188,7 +188,7 @@ class EngineManager:
         """Place the engine and build its command line, before anything is spawned: a start that
         cannot work is `failed` now with the reason (PlacementFailed / ConfigError, raised)."""
         try:
-            placed = self._place(engine)
+            placed = place_engine(engine, self.engines.values(), self.inventory)
             argv = self._command(engine, port, [gpu.total_bytes for gpu in placed])
         except GatewayError as exc:
             if engine.state != EngineState.FAILED:
@@ -197,35 +197,6 @@ class EngineManager:
             engine.placement_failed = isinstance(exc, PlacementFailed)
             raise
         return [gpu.index for gpu in placed], argv
-
-    def _place(self, engine: EngineRecord) -> list[GpuInfo]:
-        """The GPUs the engine gets (their sizes too: the vLLM command line needs them)."""
-        if not uses_gpu(engine.settings):
-            return []
-        holdings = self.holdings(with_pids=True)
-        snapshot = effective_inventory(self.inventory.snapshot(), holdings, exclude=engine.name)
-        placement = place(
-            engine.name,
-            engine.settings.gpu,
-            engine.settings.kind,
-            snapshot,
-            gpu_owners(holdings, exclude=engine.name),
-            unusable_reason="" if self.inventory.available else self.inventory.reason,
-        )
-        return [gpu for gpu in snapshot if gpu.index in placement.gpus]
-
-    def holdings(self, *, with_pids: bool = False) -> list[Holding]:
-        """Our engines with a process on GPUs (`with_pids`: their process trees, for placement)."""
-        return [
-            Holding(
-                e.name,
-                e.gpus,
-                e.settings.gpu,
-                frozenset(proc.tree_pids(e.pid)) if with_pids else frozenset(),
-            )
-            for e in self.engines.values()
-            if e.gpus and e.pid is not None
-        ]
 
     def _spawn(self, engine: EngineRecord, argv: list[str]) -> bool:
         problem = self._loader.spawn(engine, argv)
@@ -335,24 +306,11 @@ class EngineManager:
         if force:
             cancelled = await self._workload.cancel_all(name, f"model {name!r} was stopped (force): {reason}")
         else:
-            cancelled = await self._drain(name)
+            cancelled = await self._workload.drain(name, self._defaults.stop_grace_seconds)
         confirmed = await self._teardown.kill(engine)
         engine.move(EngineState.STOPPED, reason)
         engine.ready_at = None
         return {"stopped": True, "cancelled_jobs": cancelled, **confirmed}
-
-    async def _drain(self, name: str) -> int:
-        """Let running and queued jobs finish (up to the grace period); cancel what is left."""
-        grace = self._defaults.stop_grace_seconds
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while True:
-            await self._workload.settle(name, max(0.0, deadline - loop.time()))
-            busy = self._workload.running(name) or await self._workload.queued(name)
-            if not busy or loop.time() >= deadline:
-                break
-            await asyncio.sleep(0.05)  # queued jobs are being claimed
-        return await self._workload.cancel_all(name, f"model {name!r} was stopped after a {grace:g} s drain")
 
     # -- whole-gateway start and stop -------------------------------------------------------
 

@@ -13,7 +13,7 @@ class Workload(Protocol):
 
     async def cancel_all(self, model: str, reason: str) -> int: ...
 
-    async def settle(self, model: str, timeout_s: float) -> None: ...
+    async def drain(self, model: str, grace_s: float) -> int: ...
 
 
 class NoWorkload:
@@ -28,5 +28,5 @@ class NoWorkload:
     async def cancel_all(self, model: str, reason: str) -> int:
         return 0
 
-    async def settle(self, model: str, timeout_s: float) -> None:
-        return None
+    async def drain(self, model: str, grace_s: float) -> int:
+        return 0
