@@ -8,6 +8,7 @@ bug found at once instead of a model stuck in a state nobody can leave.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -115,6 +116,10 @@ class EngineRecord:
     # sent with every call to it: an external upstream's API key (kind openai), never logged
     auth_headers: dict[str, str] = field(default_factory=dict, repr=False)
     last_check_at: datetime | None = None  # external upstreams: the last health check's time
+    # told of every state change (record, before, after): the supervisor's log and metrics
+    listeners: list[Callable[[EngineRecord, EngineState, EngineState], None]] = field(
+        default_factory=list, repr=False
+    )
 
     @property
     def base_url(self) -> str:
@@ -138,12 +143,14 @@ class EngineRecord:
         self.placement_failed = False
 
     def became_ready(self, now: datetime) -> None:
-        self.move(EngineState.READY)
+        """Ready: the load's time is set before the move, so listeners of the move see it."""
+        self.check(EngineState.READY)
         self.ready_at = now
         self.health_failures = 0
         self.suspected_jobs.clear()
         if self.started_at is not None:
             self.load_seconds = round((now - self.started_at).total_seconds(), 3)
+        self.move(EngineState.READY)
 
     def give_up(self, verdict: str) -> None:
         """Failed too often inside the window: only an operator's start runs it again."""
@@ -158,9 +165,15 @@ class EngineRecord:
             return None
         return round((now - self.started_at).total_seconds(), 1)
 
-    def move(self, to: EngineState, reason: str = "") -> None:
+    def check(self, to: EngineState) -> None:
         if to not in _ALLOWED[self.state]:
             raise IllegalTransition(f"engine {self.name!r}: {self.state.value} -> {to.value} is not allowed")
-        self.state = to
+
+    def move(self, to: EngineState, reason: str = "") -> None:
+        """The one way a state changes; every listener hears of it (logs, metrics)."""
+        self.check(to)
+        before, self.state = self.state, to
         self.reason = reason
         self.gave_up = False
+        for listener in self.listeners:
+            listener(self, before, to)

@@ -93,6 +93,18 @@ class EngineManager:
             self.engines, defaults, client, self.log_path, self.check_process, self._hung
         )
         self._tasks: dict[str, asyncio.Task[None]] = {}  # the load or restart in progress per model
+        for engine in self.engines.values():
+            engine.listeners.append(self._state_changed)
+
+    def _state_changed(self, engine: EngineRecord, before: EngineState, after: EngineState) -> None:
+        """Every state change, logged and counted here, from the one place states change."""
+        event(log, "engine.state", logging.DEBUG, model=engine.name, before=before.value, after=after.value)
+        if after == EngineState.CRASHED:
+            self._metrics.engine_crashed(engine.name)
+        elif before == EngineState.CRASHED and after == EngineState.STARTING:
+            self._metrics.engine_restarted(engine.name)
+        elif after == EngineState.READY and engine.load_seconds is not None and not engine.adopted:
+            self._metrics.engine_loaded(engine.name, engine.load_seconds)  # adopted: loaded long ago
 
     def attach(self, workload: Workload) -> None:
         self._workload = workload
@@ -218,8 +230,6 @@ class EngineManager:
 
     def _ready(self, engine: EngineRecord) -> None:
         engine.became_ready(self._clock.now())
-        if engine.load_seconds is not None and not engine.adopted:  # adopted: loaded long ago
-            self._metrics.engine_loaded(engine.name, engine.load_seconds)
         event(log, "engine.ready", model=engine.name, port=engine.port, load_s=engine.load_seconds)
         self._announce_ready(engine)
 
@@ -391,7 +401,6 @@ class EngineManager:
     def _crashed(self, engine: EngineRecord, code: int | None, reason: str) -> None:
         engine.move(EngineState.CRASHED, reason)
         engine.last_error = reason
-        self._metrics.engine_crashed(engine.name)
         # the jobs on it now (read before the restart task runs), and those whose calls failed
         # against it before the exit was seen
         affected = sorted(set(self._workload.running(engine.name)) | engine.suspected_jobs)
@@ -427,7 +436,6 @@ class EngineManager:
         except GatewayError:
             return  # failed, with the reason on the record
         engine.begin_load(self._clock.now(), engine.port, gpus)  # a load of ours now
-        self._metrics.engine_restarted(engine.name)
         await self._load(engine, argv)
 
     def _command(self, engine: EngineRecord, port: int, gpu_total_bytes: list[int]) -> list[str]:

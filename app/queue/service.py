@@ -187,13 +187,10 @@ class JobQueue:
         if not await self.admitted(job_id):
             return False
         doc = await self.store.get(job_id)
-        now = self.clock.now()
-        if doc is None or not await self.store.cancel(job_id, now, reason):
+        change = None if doc is None else await self.store.cancel(job_id, self.clock.now(), reason)
+        if doc is None or change is None:
             return False
-        # what the terminal write stored, so a waiter answers with the job's end and timings
-        doc.update(
-            state=JobState.CANCELLED.value, finished_at=now, error={"type": "cancelled", "message": reason}
-        )
+        change.apply(doc)  # what the terminal write stored: a waiter answers with the job's end and timings
         self._ended(doc, "cancelled")
         return True
 
@@ -311,13 +308,6 @@ class JobQueue:
         for doc, ok in zip(ready, won_flags, strict=True):
             if ok:
                 self._local.add(doc["_id"])
-                doc.update(
-                    state=JobState.RUNNING.value,
-                    worker=self.worker_id,
-                    lease_until=lease_until,
-                    started_at=now,
-                    attempts=doc["attempts"] + 1,
-                )
                 if doc["attempts"] == 1:  # the queue wait a client feels: until its first dispatch
                     self._metrics.queue_wait(model, doc["enqueued_at"], now)
                 won.append(doc)
@@ -328,7 +318,6 @@ class JobQueue:
             return False
         now = self.clock.now()
         if await self.store.succeed(doc, now, result):
-            doc.update(state=JobState.SUCCEEDED.value, finished_at=now, result=result)
             self._ended(doc, "succeeded")
             return True
         event(
@@ -341,7 +330,6 @@ class JobQueue:
             return False
         now = self.clock.now()
         if await self.store.fail(doc, now, error):
-            doc.update(state=JobState.FAILED.value, finished_at=now, error=error)
             self._ended(doc, "failed")
             return True
         return False
@@ -408,9 +396,7 @@ class JobQueue:
         if retry_delay_s is None:
             ok = await self.store.fail(doc, now, error)
             if ok:
-                self._ended(
-                    {**doc, "state": JobState.FAILED.value, "error": error, "finished_at": now}, "failed"
-                )
+                self._ended(doc, "failed")
             return ok
         ok = await self.store.requeue(doc, now + timedelta(seconds=retry_delay_s), error)
         if ok:

@@ -15,7 +15,9 @@ from datetime import datetime, timedelta
 from pymongo import DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 
+from app.queue import transitions
 from app.queue.jobs import Doc, JobState, ListingCursor, idempotency_scope
+from app.queue.transitions import Change
 from app.store.batch import BatchWriter
 from app.store.database import ACTIVE
 
@@ -59,7 +61,7 @@ class JobStore:
         self._writer = writer
         self._retention = retention
         # privacy settings: what history keeps once a job ends
-        self._drop = {} if store_prompts else {"request": ""}
+        self._dropped = () if store_prompts else ("request",)
         self._store_outputs = store_outputs
 
     async def insert(self, doc: Doc) -> None:
@@ -169,27 +171,18 @@ class JobStore:
         result = await self._jobs.delete_many({"_id": {"$in": job_ids}, "expire_at": {"$exists": True}})
         return result.deleted_count
 
-    async def _transition(self, doc: Doc, update: Doc) -> bool:
-        """Apply `update` only if nobody changed the job since `doc` was read (same rev)."""
-        rev = await self._writer.update(doc["_id"], {"rev": doc["rev"]}, update)
+    async def _change(self, doc: Doc, change: Change) -> bool:
+        """Apply the change only if nobody changed the job since `doc` was read (same rev); the
+        in-memory job takes it too."""
+        rev = await self._writer.update(doc["_id"], {"rev": doc["rev"]}, change.update)
         if rev is None:
             return False
+        change.apply(doc)
         doc["rev"] = rev
         return True
 
     async def claim(self, doc: Doc, worker: str, now: datetime, lease_until: datetime) -> bool:
-        return await self._transition(
-            doc,
-            {
-                "$set": {
-                    "state": JobState.RUNNING.value,
-                    "worker": worker,
-                    "lease_until": lease_until,
-                    "started_at": now,
-                },
-                "$inc": {"attempts": 1},
-            },
-        )
+        return await self._change(doc, transitions.claim(doc, worker, now, lease_until))
 
     async def extend_leases(self, job_ids: list[str], worker: str, lease_until: datetime) -> int:
         result = await self._jobs.update_many(
@@ -198,50 +191,30 @@ class JobStore:
         )
         return result.modified_count
 
-    def _finish(self, state: JobState, now: datetime, fields: Doc) -> Doc:
-        return {
-            "$set": {"state": state.value, "finished_at": now, "expire_at": now + self._retention, **fields},
-            "$unset": {"slot": "", "lease_until": "", "not_before": "", **self._drop},
-        }
+    def _finish(self, state: JobState, now: datetime, fields: Doc) -> Change:
+        stored = None
+        if not self._store_outputs and "result" in fields:
+            kept = {k: v for k, v in fields["result"].items() if k not in _OUTPUT_FIELDS}
+            stored = {**fields, "result": {**kept, "output_redacted": True}}
+        return transitions.finish(state, now, self._retention, fields, stored=stored, dropped=self._dropped)
 
     async def succeed(self, doc: Doc, now: datetime, result: Doc) -> bool:
-        if not self._store_outputs:
-            kept = {k: v for k, v in result.items() if k not in _OUTPUT_FIELDS}
-            result = {**kept, "output_redacted": True}
-        return await self._transition(doc, self._finish(JobState.SUCCEEDED, now, {"result": result}))
+        return await self._change(doc, self._finish(JobState.SUCCEEDED, now, {"result": result}))
 
     async def fail(self, doc: Doc, now: datetime, error: Doc) -> bool:
-        return await self._transition(doc, self._finish(JobState.FAILED, now, {"error": error}))
+        return await self._change(doc, self._finish(JobState.FAILED, now, {"error": error}))
 
     async def requeue(self, doc: Doc, not_before: datetime, error: Doc) -> bool:
-        """Back to the queue after a failed or lost attempt, with a fresh queue-wait deadline:
-        the time spent running does not count against the wait of the retry."""
-        deadline = not_before + timedelta(seconds=float(doc.get("queue_timeout_s", 300)))
-        return await self._transition(
-            doc,
-            {
-                "$set": {
-                    "state": JobState.QUEUED.value,
-                    "not_before": not_before,
-                    "queue_deadline": deadline,
-                    "last_error": error,
-                },
-                "$unset": {"worker": "", "lease_until": ""},
-            },
-        )
+        return await self._change(doc, transitions.requeue(doc, not_before, error))
 
-    async def cancel(self, job_id: str, now: datetime, reason: str) -> bool:
-        """By id and state only: the client that went away holds no fresh copy of the job."""
-        rev = await self._writer.update(
-            job_id,
-            {"state": {"$in": [JobState.QUEUED.value, JobState.RUNNING.value]}},
-            self._finish(JobState.CANCELLED, now, {"error": {"type": "cancelled", "message": reason}}),
-        )
-        return rev is not None
+    async def cancel(self, job_id: str, now: datetime, reason: str) -> Change | None:
+        """By id and state only: the client that went away holds no fresh copy of the job. The
+        change made, for the caller's copy, or None when the job had ended already."""
+        change = self._finish(JobState.CANCELLED, now, {"error": {"type": "cancelled", "message": reason}})
+        allowed = {"state": {"$in": [JobState.QUEUED.value, JobState.RUNNING.value]}}
+        return change if await self._writer.update(job_id, allowed, change.update) is not None else None
 
     async def expire(self, job_id: str, now: datetime, error: Doc) -> bool:
         """By id and state only: the waiter that enforces the deadline holds no fresh copy."""
-        rev = await self._writer.update(
-            job_id, {"state": JobState.QUEUED.value}, self._finish(JobState.EXPIRED, now, {"error": error})
-        )
-        return rev is not None
+        change = self._finish(JobState.EXPIRED, now, {"error": error})
+        return await self._writer.update(job_id, {"state": JobState.QUEUED.value}, change.update) is not None

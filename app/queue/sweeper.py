@@ -97,9 +97,10 @@ class Sweeper:
             "attempt": doc["attempts"],
         }
         # a streamed job cannot move: its client was connected to the worker that is gone
+        lost_worker = doc.get("worker")  # the requeue takes it off the job
         if not doc.get("stream") and self._retry.should_retry(retryable=True, attempts_made=doc["attempts"]):
             if await self._queue.recover_running(doc, error, self._retry.backoff(doc["attempts"])):
                 done["requeued"] += 1
-                event(log, "job.recovered", job=doc["_id"], worker=doc.get("worker"), attempt=doc["attempts"])
+                event(log, "job.recovered", job=doc["_id"], worker=lost_worker, attempt=doc["attempts"])
         elif await self._queue.recover_running(doc, error, None):
             done["failed"] += 1
