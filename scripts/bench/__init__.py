@@ -1,0 +1,2 @@
+"""The parts of scripts/bench.py (run that script): the scenarios, the harness, one module per
+phase, the report."""
