@@ -69,7 +69,6 @@ class Gateway:
     clock: Clock
     registry: ModelRegistry
     tokens: TokenService
-    login_throttle: LoginThrottle
     metrics: Metrics
     worker_id: str
     upstream_headers: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)
@@ -90,7 +89,6 @@ class Gateway:
             auth.refresh_ttl_seconds,
             clock,
         )
-        throttle = LoginThrottle(clock, auth.login_max_failures, auth.login_window_seconds)
         worker_id = make_worker_id()
         upstream_headers = auth_headers(settings.models, upstream_environment())  # before anything runs
         capacities = {name: (m.max_concurrent, m.max_waiting) for name, m in settings.models.items()}
@@ -99,7 +97,6 @@ class Gateway:
             clock=clock,
             registry=ModelRegistry(settings.models),
             tokens=tokens,
-            login_throttle=throttle,
             metrics=build_metrics(settings.metrics.enabled, clock, capacities, __version__, worker_id),
             worker_id=worker_id,
             upstream_headers=upstream_headers,
@@ -168,6 +165,11 @@ class Gateway:
             metrics=self.metrics,
         )
         await rate_limiter.ensure_indexes()
+        auth = s.auth
+        login_throttle = LoginThrottle(
+            db.login_failures, self.clock, auth.login_max_failures, auth.login_window_seconds
+        )
+        await login_throttle.ensure_indexes()
         stack.push_async_callback(rate_limiter.stop)
         rate_limiter.start()
         stack.push_async_callback(self.engine_client.stop)
@@ -225,7 +227,7 @@ class Gateway:
         resolution = DefaultResolution(db.runtime_settings, s.ocr.default_resolution)
         return Services(
             settings=s, clock=self.clock, registry=self.registry, tokens=self.tokens,
-            login_throttle=self.login_throttle, metrics=self.metrics, worker_id=self.worker_id,
+            login_throttle=login_throttle, metrics=self.metrics, worker_id=self.worker_id,
             database=db, queue=queue, counters=counters, users=users, api_keys=api_keys, audit=audit,
             rate_limiter=rate_limiter, engines=engines, dispatchers=dispatchers, usage=usage,
             missing=missing, switcher=switcher, scheduler=scheduler,
@@ -343,6 +345,7 @@ async def _prune(db: Database, pruner: HistoryPruner, clock: Clock) -> int:
         db.usage,
         db.autoswitch_decisions,
         db.rate_limits,
+        db.login_failures,
     ):
         deleted += await prune_expired(collection, now)
     return deleted

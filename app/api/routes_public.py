@@ -42,15 +42,16 @@ async def token(
     username: Annotated[str, Form(min_length=1, max_length=64)],
     password: Annotated[str, Form(min_length=1, max_length=1024)],
 ) -> dict[str, Any]:
-    """Throttled per username and per client address after repeated failures (429)."""
+    """Throttled per (username, client address) and per address after repeated failures (429):
+    a flood of wrong passwords slows its own address, not the owner logging in from elsewhere."""
     address = request.client.host if request.client else "unknown"
-    svc.login_throttle.check(username, address)
+    await svc.login_throttle.check(username, address)
     try:
         user = await svc.users.authenticate(username, password)
     except AuthenticationFailed:
-        svc.login_throttle.failed(username, address)
+        await svc.login_throttle.failed(username, address)
         raise
-    svc.login_throttle.succeeded(username)
+    await svc.login_throttle.succeeded(username, address)
     return _token_answer(svc, user.subject, user.role)
 
 

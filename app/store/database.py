@@ -30,6 +30,7 @@ class Database:
     api_keys: AsyncCollection[Doc]
     audit: AsyncCollection[Doc]
     rate_limits: AsyncCollection[Doc]
+    login_failures: AsyncCollection[Doc]
     runtime_settings: AsyncCollection[Doc]  # what admins change at run time (OCR resolution, ...)
     queue_stats: AsyncCollection[Doc]
     missing_models: AsyncCollection[Doc]
@@ -71,6 +72,7 @@ async def connect(uri: str, name: str, write_concern: str) -> Database:
         api_keys=durable.get_collection("api_keys"),
         audit=durable.get_collection("audit_log"),
         rate_limits=db.get_collection("rate_limits"),
+        login_failures=db.get_collection("login_failures"),
         runtime_settings=durable.get_collection("runtime_settings"),
         queue_stats=db.get_collection("queue_stats"),
         missing_models=db.get_collection("missing_model_requests"),

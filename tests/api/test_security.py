@@ -3,13 +3,15 @@ login throttling, body limits, response headers and the audit log."""
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 
-from tests.conftest import JWT_SECRET, GatewayClient, GatewayFactory, eventually, stub
+from tests.conftest import ADMIN_PASSWORD, JWT_SECRET, GatewayClient, GatewayFactory, eventually, stub
 
 
 async def _clock() -> float:
@@ -178,6 +180,38 @@ async def test_login_throttle(gateway_factory: GatewayFactory) -> None:
     )
     assert right.status_code == 429 and int(right.headers["Retry-After"]) > 0
     assert "too many failed logins" in right.json()["detail"]
+
+
+def _from(gw: GatewayClient, address: str) -> httpx.AsyncClient:
+    """A client of the same gateway seen from another address (the ASGI scope's client)."""
+    assert gw.app is not None
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=gw.app, client=(address, 40000)), base_url="http://gw"
+    )
+
+
+async def test_a_password_flood_slows_its_address_not_the_owner_elsewhere(
+    gateway_factory: GatewayFactory,
+) -> None:
+    throttled = {"login_max_failures": 3, "login_window_seconds": 60}
+    database = "t_throttle_" + secrets.token_hex(4)
+    gw = await gateway_factory({"demo": stub()}, auth=throttled, database={"name": database})
+    other = await gateway_factory({"demo": stub()}, auth=throttled, database={"name": database})
+    wrong = {"username": "admin", "password": "guess"}
+    right = {"username": "admin", "password": ADMIN_PASSWORD}
+    async with _from(gw, "203.0.113.9") as attacker, _from(gw, "198.51.100.7") as owner:
+        assert [(await attacker.post("/auth/token", data=wrong)).status_code for _ in range(3)] == [401] * 3
+        refused = await attacker.post("/auth/token", data=right)  # even the right password, from there
+        assert (
+            refused.status_code == 429 and "for this username from this address" in refused.json()["detail"]
+        )
+        assert (await owner.post("/auth/token", data=right)).status_code == 200  # the owner, elsewhere
+        assert (await owner.post("/auth/token", data=wrong)).status_code == 401  # counted, not locked
+        sprayed = await attacker.post("/auth/token", data={"username": "alice", "password": "guess"})
+        assert sprayed.status_code == 429 and "for this address" in sprayed.json()["detail"]
+    async with _from(other, "203.0.113.9") as attacker_elsewhere:  # another instance, same database
+        again = await attacker_elsewhere.post("/auth/token", data=right)
+    assert again.status_code == 429 and int(again.headers["Retry-After"]) > 0
 
 
 async def test_body_limit_headers_and_cors_off(gateway_factory: GatewayFactory) -> None:
