@@ -126,7 +126,13 @@ async def eventually(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
-        value = await probe()
+        try:  # a probe that hangs fails here, named, not at the suite's timeout with no trace
+            async with asyncio.timeout(max(0.0, deadline - loop.time()) + 30.0):
+                value = await probe()
+        except TimeoutError:
+            raise AssertionError(
+                f"{what}: the probe itself did not answer within {timeout_s:g} s + 30 s"
+            ) from None
         if done(value):
             return value
         if loop.time() >= deadline:

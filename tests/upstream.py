@@ -4,6 +4,7 @@ by pid."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
@@ -39,6 +40,11 @@ class ExternalServer:
         with self._log.open("ab") as out:
             self.proc = subprocess.Popen(self._argv, stdout=out, stderr=subprocess.STDOUT)
         eventually_sync(self._answers, bool, f"{self._argv[2]} answering {self._health}", timeout_s)
+
+    async def start_async(self, timeout_s: float = 60.0) -> None:
+        """`start` off the event loop: a test whose gateway runs in-process must not freeze it
+        (health checks, database heartbeats) while the server comes up."""
+        await asyncio.to_thread(self.start, timeout_s)
 
     def _answers(self) -> bool:
         assert self.proc is not None

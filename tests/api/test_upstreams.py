@@ -151,7 +151,7 @@ async def test_an_upstream_that_goes_away_is_unavailable_and_comes_back_by_itsel
     await gw.until_count("remote", "queued", 1)  # the admitted job waits; it is not failed
     assert not first.done()
 
-    server.start()  # the same port: whoever runs it brought it back
+    await server.start_async()  # the same port: whoever runs it brought it back
     await _until_state(gw, "remote", "ready")
     answer = await first
     assert answer.status_code == 200, answer.text
@@ -174,7 +174,7 @@ async def test_an_upstream_down_at_start_is_unavailable_then_served_when_it_appe
     down = await _model(gw, "remote")  # the gateway started anyway: one upstream does not stop it
     assert down["state"] == "unavailable" and "cannot be reached" in down["reason"]
     assert (await gw.chat("remote")).status_code == 503
-    server.start()
+    await server.start_async()
     await _until_state(gw, "remote", "ready")
     assert (await gw.chat("remote", "late")).json()["message"]["content"] == "stub reply to: late"
 
