@@ -48,7 +48,7 @@ from app.queue.sweeper import Sweeper, make_worker_id
 from app.scheduler import Scheduler
 from app.services import Services
 from app.settings import EngineDefaults, Settings
-from app.settings_loader import check_secret, redact_uri, upstream_environment
+from app.settings_loader import check_secret, environment, redact_uri
 from app.store.batch import BatchWriter
 from app.store.database import Database, connect, ensure_indexes
 from app.store.embedded import EmbeddedDatabase
@@ -90,7 +90,7 @@ class Gateway:
             clock,
         )
         worker_id = make_worker_id()
-        upstream_headers = auth_headers(settings.models, upstream_environment())  # before anything runs
+        upstream_headers = auth_headers(settings.models, environment())  # before anything runs
         capacities = {name: (m.max_concurrent, m.max_waiting) for name, m in settings.models.items()}
         return cls(
             settings=settings,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +74,11 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def upstream_environment() -> dict[str, str]:
-    """Where external upstreams' API keys are read (models.<m>.api_key_env): the process
-    environment over the `.env` file, as for the gateway's own secrets."""
-    return {**read_env_file(Path(".env")), **os.environ}
+def environment(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables the gateway reads its secrets from: the process environment (or
+    `overrides`) over the `.env` file. The settings' overrides and external upstreams' API keys
+    (models.<m>.api_key_env) both come from here."""
+    return {**read_env_file(Path(".env")), **(os.environ if overrides is None else overrides)}
 
 
 def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: str) -> None:
@@ -114,8 +116,7 @@ def parse_settings(raw: dict[str, Any], env: dict[str, str] | None = None) -> Se
 
 def load_settings(config_path: Path | None, env: dict[str, str] | None = None) -> Settings:
     """Read the YAML file (if any), the `.env` file and the process environment."""
-    merged_env = read_env_file(Path(".env"))
-    merged_env.update(os.environ if env is None else env)
+    merged_env = environment(env)
     raw: dict[str, Any] = {}
     if config_path is not None:
         if not config_path.is_file():

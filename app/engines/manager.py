@@ -181,8 +181,6 @@ class EngineManager:
         given up on at once (the crashes that made it `failed` are still in the window).
         """
         engine = self.engines[name]
-        if name in self.upstreams:
-            raise NotManaged(name, engine.base_url)
         if engine.state in (EngineState.FAILED, EngineState.STOPPED, EngineState.CRASHED):
             engine.crashes.clear()
             engine.gave_up = False
