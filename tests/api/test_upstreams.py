@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from app.store.embedded import free_port
 from tests.conftest import GatewayClient, GatewayFactory, eventually
-from tests.upstream import ExternalServer, free_port, stub_server
+from tests.upstream import ExternalServer, stub_server
 
 KEY_ENV = "TEST_UPSTREAM_API_KEY"
 KEY = "sk-upstream-key-for-tests-0123456789"

@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -22,15 +21,10 @@ from pymongo import AsyncMongoClient
 
 from app.auth.tokens import TokenService
 from app.clock import SystemClock
+from app.store.embedded import free_port
 from tests.conftest import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Daemon:

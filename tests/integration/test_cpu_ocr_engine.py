@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,12 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from app.ocr.grounding import parse_grounding
+from app.store.embedded import free_port
 from tests.conftest import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 LINES = [(60, 60, "Invoice number 4711"), (60, 210, "Total amount due"), (60, 360, "Thank you for shopping")]
 SIZE = (1280, 520)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
