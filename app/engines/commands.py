@@ -89,7 +89,9 @@ _LLAMA_CPP_OWNED = {
 # waits for the model lock, held for the whole of a running generation, so a health check during
 # a long answer would time out and the busy engine be restarted as hung (measured: 2.0 s for
 # /v1/models during a 2.5 s generation, 4 ms for /docs, FastAPI's docs page).
-_HEALTH_PATHS: dict[EngineKind, str] = {"llama_cpp": "/docs"}
+# External upstreams (kind openai): /v1/models, which Ollama, vLLM, llama-server and OpenAI all
+# serve; their `health_path` setting overrides it.
+_HEALTH_PATHS: dict[EngineKind, str] = {"llama_cpp": "/docs", "openai": "/v1/models"}
 # vLLM's short aliases for owned flags.
 _ALIASES = {"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size", "-dp": "--data-parallel-size"}
 # Placement decides which GPUs an engine sees; an env entry overriding these would make the

@@ -25,13 +25,13 @@ from collections.abc import Callable, Mapping
 
 from app.clock import Clock
 from app.engines.lifecycle import EngineRecord, EngineState
+from app.engines.watch import health_url
 from app.errors import ConfigError, UpstreamUnavailable
 from app.logs import event
 from app.proxy.client import EngineClient
 from app.settings import EngineDefaults, ModelSettings
 
 log = logging.getLogger("gateway.upstreams")
-DEFAULT_HEALTH_PATH = "/v1/models"  # Ollama, vLLM, llama-server and OpenAI itself all serve it
 
 
 def auth_headers(
@@ -135,7 +135,7 @@ class UpstreamWatch:
 
     async def check(self, upstream: EngineRecord) -> None:
         problem = await self._client.health_problem(
-            upstream.base_url + (upstream.settings.health_path or DEFAULT_HEALTH_PATH),
+            health_url(upstream),
             self._defaults.health_check_timeout,
             upstream.auth_headers,
         )

@@ -24,7 +24,8 @@ log = logging.getLogger("gateway.engines")
 
 
 def health_url(engine: EngineRecord) -> str:
-    return engine.base_url + health_path(engine.settings.kind)
+    """The kind's health endpoint, or the model's own `health_path` (external upstreams)."""
+    return engine.base_url + (engine.settings.health_path or health_path(engine.settings.kind))
 
 
 class EngineWatch:
