@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from app.store.embedded import free_port
-from tests.conftest import GatewayClient, GatewayFactory, eventually
+from tests.api.test_supervisor import _model, _until_model
+from tests.conftest import GatewayFactory, eventually
 from tests.upstream import ExternalServer, stub_server
 
 KEY_ENV = "TEST_UPSTREAM_API_KEY"
@@ -34,19 +35,6 @@ def _started(servers: list[ExternalServer], tmp_path: Path, *args: str) -> Exter
     servers.append(server)
     server.start()
     return server
-
-
-async def _model(gw: GatewayClient, name: str) -> dict[str, Any]:
-    response = await gw.http.get(f"/admin/models/{name}", headers=gw.headers(gw.admin_token))
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
-async def _until_state(gw: GatewayClient, name: str, state: str, timeout_s: float = 10.0) -> dict[str, Any]:
-    return await eventually(
-        lambda: _model(gw, name), lambda m: m["state"] == state, f"{name} {state}", timeout_s
-    )
 
 
 async def test_an_upstream_is_served_through_the_queue_with_its_api_key(
@@ -140,7 +128,7 @@ async def test_an_upstream_that_goes_away_is_unavailable_and_comes_back_by_itsel
     await gw.until_count("remote", "running", 1)
     server.kill()  # mid-call: the connection is reset under the running job
 
-    down = await _until_state(gw, "remote", "unavailable")
+    down = await _until_model(gw, "remote", lambda m: m["state"] == "unavailable", 10)
     assert "cannot be reached" in down["reason"] and server.url in down["reason"]
     refused = await gw.chat("remote", "after the fall")
     assert refused.status_code == 503, refused.text
@@ -153,7 +141,7 @@ async def test_an_upstream_that_goes_away_is_unavailable_and_comes_back_by_itsel
     assert not first.done()
 
     await server.start_async()  # the same port: whoever runs it brought it back
-    await _until_state(gw, "remote", "ready")
+    await _until_model(gw, "remote", lambda m: m["state"] == "ready", 10)
     answer = await first
     assert answer.status_code == 200, answer.text
     assert answer.json()["message"]["content"] == "stub reply to: admitted before the fall"
@@ -176,7 +164,7 @@ async def test_an_upstream_down_at_start_is_unavailable_then_served_when_it_appe
     assert down["state"] == "unavailable" and "cannot be reached" in down["reason"]
     assert (await gw.chat("remote")).status_code == 503
     await server.start_async()
-    await _until_state(gw, "remote", "ready")
+    await _until_model(gw, "remote", lambda m: m["state"] == "ready", 10)
     assert (await gw.chat("remote", "late")).json()["message"]["content"] == "stub reply to: late"
 
 

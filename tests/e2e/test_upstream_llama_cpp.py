@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -16,7 +15,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from app.engines.model_files import resolve_model_file
 from tests.conftest import eventually
 from tests.e2e.conftest import Daemon
-from tests.e2e.test_llama_cpp import SMOLLM2
+from tests.e2e.test_llama_cpp import SMOLLM2, _model
 from tests.upstream import ExternalServer
 
 pytestmark = pytest.mark.e2e
@@ -32,15 +31,6 @@ def llama_server(tmp_path: Path) -> ExternalServer:
     argv += ["--n_ctx", "512", "--n_threads", "1", "--n_threads_batch", "1", "--interrupt_requests", "False"]
     argv += ["--api_key", KEY, "--host", "127.0.0.1", "--model_alias", "SmolLM2-135M-Instruct"]
     return ExternalServer(argv, tmp_path / "llama-upstream.log", "/docs")
-
-
-async def _model(daemon: Daemon, name: str) -> dict[str, Any]:
-    async with httpx.AsyncClient() as http:
-        headers = {"Authorization": f"Bearer {daemon.admin_token}"}
-        response = await http.get(f"{daemon.url}/admin/models/{name}", headers=headers)
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 async def test_a_hand_started_llama_cpp_server_is_served_refuses_admin_and_survives_its_restart(
