@@ -262,6 +262,10 @@ class DatabaseUnavailable(GatewayError):
 
     code = "database_unavailable"
 
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
 
 class PlacementFailed(ModelUnavailable):
     """No GPU set can hold the engine now; the message names what is missing and who holds it,

@@ -11,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from app import __version__
 from app.audit import AuditLog
@@ -50,8 +50,9 @@ from app.services import Services
 from app.settings import EngineDefaults, Settings
 from app.settings_loader import check_secret, environment, redact_uri
 from app.store.batch import BatchWriter
-from app.store.database import Database, connect, ensure_indexes
+from app.store.database import MAINTENANCE_TIMEOUT_S, Database, connect, ensure_indexes, within
 from app.store.embedded import EmbeddedDatabase
+from app.store.health import DatabaseHealth
 from app.store.lease import Lease
 from app.store.ttl import prune_expired
 from app.usecases.chat import ChatService
@@ -59,6 +60,7 @@ from app.usecases.ocr import OcrService
 
 log = logging.getLogger("gateway")
 AUTOSWITCH_JOB = "autoswitch"
+SHUTDOWN_DATABASE_BUDGET_S = 30.0
 
 
 @dataclass
@@ -115,10 +117,20 @@ class Gateway:
         )
 
     async def stop(self, grace_s: float = 10.0) -> None:
+        """Every stage's stop runs, whatever an earlier one raised, and the database work of the
+        whole shutdown has one budget: with the database down each final write (counters,
+        leases, engine records) would otherwise wait its own timeout, and an orchestrator's
+        stop timeout would kill the gateway before its engines were stopped."""
         self._grace_s = grace_s
-        if self._stack is not None:
-            await self._stack.aclose()
-            self._stack = None
+        services, stack = self.services, self._stack
+        self._stack = None
+        if stack is not None:
+            database_up = services is None or services.database_health.up
+            try:
+                with within(SHUTDOWN_DATABASE_BUDGET_S if database_up else 1.0):
+                    await stack.aclose()
+            except Exception as exc:  # each stop ran; this one failed: say so, stop the rest
+                event(log, "gateway.stop_incomplete", logging.ERROR, error=repr(exc)[:300])
         self.services = None
         event(log, "gateway.stopped", worker=self.worker_id)
 
@@ -128,7 +140,7 @@ class Gateway:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         s.log_dir.mkdir(parents=True, exist_ok=True)
-        embedded, db = await self._start_database(stack)
+        embedded, db, database_health = await self._start_database(stack)
         writer = BatchWriter(db.jobs, s.database.batch_max_ops, self.metrics)
         stack.push_async_callback(writer.stop)
         writer.start()
@@ -228,7 +240,8 @@ class Gateway:
         return Services(
             settings=s, clock=self.clock, registry=self.registry, tokens=self.tokens,
             login_throttle=login_throttle, metrics=self.metrics, worker_id=self.worker_id,
-            database=db, queue=queue, counters=counters, users=users, api_keys=api_keys, audit=audit,
+            database=db, database_health=database_health, queue=queue, counters=counters, users=users,
+            api_keys=api_keys, audit=audit,
             rate_limiter=rate_limiter, engines=engines, dispatchers=dispatchers, usage=usage,
             missing=missing, switcher=switcher, scheduler=scheduler,
             chat=ChatService(self.registry, engines, queue, dispatchers, missing),
@@ -237,20 +250,37 @@ class Gateway:
 
     async def _start_database(
         self, stack: contextlib.AsyncExitStack
-    ) -> tuple[EmbeddedDatabase | None, Database]:
-        s = self.settings
-        uri, embedded = s.database.uri, None
+    ) -> tuple[EmbeddedDatabase | None, Database, DatabaseHealth]:
+        s, options = self.settings, self.settings.database
+        uri, embedded = options.uri, None
         if uri == "embedded":
-            options = s.database.embedded
             embedded = EmbeddedDatabase(
-                s.data_dir, options.command, options.startup_timeout, options.port, options.sync_on_commit
+                s.data_dir,
+                options.embedded.command,
+                options.embedded.startup_timeout,
+                options.embedded.port,
+                options.embedded.sync_on_commit,
             )
             stack.push_async_callback(embedded.stop)
             uri = await embedded.start()
-        db = await connect(uri, s.database.name, s.database.write_concern)
+        db = await connect(
+            uri,
+            options.name,
+            options.write_concern,
+            options.operation_timeout_seconds,
+            options.connect_timeout_seconds,
+        )
         stack.push_async_callback(db.close)
         await ensure_indexes(db)
-        return embedded, db
+        health = DatabaseHealth(
+            lambda: db.ping(options.connect_timeout_seconds),
+            self.clock,
+            options.health_check_seconds,
+            revive=embedded.revive if embedded is not None else None,
+        )
+        stack.push_async_callback(health.stop)
+        health.start()
+        return embedded, db, health
 
     def _dispatchers(
         self, queue: JobQueue, engines: EngineManager, retry: RetryPolicy, ocr: OcrRunner
@@ -301,7 +331,8 @@ class Gateway:
             whoever computes them, and each pass reads the shared jobs."""
             if not await rollup_lease.hold(3 * s.history.rollup_interval_seconds + 60):
                 return 0
-            return await usage.roll()
+            with within(MAINTENANCE_TIMEOUT_S):  # reads the history in bulk
+                return await usage.roll()
 
         async def release_rollup_lease() -> None:
             with contextlib.suppress(Exception):  # a lapsed lease does the same, a minute later
@@ -336,6 +367,11 @@ async def _prune(db: Database, pruner: HistoryPruner, clock: Clock) -> int:
     """What a TTL monitor would delete (embedded database): jobs in bounded batches, then the
     small history collections."""
     now = clock.now()
+    with within(MAINTENANCE_TIMEOUT_S):
+        return await _prune_all(db, pruner, now)
+
+
+async def _prune_all(db: Database, pruner: HistoryPruner, now: datetime) -> int:
     deleted = await pruner.prune()
     for collection in (
         db.crash_logs,

@@ -27,6 +27,7 @@ from app.queue.stats import OutcomeCounters
 from app.scheduler import Scheduler
 from app.settings import Settings
 from app.store.database import Database
+from app.store.health import DatabaseHealth
 from app.usecases.chat import ChatService
 from app.usecases.ocr import OcrService
 
@@ -41,6 +42,7 @@ class Services:
     metrics: Metrics
     worker_id: str
     database: Database
+    database_health: DatabaseHealth
     queue: JobQueue
     counters: OutcomeCounters
     users: UserService

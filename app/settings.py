@@ -77,6 +77,15 @@ class DatabaseSettings(_Strict):
     embedded: EmbeddedDatabaseSettings = EmbeddedDatabaseSettings()
     write_concern: Literal["auto", "journaled", "majority"] = "auto"
     batch_max_ops: int = Field(64, ge=1, le=1000)
+    operation_timeout_seconds: float = Field(
+        5.0, gt=0, le=300, description="the most one database operation on the request path may take"
+    )
+    connect_timeout_seconds: float = Field(
+        2.0, gt=0, le=60, description="how long an operation waits for an unreachable database"
+    )
+    health_check_seconds: float = Field(
+        1.0, gt=0, le=60, description="how often the gateway pings the database (and revives an embedded one)"
+    )
 
 
 class AuthSettings(_Strict):

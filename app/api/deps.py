@@ -46,7 +46,11 @@ async def principal(request: Request, svc: ServicesDep) -> Principal:
 
 
 async def authenticate(request: Request, svc: Services) -> Principal:
-    """Who the credentials name, without counting a request against a rate limit."""
+    """Who the credentials name, without counting a request against a rate limit.
+
+    Every caller is looked up in the database (the user or key may have been disabled), so a
+    request is refused here, at once, while the database is known to be down."""
+    svc.database_health.require()
     api_key = request.headers.get("x-api-key")
     header = request.headers.get("authorization")
     if api_key is not None:

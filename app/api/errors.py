@@ -124,7 +124,10 @@ def error_response(request: Request, exc: errors.GatewayError) -> JSONResponse:
     if job_id:
         extra["request_id"] = job_id
         headers["X-Request-ID"] = job_id
-    if isinstance(exc, errors.QueueFull | errors.LoginThrottled | errors.UpstreamUnavailable):
+    if isinstance(
+        exc,
+        errors.QueueFull | errors.LoginThrottled | errors.UpstreamUnavailable | errors.DatabaseUnavailable,
+    ):
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, errors.RateLimited):
         headers["Retry-After"] = str(exc.retry_after_s)
@@ -170,6 +173,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(PyMongoError)
     async def _database(request: Request, exc: PyMongoError) -> JSONResponse:
         event(log, "api.database_error", logging.ERROR, error=exc.__class__.__name__)
+        services = getattr(request.app.state.gateway, "services", None)
+        if services is not None:  # the next request is refused at once, not after a timeout
+            services.database_health.saw_failure(exc)
         return render(
             request,
             503,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Form, Request
+from fastapi import APIRouter, Body, Form, Request, Response
 from pydantic import BaseModel, ConfigDict
 
 from app.api.deps import ServicesDep
@@ -15,14 +15,20 @@ router = APIRouter()
 
 
 @router.get("/health")
-async def health(svc: ServicesDep) -> dict[str, Any]:
-    database_ok = await svc.database.ping()
-    return {
-        "status": "healthy" if database_ok else "unhealthy",
+async def health(svc: ServicesDep, response: Response) -> dict[str, Any]:
+    """503 while the database is down, so a load balancer sends traffic elsewhere; the verdict
+    is the health loop's (at most `database.health_check_seconds` old), so this never waits."""
+    state = svc.database_health
+    body: dict[str, Any] = {
+        "status": "healthy" if state.up else "unhealthy",
         "timestamp": svc.clock.now().isoformat(),
-        "database": "ok" if database_ok else "unreachable",
+        "database": "ok" if state.up else "unreachable",
         "engines": engines_summary(svc.engines, svc.clock.now()),
     }
+    if not state.up:
+        response.status_code = 503
+        body["database_error"] = {"reason": state.reason, "since": state.since.isoformat()}
+    return body
 
 
 def _token_answer(svc: ServicesDep, subject: str, role: str) -> dict[str, Any]:
@@ -44,6 +50,7 @@ async def token(
 ) -> dict[str, Any]:
     """Throttled per (username, client address) and per address after repeated failures (429):
     a flood of wrong passwords slows its own address, not the owner logging in from elsewhere."""
+    svc.database_health.require()
     address = request.client.host if request.client else "unknown"
     await svc.login_throttle.check(username, address)
     try:
@@ -63,6 +70,7 @@ class RefreshRequest(BaseModel):
 @router.post("/auth/refresh")
 async def refresh(svc: ServicesDep, body: Annotated[RefreshRequest, Body()]) -> dict[str, Any]:
     claimed = svc.tokens.verify(body.refresh_token, use="refresh")
+    svc.database_health.require()
     user = await svc.users.active_principal(claimed)
     if user.role != claimed.role:
         raise AuthenticationFailed("token is invalid")

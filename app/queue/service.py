@@ -317,7 +317,7 @@ class JobQueue:
         if not await self.admitted(doc["_id"]):
             return False
         now = self.clock.now()
-        if await self.store.succeed(doc, now, result):
+        if await self.store.succeed(doc, now, result, outlast_s=self.lease.total_seconds()):
             self._ended(doc, "succeeded")
             return True
         event(
@@ -329,7 +329,7 @@ class JobQueue:
         if not await self.admitted(doc["_id"]):
             return False
         now = self.clock.now()
-        if await self.store.fail(doc, now, error):
+        if await self.store.fail(doc, now, error, outlast_s=self.lease.total_seconds()):
             self._ended(doc, "failed")
             return True
         return False

@@ -171,10 +171,12 @@ class JobStore:
         result = await self._jobs.delete_many({"_id": {"$in": job_ids}, "expire_at": {"$exists": True}})
         return result.deleted_count
 
-    async def _change(self, doc: Doc, change: Change) -> bool:
+    async def _change(self, doc: Doc, change: Change, outlast_s: float = 0.0) -> bool:
         """Apply the change only if nobody changed the job since `doc` was read (same rev); the
-        in-memory job takes it too."""
-        rev = await self._writer.update(doc["_id"], {"rev": doc["rev"]}, change.update)
+        in-memory job takes it too. `outlast_s`: how long the write waits out a database outage
+        (the outcome of a job that ran here: its answer is not thrown away; if the job's lease
+        lapsed meanwhile and another instance took it, the rev no longer matches)."""
+        rev = await self._writer.update(doc["_id"], {"rev": doc["rev"]}, change.update, retry_for_s=outlast_s)
         if rev is None:
             return False
         change.apply(doc)
@@ -198,11 +200,11 @@ class JobStore:
             stored = {**fields, "result": {**kept, "output_redacted": True}}
         return transitions.finish(state, now, self._retention, fields, stored=stored, dropped=self._dropped)
 
-    async def succeed(self, doc: Doc, now: datetime, result: Doc) -> bool:
-        return await self._change(doc, self._finish(JobState.SUCCEEDED, now, {"result": result}))
+    async def succeed(self, doc: Doc, now: datetime, result: Doc, outlast_s: float = 0.0) -> bool:
+        return await self._change(doc, self._finish(JobState.SUCCEEDED, now, {"result": result}), outlast_s)
 
-    async def fail(self, doc: Doc, now: datetime, error: Doc) -> bool:
-        return await self._change(doc, self._finish(JobState.FAILED, now, {"error": error}))
+    async def fail(self, doc: Doc, now: datetime, error: Doc, outlast_s: float = 0.0) -> bool:
+        return await self._change(doc, self._finish(JobState.FAILED, now, {"error": error}), outlast_s)
 
     async def requeue(self, doc: Doc, not_before: datetime, error: Doc) -> bool:
         return await self._change(doc, transitions.requeue(doc, not_before, error))

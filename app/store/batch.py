@@ -17,7 +17,7 @@ from typing import Any
 
 from pymongo import InsertOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, ConnectionFailure
 
 from app.logs import event
 from app.metrics import Metrics
@@ -41,6 +41,11 @@ class _Op:
     future: asyncio.Future[str | None]
     doc_id: Any = None
     rev: str | None = None
+    retry_until: float | None = None  # loop time until which a lost connection is waited out
+
+
+# between two tries of a batch whose operations wait out a database outage
+RETRY_PAUSE_S = 0.5
 
 
 @dataclass
@@ -63,6 +68,7 @@ class BatchWriter:
         self._pending: list[_Op] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.stats = BatchStats()
 
     def start(self) -> None:
@@ -76,6 +82,7 @@ class BatchWriter:
             await asyncio.wait(futures)
 
     async def stop(self) -> None:
+        self._stopping = True  # what waits out an outage is given up: the lease recovers those jobs
         await self.drain()
         if self._task is not None:
             self._task.cancel()
@@ -86,8 +93,14 @@ class BatchWriter:
         """Insert durably; raises DuplicateKey when a unique index refuses it."""
         await self._submit(_Op(InsertOne(doc), self._new_future(), doc_id=doc["_id"], rev=doc.get("rev")))
 
-    async def update(self, doc_id: Any, conditions: Doc, update: Doc) -> str | None:
+    async def update(
+        self, doc_id: Any, conditions: Doc, update: Doc, *, retry_for_s: float = 0.0
+    ) -> str | None:
         """Apply `update` to the document if it still matches `conditions`.
+
+        `retry_for_s`: while the database cannot be reached, try again for that long instead of
+        failing (a job's outcome, which its engine already produced, waits out an outage this
+        way). A try that was applied but whose answer was lost is found by its rev, below.
 
         Returns the fresh `rev` the update stamped when it took effect, None when the document
         no longer matched. The rev is the document's version: callers make their next update
@@ -97,8 +110,13 @@ class BatchWriter:
         """
         rev = uuid.uuid4().hex
         stamped = {**update, "$set": {**update.get("$set", {}), "rev": rev}}
+        retry_until = asyncio.get_running_loop().time() + retry_for_s if retry_for_s > 0 else None
         op = _Op(
-            UpdateOne({"_id": doc_id, **conditions}, stamped), self._new_future(), doc_id=doc_id, rev=rev
+            UpdateOne({"_id": doc_id, **conditions}, stamped),
+            self._new_future(),
+            doc_id=doc_id,
+            rev=rev,
+            retry_until=retry_until,
         )
         return await self._submit(op)
 
@@ -121,7 +139,13 @@ class BatchWriter:
             if not self._pending:
                 self._wakeup.clear()
             if batch:
-                await self._write(batch)
+                try:
+                    await self._write(batch)
+                except Exception as exc:  # never leave a caller waiting on a writer that died
+                    event(log, "store.batch_unresolved", logging.ERROR, size=len(batch), error=repr(exc))
+                    for op in batch:
+                        if not op.future.done():
+                            op.future.set_exception(exc)
 
     async def _write(self, batch: list[_Op]) -> None:
         self.stats.batches += 1
@@ -145,9 +169,7 @@ class BatchWriter:
                     failed[index] = RuntimeError(f"write failed: {err.get('errmsg')}")
         except Exception as exc:
             event(log, "store.batch_failed", level=logging.WARNING, size=len(batch), error=repr(exc))
-            for op in batch:
-                if not op.future.done():
-                    op.future.set_exception(exc)
+            await self._retry_or_fail(batch, exc)
             return
         updates = [op for i, op in enumerate(batch) if isinstance(op.request, UpdateOne) and i not in failed]
         applied: set[Any] | None = None
@@ -162,6 +184,27 @@ class BatchWriter:
                 op.future.set_result(op.rev if applied is None or op.rev in applied else None)
             else:
                 op.future.set_result(op.rev)
+
+    async def _retry_or_fail(self, batch: list[_Op], exc: Exception) -> None:
+        """Operations that may wait out a lost connection go into the next batch after a pause;
+        the others fail now (an admission is answered 503 at once, never held)."""
+        now = asyncio.get_running_loop().time()
+        waiting = [
+            op
+            for op in batch
+            if isinstance(exc, ConnectionFailure)
+            and not self._stopping
+            and op.retry_until is not None
+            and now < op.retry_until
+            and not op.future.done()
+        ]
+        for op in batch:
+            if op not in waiting and not op.future.done():
+                op.future.set_exception(exc)
+        if waiting:
+            await asyncio.sleep(RETRY_PAUSE_S)
+            self._pending[:0] = waiting
+            self._wakeup.set()
 
     async def _applied(self, updates: list[_Op]) -> set[Any]:
         cursor = self._collection.find({"_id": {"$in": [op.doc_id for op in updates]}}, {"rev": 1})

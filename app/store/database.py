@@ -7,9 +7,12 @@ SecantusDB loses every recent write on kill -9 unless it is journaled (docs/ARCH
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import pymongo
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -38,20 +41,41 @@ class Database:
     autoswitch_decisions: AsyncCollection[Doc]
     leaders: AsyncCollection[Doc]  # leases: which instance runs a once-per-host loop
 
-    async def ping(self) -> bool:
-        try:
+    async def ping(self, timeout_s: float) -> None:
+        """Raises when the database does not answer within `timeout_s`."""
+        with pymongo.timeout(timeout_s):
             await self.db.command("ping")
-            return True
-        except Exception:
-            return False
 
     async def close(self) -> None:
         await self.client.close()
 
 
-async def connect(uri: str, name: str, write_concern: str) -> Database:
+# Upkeep that reads or deletes in bulk (rollups over the history, pruning, index builds at start)
+# gets this instead of the request path's operation timeout.
+MAINTENANCE_TIMEOUT_S = 120.0
+
+
+@contextmanager
+def within(seconds: float) -> Iterator[None]:
+    """Every database operation inside (in this task) shares one deadline `seconds` away,
+    instead of each having the per-operation timeout."""
+    with pymongo.timeout(seconds):
+        yield
+
+
+async def connect(
+    uri: str, name: str, write_concern: str, operation_timeout_s: float = 5.0, connect_timeout_s: float = 2.0
+) -> Database:
+    """Every operation is bounded (the driver's `timeoutMS`): a stalled database costs a request
+    at most `operation_timeout_s`, never a hang; a down one `connect_timeout_s` (server selection)
+    until the health loop (app/store/health.py) knows and refuses requests at once."""
     client: AsyncMongoClient[Doc] = AsyncMongoClient(
-        uri, tz_aware=True, serverSelectionTimeoutMS=5000, maxPoolSize=64
+        uri,
+        tz_aware=True,
+        maxPoolSize=64,
+        timeoutMS=int(operation_timeout_s * 1000),
+        serverSelectionTimeoutMS=int(connect_timeout_s * 1000),
+        connectTimeoutMS=int(connect_timeout_s * 1000),
     )
     hello = await client.admin.command("hello")
     replica_set = "setName" in hello
@@ -118,9 +142,12 @@ async def ensure_indexes(database: Database) -> None:
     dropped first: each costs work on every job write.
     """
     jobs = database.jobs
-    for name, spec in (await jobs.index_information()).items():
-        wanted = JOB_INDEXES.get(name)
-        if name != "_id_" and (wanted is None or list(spec["key"]) != wanted[0]):
-            await jobs.drop_index(name)
-    for name, (keys, options) in JOB_INDEXES.items():
-        await jobs.create_index(keys, name=name, **options)
+    with within(
+        MAINTENANCE_TIMEOUT_S
+    ):  # an index build over 15 days of history takes longer than one request
+        for name, spec in (await jobs.index_information()).items():
+            wanted = JOB_INDEXES.get(name)
+            if name != "_id_" and (wanted is None or list(spec["key"]) != wanted[0]):
+                await jobs.drop_index(name)
+        for name, (keys, options) in JOB_INDEXES.items():
+            await jobs.create_index(keys, name=name, **options)

@@ -57,17 +57,25 @@ class _Recorded:
 
 
 def terminate_group(pid: int, timeout_s: float) -> None:
-    """SIGTERM the process group, SIGKILL it if it does not exit in time."""
+    """SIGTERM the process group, SIGKILL it if it does not exit in time.
+
+    SIGCONT first, so a stopped (SIGSTOP) server can act on the SIGTERM; and SIGTERM once more
+    after a second, because SecantusDB ignores a SIGTERM that comes right after a SIGCONT (it
+    then exits 2 s after the second one instead of being killed at the deadline)."""
     try:
         pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        return
-    try:
+        os.killpg(pgid, signal.SIGCONT)
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
         return
     try:
-        psutil.Process(pid).wait(timeout=timeout_s)
+        process = psutil.Process(pid)
+        try:
+            process.wait(timeout=min(1.0, timeout_s))
+            return
+        except psutil.TimeoutExpired:
+            os.killpg(pgid, signal.SIGTERM)
+        process.wait(timeout=timeout_s)
     except psutil.TimeoutExpired:
         event(log, "process.kill", pid=pid, reason="did not exit after SIGTERM")
         try:
@@ -75,7 +83,7 @@ def terminate_group(pid: int, timeout_s: float) -> None:
             psutil.Process(pid).wait(timeout=timeout_s)
         except (ProcessLookupError, psutil.NoSuchProcess):
             pass
-    except psutil.NoSuchProcess:
+    except (ProcessLookupError, psutil.NoSuchProcess):
         pass
 
 
@@ -114,8 +122,17 @@ class EmbeddedDatabase:
         self._startup_timeout = startup_timeout
         self._port = port
         self._pid: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None  # the server this gateway started
+        self._recorded: _Recorded | None = None  # the one it took over from a killed gateway
+        self._next_restart_at = 0.0
+        self.restarts = 0
         self.uri = ""
         self.reused = False  # True when a server left behind by an earlier gateway was taken over
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid while this gateway owns one."""
+        return self._pid
 
     def _read_pid_file(self) -> _Recorded | None:
         try:
@@ -133,18 +150,62 @@ class EmbeddedDatabase:
             return False
 
     async def start(self) -> str:
-        self._storage.mkdir(parents=True, exist_ok=True)
-        self._log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._check_writable()
         left_behind = self._read_pid_file()
         if left_behind and self._alive(left_behind):
             uri = f"mongodb://127.0.0.1:{left_behind.port}/?directConnection=true"
             if await ping(uri):
                 event(log, "embedded_db.reused", pid=left_behind.pid, port=left_behind.port)
                 self._pid, self.uri, self.reused = left_behind.pid, uri, True
+                self._recorded = left_behind
                 return uri
             event(log, "embedded_db.replaced", pid=left_behind.pid, reason="left behind and not answering")
             await asyncio.to_thread(terminate_group, left_behind.pid, 10.0)
         port = self._port or free_port()
+        await self._spawn(port)
+        return self.uri
+
+    def _check_writable(self) -> None:
+        """A data directory the server cannot write is named at start, not found out at the
+        first job (SecantusDB's own message is a traceback in its log file)."""
+        for path in (self._storage, self._log_file.parent):
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                probe = path / ".write-probe"
+                probe.write_bytes(b"x")
+                probe.unlink()
+            except OSError as exc:
+                raise DatabaseUnavailable(
+                    f"the embedded database cannot write to {path}: {exc.strerror or exc}; "
+                    "give the gateway's user write access there, or set data_dir"
+                ) from None
+
+    async def revive(self) -> None:
+        """Restart the server if it exited (killed, crashed) while the gateway runs: same port,
+        so the driver's connections come back by themselves, and same storage, so every
+        journaled write is there. A stalled (SIGSTOP) server is alive and left alone."""
+        if self._pid is None or self.exit_code() is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if now < self._next_restart_at:
+            return
+        code = self.exit_code()
+        self.restarts += 1
+        self._next_restart_at = now + min(30.0, 2.0 ** min(self.restarts, 5))
+        event(log, "embedded_db.exited", logging.ERROR, pid=self._pid, code=code, restarts=self.restarts)
+        await self._spawn(int(self.uri.rsplit(":", 1)[1].split("/", 1)[0]))
+
+    def exit_code(self) -> int | str | None:
+        """The exit code of a server that is gone (`gone` for one this gateway did not start),
+        None while it runs."""
+        if self._proc is not None:
+            return self._proc.poll()
+        if self._recorded is not None and not self._alive(self._recorded):
+            return "gone"
+        return None
+
+    async def _spawn(self, port: int) -> None:
+        self._check_writable()
         # Our own config file (an explicit --config also stops it from picking up a stray
         # ./secantusd.toml): TTL sweeper off, the gateway prunes history itself; fsync on
         # commit only when asked (journaled writes already survive a kill -9 of the server).
@@ -174,7 +235,7 @@ class EmbeddedDatabase:
                 start_new_session=True,
                 env=child_environment(),
             )
-        self._pid = proc.pid
+        self._proc, self._pid, self._recorded = proc, proc.pid, None
         self._pid_file.write_text(
             json.dumps({"pid": proc.pid, "port": port, "create_time": psutil.Process(proc.pid).create_time()})
         )
@@ -188,7 +249,7 @@ class EmbeddedDatabase:
                 )
             if await ping(self.uri, timeout_s=0.5):
                 event(log, "embedded_db.started", pid=proc.pid, port=port, storage=self._storage)
-                return self.uri
+                return
             await asyncio.sleep(0.1)
         await asyncio.to_thread(terminate_group, proc.pid, 5.0)
         raise DatabaseUnavailable(f"embedded database did not answer within {self._startup_timeout} s")
@@ -197,6 +258,8 @@ class EmbeddedDatabase:
         if self._pid is None:
             return
         await asyncio.to_thread(terminate_group, self._pid, 15.0)
+        if self._proc is not None:
+            self._proc.poll()  # reap it
         event(log, "embedded_db.stopped", pid=self._pid)
-        self._pid = None
+        self._pid = self._proc = self._recorded = None
         self._pid_file.unlink(missing_ok=True)
