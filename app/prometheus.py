@@ -22,7 +22,6 @@ Only the composition root (app/gateway.py) and the /metrics route import this mo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import platform
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from app.engines.gpus import GpuInfo
 from app.engines.lifecycle import EngineState
 from app.metrics import OUTCOMES, Metrics
 from app.queue.priority import Priority
+from app.tasks import cancel_and_wait
 
 # The classic text format generate_latest writes (prometheus-client >= 0.22 calls 1.0.0 "latest",
 # which Prometheus 2.x servers do not know; every server reads this one).
@@ -322,11 +322,8 @@ class LoopLagMonitor:
             self._task = asyncio.create_task(self._run(), name="event-loop-lag")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

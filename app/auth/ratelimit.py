@@ -26,6 +26,7 @@ from app.errors import RateLimited
 from app.logs import event
 from app.metrics import Metrics
 from app.store.ttl import ensure_ttl_index
+from app.tasks import cancel_and_wait
 
 Doc = dict[str, Any]
 log = logging.getLogger("gateway.ratelimit")
@@ -105,10 +106,8 @@ class RateLimiter:
         self._task = asyncio.create_task(self._run(), name="ratelimit-sync")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         with contextlib.suppress(Exception):
             await self.sync()  # drain: what this instance counted reaches the shared counter
 

@@ -23,6 +23,7 @@ from app.queue.jobs import Doc
 from app.queue.retry import RetryPolicy
 from app.queue.service import DirectStart, JobQueue
 from app.settings import ModelSettings
+from app.tasks import cancel_and_wait
 
 log = logging.getLogger("gateway.dispatch")
 
@@ -99,11 +100,7 @@ class ModelDispatcher:
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in [*self._running.values(), *([self._loop_task] if self._loop_task else [])]:
-            task.cancel()
-        await asyncio.gather(*self._running.values(), return_exceptions=True)
-        if self._loop_task is not None:
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        await cancel_and_wait(*self._running.values(), self._loop_task)
         self._loop_task = None
 
     def cancel(self, job_id: str, reason: str) -> bool:

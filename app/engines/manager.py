@@ -50,6 +50,7 @@ from app.metrics import Metrics
 from app.proxy.client import EngineClient
 from app.settings import EngineDefaults, ModelSettings
 from app.store.embedded import free_port
+from app.tasks import cancel_and_wait
 
 log = logging.getLogger("gateway.engines")
 Doc = dict[str, Any]
@@ -303,9 +304,7 @@ class EngineManager:
             # before the load is cancelled: a start waiting on that load then sees the stop,
             # not a load that ended while the model still looked `starting`
             engine.move(EngineState.STOPPING, reason)
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task)
         if engine.state == EngineState.FAILED:  # a failed start that still holds a process
             engine.move(EngineState.STOPPED, reason)
             await self._teardown.kill(engine)
@@ -347,9 +346,7 @@ class EngineManager:
     async def stop_all(self) -> None:
         await self.upstreams.stop()
         await self._watch.stop()
-        for task in self._tasks.values():
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await cancel_and_wait(*self._tasks.values())
         self._tasks.clear()
         await asyncio.gather(
             *(self._teardown.kill(e) for e in self.engines.values() if e.process is not None),

@@ -30,6 +30,7 @@ from app.errors import ConfigError, UpstreamUnavailable
 from app.logs import event
 from app.proxy.client import EngineClient
 from app.settings import EngineDefaults, ModelSettings
+from app.tasks import cancel_and_wait
 
 log = logging.getLogger("gateway.upstreams")
 
@@ -89,10 +90,8 @@ class UpstreamWatch:
             self._task = asyncio.create_task(self._run(), name="upstream-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def serving(self, name: str) -> bool:
         """Jobs may be sent to it now."""

@@ -19,6 +19,7 @@ from app.engines.lifecycle import EngineRecord, EngineState
 from app.logs import event
 from app.proxy.client import EngineClient
 from app.settings import EngineDefaults
+from app.tasks import cancel_and_wait
 
 log = logging.getLogger("gateway.engines")
 
@@ -51,10 +52,8 @@ class EngineWatch:
         self._task = asyncio.create_task(self._run(), name="engine-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

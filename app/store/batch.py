@@ -21,6 +21,7 @@ from pymongo.errors import BulkWriteError, ConnectionFailure
 
 from app.logs import event
 from app.metrics import Metrics
+from app.tasks import cancel_and_wait
 
 log = logging.getLogger("gateway.store")
 Doc = dict[str, Any]
@@ -84,10 +85,8 @@ class BatchWriter:
     async def stop(self) -> None:
         self._stopping = True  # what waits out an outage is given up: the lease recovers those jobs
         await self.drain()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def insert(self, doc: Doc) -> None:
         """Insert durably; raises DuplicateKey when a unique index refuses it."""

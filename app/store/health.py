@@ -20,6 +20,7 @@ from pymongo.errors import ConnectionFailure
 from app.clock import Clock
 from app.errors import DatabaseUnavailable
 from app.logs import event
+from app.tasks import cancel_and_wait
 
 log = logging.getLogger("gateway.database")
 
@@ -86,10 +87,8 @@ class DatabaseHealth:
             await asyncio.sleep(self._interval_s)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 def _describe(exc: Exception) -> str:
