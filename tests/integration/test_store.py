@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -85,6 +86,28 @@ async def test_claim_is_in_priority_order_and_fifo(writer: BatchWriter, database
     assert all(j.attempts == 1 and j.worker == "w1" for j in won)
     again, _ = await queue.claim("m", 10)
     assert again == []  # nothing claimed twice
+
+
+async def test_the_job_in_memory_is_the_job_in_the_database_after_each_transition(
+    writer: BatchWriter, database: Database
+) -> None:
+    clock = ManualClock()
+    store = JobStore(database.jobs, writer, timedelta(days=15))
+    queue = JobQueue(store, clock, "w1", {"m": 20}, 30, 1)
+    admitted = await queue.admit(_submission(), None)
+    assert await database.jobs.find_one({"_id": admitted.id}) == admitted.to_document()
+    (job,), _ = await queue.claim("m", 1)
+    assert await store.get(job.id) == job
+    assert await queue.retry_later(job, {"type": "engine_error", "message": "boom"}, 2.0)
+    assert await store.get(job.id) == job
+    clock.advance(3)
+    (job,), _ = await queue.claim("m", 1)
+    assert await queue.succeed(job, {"message": {"role": "assistant", "content": "hi"}})
+    # on purpose: the job in memory keeps its slot (this instance frees its hint from it) and its
+    # lease and backoff; only the database's copy takes the history retention
+    expire_at = clock.now() + timedelta(days=15)
+    kept = replace(job, slot=None, lease_until=None, not_before=None, expire_at=expire_at)
+    assert await store.get(job.id) == kept
 
 
 async def test_sweeper_requeues_expired_lease_and_fails_when_retries_are_spent(
