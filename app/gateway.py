@@ -39,7 +39,7 @@ from app.ocr.runner import OcrRunner
 from app.prometheus import LoopLagMonitor, build_metrics
 from app.proxy.client import EngineClient
 from app.queue.history import HistoryPruner
-from app.queue.jobs import Doc
+from app.queue.job import Job
 from app.queue.retry import RetryPolicy
 from app.queue.service import JobQueue
 from app.queue.stats import OutcomeCounters
@@ -208,12 +208,12 @@ class Gateway:
         await pages.ensure_indexes()
         dispatchers = self._dispatchers(queue, engines, retry, OcrRunner(pages, self.engine_client, retry))
 
-        def abandon(doc: Doc) -> None:
+        def abandon(job: Job) -> None:
             """A job taken from this instance: stop its engine call and answer its waiter here."""
-            dispatcher = dispatchers.get(str(doc["model"]))
+            dispatcher = dispatchers.get(job.model)
             if dispatcher is not None:
-                dispatcher.abandon(doc["_id"])
-            queue.ended_elsewhere(doc)
+                dispatcher.abandon(job.id)
+            queue.ended_elsewhere(job)
 
         sweeper = Sweeper(
             queue, retry, lambda: [j for d in dispatchers.values() for j in d.running_ids()], abandon

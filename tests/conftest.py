@@ -22,7 +22,7 @@ from app.clock import Clock, SystemClock
 from app.errors import InvalidRequest
 from app.gateway import Gateway
 from app.main import create_app
-from app.queue.jobs import JobState
+from app.queue.job import JobState
 from app.services import Services
 from app.settings import Settings
 from app.settings_loader import parse_settings

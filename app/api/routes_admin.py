@@ -12,7 +12,7 @@ from app.api.deps import AdminDep, ServicesDep
 from app.api.engine_views import gpus_view
 from app.engines.lifecycle import EngineRecord, EngineState
 from app.engines.process import log_tail, tree_rss_bytes
-from app.queue.jobs import JobState
+from app.queue.job import JobState
 from app.services import Services
 
 router = APIRouter(prefix="/admin")
@@ -181,16 +181,14 @@ async def queue_stats(model: str, svc: ServicesDep, _: AdminDep) -> dict[str, An
     name = svc.registry.resolve(model)
     cfg = svc.registry.models[name]
     active = await svc.queue.store.active(name)
-    processing = sum(1 for d in active if d["state"] == JobState.RUNNING.value)
-    waiting_docs = [d for d in active if d["state"] == JobState.QUEUED.value]
-    by_priority = {
-        p: sum(1 for d in waiting_docs if d.get("priority") == p) for p in ("high", "normal", "low")
-    }
+    processing = sum(1 for j in active if j.state == JobState.RUNNING)
+    waiting = [j for j in active if j.state == JobState.QUEUED]
+    by_priority = {p: sum(1 for j in waiting if j.priority == p) for p in ("high", "normal", "low")}
     totals = await svc.counters.totals(name)
     return {
         "model": name,
         "processing": processing,
-        "waiting": len(waiting_docs),
+        "waiting": len(waiting),
         "waiting_by_priority": by_priority,
         "max_concurrent": cfg.max_concurrent,
         "max_waiting": cfg.max_waiting,

@@ -12,7 +12,8 @@ from app.api.routes_ocr import OCR_FORM_SCHEMA, read_ocr_request
 from app.api.schemas import ChatRequest, JobRequest, inline_schema, parse_json_body
 from app.api.views import chat_answer, job_view
 from app.errors import InvalidRequest, JobNotFound
-from app.queue.jobs import JobState, ListingCursor
+from app.queue.job import JobState
+from app.queue.jobs import ListingCursor
 from app.queue.priority import Priority
 
 router = APIRouter()
@@ -32,8 +33,8 @@ async def chat(
             "stream is not supported on /api/chat; use POST /v1/chat/completions", param="stream"
         )
     priority = Priority.parse(x_priority)
-    doc = await svc.chat.complete(user, body.engine_request(), client, priority, key)
-    return chat_answer(doc)
+    job = await svc.chat.complete(user, body.engine_request(), client, priority, key)
+    return chat_answer(job)
 
 
 _JOB_REQUEST_BODY = {
@@ -64,13 +65,13 @@ async def submit_job(
     priority = Priority.parse(x_priority)
     if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         ask = await read_ocr_request(request, svc.settings.ocr.max_upload_bytes, x_resolution)
-        doc = await svc.ocr.submit(user, ask, client, priority, key, wait=False)
+        job = await svc.ocr.submit(user, ask, client, priority, key, wait=False)
     else:
         body = parse_json_body(JobRequest, await request.body())
-        doc = await svc.chat.submit(user, body.engine_request(), client, priority, key)
-    location = f"/api/jobs/{doc['_id']}"
+        job = await svc.chat.submit(user, body.engine_request(), client, priority, key)
+    location = f"/api/jobs/{job.id}"
     response.headers["Location"] = location
-    return {**job_view(doc), "location": location, "position": await svc.chat.position(doc)}
+    return {**job_view(job), "location": location, "position": await svc.chat.position(job)}
 
 
 @router.get("/api/jobs")
@@ -93,12 +94,12 @@ async def list_jobs(
         raise InvalidRequest("send either cursor or before, not both", param="cursor")
     after = ListingCursor.decode(cursor) if cursor is not None else None
     wanted = JobState.parse(state) if state else None
-    docs = await svc.chat.jobs(user, state=wanted, model=model, before=before, limit=limit + 1, after=after)
-    page = docs[:limit]
-    more = len(docs) > limit
+    jobs = await svc.chat.jobs(user, state=wanted, model=model, before=before, limit=limit + 1, after=after)
+    page = jobs[:limit]
+    more = len(jobs) > limit
     return {
         "object": "list",
-        "data": [job_view(doc) for doc in page],
+        "data": [job_view(job) for job in page],
         "has_more": more,
         "next": ListingCursor.after(page[-1]).encode() if more else None,
     }
@@ -106,10 +107,10 @@ async def list_jobs(
 
 @router.get("/api/jobs/{job_id}")
 async def get_job(job_id: str, svc: ServicesDep, user: PrincipalDep) -> dict[str, Any]:
-    doc = await svc.chat.job(user, job_id[:64])
-    if doc is None:
+    job = await svc.chat.job(user, job_id[:64])
+    if job is None:
         raise JobNotFound(job_id[:64])
-    return {**job_view(doc), "position": await svc.chat.position(doc)}
+    return {**job_view(job), "position": await svc.chat.position(job)}
 
 
 @router.delete("/api/jobs/{job_id}")

@@ -214,8 +214,8 @@ async def ocr(
 ) -> dict[str, Any]:
     """The whole document is one job in the model's queue; the answer has every page."""
     ask = await read_ocr_request(request, svc.settings.ocr.max_upload_bytes, x_resolution)
-    doc = await svc.ocr.submit(user, ask, client, Priority.parse(x_priority), key, wait=True)
-    return ocr_answer(doc)
+    job = await svc.ocr.submit(user, ask, client, Priority.parse(x_priority), key, wait=True)
+    return ocr_answer(job)
 
 
 # -- admin: default resolution ---------------------------------------------------------------

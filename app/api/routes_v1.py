@@ -25,7 +25,7 @@ from app.api.deps import PrincipalDep, ServicesDep, idempotency_key, optional_cl
 from app.api.schemas import ChatRequest
 from app.api.views import chat_answer, raise_unless_succeeded
 from app.queue.delivery import StreamEvent
-from app.queue.jobs import JobState
+from app.queue.job import Job, JobState
 from app.queue.priority import Priority
 
 router = APIRouter(prefix="/v1")
@@ -85,13 +85,13 @@ async def chat_completions(
     client = x_client_id or body.user or _DEFAULT_CLIENT
     if body.stream:
         return await _stream(svc, user, body, client, priority, key)
-    doc = await svc.chat.complete(user, body.engine_request(), client, priority, key)
-    answer = chat_answer(doc)
-    result = doc.get("result") or {}
+    job = await svc.chat.complete(user, body.engine_request(), client, priority, key)
+    answer = chat_answer(job)
+    result = job.result or {}
     completion = {
-        "id": _completion_id(doc),
+        "id": _completion_id(job),
         "object": "chat.completion",
-        "created": int(doc["enqueued_at"].timestamp()),
+        "created": int(job.enqueued_at.timestamp()),
         "model": body.model,
         "choices": [
             {
@@ -115,26 +115,26 @@ async def _stream(
     priority: Priority,
     key: str | None,
 ) -> StreamingResponse:
-    doc, sink = await svc.chat.start_stream(user, body.engine_stream_request(), client, priority, key)
+    job, sink = await svc.chat.start_stream(user, body.engine_stream_request(), client, priority, key)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if sink is None:
-        if JobState(doc["state"]).terminal:
-            raise_unless_succeeded(doc)  # the key's job failed: its status, as without `stream`
-        events = _replayed(svc, doc, body.model, include_usage)
+        if job.state.terminal:
+            raise_unless_succeeded(job)  # the key's job failed: its status, as without `stream`
+        events = _replayed(svc, job, body.model, include_usage)
     else:
-        first = await _first_event(svc, doc, sink, cancel_on_close=key is None)
+        first = await _first_event(svc, job, sink, cancel_on_close=key is None)
         if first is not None and first.kind == "error":
-            raise_unless_succeeded(first[1])  # no byte went out yet: the failure keeps its status
-        events = _relayed(svc, doc, sink, first, body.model, include_usage, cancel_on_close=key is None)
+            raise_unless_succeeded(first.data)  # no byte went out yet: the failure keeps its status
+        events = _relayed(svc, job, sink, first, body.model, include_usage, cancel_on_close=key is None)
     return StreamingResponse(
         events,
         media_type="text/event-stream",
-        headers={"X-Request-ID": doc["_id"], "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"X-Request-ID": job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
 async def _first_event(
-    svc: ServicesDep, doc: dict[str, Any], sink: asyncio.Queue[StreamEvent], *, cancel_on_close: bool
+    svc: ServicesDep, job: Job, sink: asyncio.Queue[StreamEvent], *, cancel_on_close: bool
 ) -> StreamEvent | None:
     """The stream's first event, if it comes within one keep-alive interval.
 
@@ -148,16 +148,16 @@ async def _first_event(
     except TimeoutError:
         return None
     except BaseException:  # the client went away before its stream began
-        await _stream_closed(svc, doc, cancel=cancel_on_close)
+        await _stream_closed(svc, job, cancel=cancel_on_close)
         raise
     if event.kind == "error":
-        svc.queue.delivery.close_sink(doc["_id"])
+        svc.queue.delivery.close_sink(job.id)
     return event
 
 
 async def _relayed(
     svc: ServicesDep,
-    doc: dict[str, Any],
+    job: Job,
     sink: asyncio.Queue[StreamEvent],
     first: StreamEvent | None,
     model: str,
@@ -168,7 +168,7 @@ async def _relayed(
     """The engine's chunks as they come. A client that goes away cancels the job and frees its
     slot at once, unless it sent an Idempotency-Key: then the job runs to its end so that the
     key's repeat gets the whole answer."""
-    completion_id = _completion_id(doc)  # the job's, as in a replay and a non-streamed answer
+    completion_id = _completion_id(job)  # the job's, as in a replay and a non-streamed answer
     finished = False
     pending = first
     try:
@@ -191,54 +191,48 @@ async def _relayed(
                 yield _event({**data, "id": completion_id, "model": model})
                 continue
             finished = True
-            yield _DONE if kind == "done" else _error_event(data)
+            yield _DONE if kind == "done" else _failed_event(data)
             return
     finally:
-        await _stream_closed(svc, doc, cancel=cancel_on_close and not finished)
+        await _stream_closed(svc, job, cancel=cancel_on_close and not finished)
 
 
-async def _stream_closed(svc: ServicesDep, doc: dict[str, Any], *, cancel: bool) -> None:
+async def _stream_closed(svc: ServicesDep, job: Job, *, cancel: bool) -> None:
     """No one reads the job's events any more; with `cancel` (the client went away before the
     end, without an Idempotency-Key) the job is cancelled and its slot freed at once, even while
     the handler itself is being cancelled."""
-    svc.queue.delivery.close_sink(doc["_id"])
+    svc.queue.delivery.close_sink(job.id)
     if cancel:
         with anyio.CancelScope(shield=True):
-            await svc.chat.cancel(doc, "the client closed the connection")
+            await svc.chat.cancel(job, "the client closed the connection")
 
 
-async def _replayed(
-    svc: ServicesDep, doc: dict[str, Any], model: str, include_usage: bool
-) -> AsyncIterator[bytes]:
+async def _replayed(svc: ServicesDep, job: Job, model: str, include_usage: bool) -> AsyncIterator[bytes]:
     """A repeated Idempotency-Key: the job's stored answer as a stream, once the job has ended
     (keep-alive comments until then), or the error it ended with."""
-    outcome = asyncio.ensure_future(svc.chat.outcome(doc))
+    outcome = asyncio.ensure_future(svc.chat.outcome(job))
     try:
         while not (await asyncio.wait({outcome}, timeout=svc.settings.server.stream_keepalive_seconds))[0]:
             yield _KEEPALIVE
         final = outcome.result()
     finally:
         outcome.cancel()
-    result = final.get("result") or {}
-    if final["state"] != JobState.SUCCEEDED.value:
-        yield _error_event(final)
+    result = final.result or {}
+    if final.state != JobState.SUCCEEDED:
+        yield _failed_event(final)
         return
     if result.get("output_redacted"):
-        yield _error_event(
-            {
-                "state": "output_redacted",
-                "error": {
-                    "type": "invalid_request_error",
-                    "message": f"job {final['_id']} succeeded but its answer was not stored "
-                    "(history.store_outputs is off); send a new Idempotency-Key",
-                },
-            }
-        )
+        redacted = {
+            "type": "invalid_request_error",
+            "message": f"job {final.id} succeeded but its answer was not stored "
+            "(history.store_outputs is off); send a new Idempotency-Key",
+        }
+        yield _error_event(redacted, "output_redacted")
         return
     base = {
         "id": _completion_id(final),
         "object": "chat.completion.chunk",
-        "created": int(final["enqueued_at"].timestamp()),
+        "created": int(final.enqueued_at.timestamp()),
         "model": model,
         "system_fingerprint": result.get("system_fingerprint"),
     }
@@ -257,8 +251,8 @@ _KEEPALIVE = b": keep-alive\n\n"
 _DONE = b"data: [DONE]\n\n"
 
 
-def _completion_id(doc: dict[str, Any]) -> str:
-    return "chatcmpl-" + str(doc["_id"]).removeprefix("job_")
+def _completion_id(job: Job) -> str:
+    return "chatcmpl-" + job.id.removeprefix("job_")
 
 
 def _choice(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
@@ -269,13 +263,17 @@ def _event(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data).encode() + b"\n\n"
 
 
-def _error_event(doc: dict[str, Any]) -> bytes:
-    """How a stream reports a failure once its 200 has gone out: OpenAI's error envelope."""
-    error = doc.get("error") or {}
+def _failed_event(job: Job) -> bytes:
+    """A job that ended without an answer, as a stream reports it once its 200 has gone out."""
+    return _error_event(job.error or {}, job.state.value)
+
+
+def _error_event(error: dict[str, Any], code: str) -> bytes:
+    """OpenAI's error envelope, as an event."""
     envelope = {
         "message": error.get("message", "the job failed"),
         "type": error.get("type", "server_error"),
         "param": None,
-        "code": doc.get("state"),
+        "code": code,
     }
     return _event({"error": envelope})

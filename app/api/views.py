@@ -1,4 +1,4 @@
-"""How job documents are shown to clients (one place, so /api/chat and /api/jobs agree)."""
+"""How jobs are shown to clients (one place, so /api/chat and /api/jobs agree)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from datetime import datetime
 from typing import Any
 
 from app import errors
-from app.queue.jobs import Doc, JobState, timings
+from app.queue.job import Job, JobState
+from app.queue.jobs import timings
 
 # The system we re-implement reports `completed`/`queued`/`processing`; clients grep for them.
 COMPAT_STATUS = {
@@ -23,62 +24,61 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def job_view(doc: Doc) -> dict[str, Any]:
-    state = JobState(doc["state"])
+def job_view(job: Job) -> dict[str, Any]:
     view: dict[str, Any] = {
-        "id": doc["_id"],
-        "request_id": doc["_id"],
-        "model": doc["model"],
-        "state": state.value,
-        "status": COMPAT_STATUS[state],
-        "priority": doc.get("priority"),
-        "client_id": doc.get("client_id"),
-        "attempts": doc.get("attempts", 0),
-        "created_at": _iso(doc.get("enqueued_at")),
-        "started_at": _iso(doc.get("started_at")),
-        "finished_at": _iso(doc.get("finished_at")),
-        "timings": timings(doc),
+        "id": job.id,
+        "request_id": job.id,
+        "model": job.model,
+        "state": job.state.value,
+        "status": COMPAT_STATUS[job.state],
+        "priority": job.priority.value,
+        "client_id": job.client_id,
+        "attempts": job.attempts,
+        "created_at": _iso(job.enqueued_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "timings": timings(job),
     }
-    if "result" in doc:
-        view["result"] = doc["result"]
-    if "error" in doc:
-        view["error"] = doc["error"]
-    elif "last_error" in doc:
-        view["last_error"] = doc["last_error"]
+    if job.result is not None:
+        view["result"] = job.result
+    if job.error is not None:
+        view["error"] = job.error
+    elif job.last_error is not None:
+        view["last_error"] = job.last_error
     return view
 
 
-def chat_answer(doc: Doc) -> dict[str, Any]:
+def chat_answer(job: Job) -> dict[str, Any]:
     """The body of a successful /api/chat, or raises the error the job ended with."""
-    raise_unless_succeeded(doc)
-    job_id = doc["_id"]
-    result = doc.get("result") or {}
+    raise_unless_succeeded(job)
+    job_id = job.id
+    result = job.result or {}
     reply: dict[str, Any] = result.get("message") or {"role": "assistant", "content": None}
     return {
         "id": job_id,
         "request_id": job_id,
         "status": "completed",
-        "model": doc["model"],
+        "model": job.model,
         "message": reply,
         "response": reply.get("content"),
         "finish_reason": result.get("finish_reason"),
         "output_redacted": bool(result.get("output_redacted")),
         "usage": result.get("usage") or {},
-        "attempts": doc.get("attempts", 1),
-        "priority": doc.get("priority"),
-        "timings": timings(doc),
+        "attempts": job.attempts,
+        "priority": job.priority.value,
+        "timings": timings(job),
     }
 
 
-def ocr_answer(doc: Doc) -> dict[str, Any]:
+def ocr_answer(job: Job) -> dict[str, Any]:
     """The body of a successful /api/ocr (`response` and `resolution` for older clients)."""
-    raise_unless_succeeded(doc)
-    result = doc.get("result") or {}
+    raise_unless_succeeded(job)
+    result = job.result or {}
     return {
-        "id": doc["_id"],
-        "request_id": doc["_id"],
+        "id": job.id,
+        "request_id": job.id,
         "status": "completed",
-        "model": doc["model"],
+        "model": job.model,
         "mode": result.get("mode"),
         "resolution": result.get("mode"),
         "output": result.get("output"),
@@ -88,17 +88,17 @@ def ocr_answer(doc: Doc) -> dict[str, Any]:
         "truncated": bool(result.get("truncated")),
         "output_redacted": bool(result.get("output_redacted")),
         "usage": result.get("usage") or {},
-        "attempts": doc.get("attempts", 1),
-        "priority": doc.get("priority"),
-        "timings": timings(doc),
+        "attempts": job.attempts,
+        "priority": job.priority.value,
+        "timings": timings(job),
     }
 
 
-def raise_unless_succeeded(doc: Doc) -> None:
+def raise_unless_succeeded(job: Job) -> None:
     """Turn a job that did not succeed into the error it ended with."""
-    state = JobState(doc["state"])
-    job_id = doc["_id"]
-    error = doc.get("error") or {}
+    state = job.state
+    job_id = job.id
+    error = job.error or {}
     if state == JobState.EXPIRED:
         raise errors.JobTimedOut(f"job {job_id} waited in the queue longer than the model's timeout", job_id)
     if state == JobState.CANCELLED:
@@ -108,7 +108,7 @@ def raise_unless_succeeded(doc: Doc) -> None:
         if error.get("type") == "timeout":
             raise errors.JobTimedOut(f"job {job_id}: {message}", job_id)
         status = error.get("engine_status")
-        attempts = doc.get("attempts", 0)
+        attempts = job.attempts
         prefix = (
             "engine rejected the request"
             if status and 400 <= status < 500

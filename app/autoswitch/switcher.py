@@ -36,7 +36,7 @@ from app.errors import GatewayError
 from app.history.missing import MissingModels
 from app.history.usage import UsageRollup
 from app.logs import event
-from app.queue.jobs import JobState
+from app.queue.job import JobState
 from app.queue.store import JobStore
 from app.settings import AutoSwitchSettings
 from app.store.lease import Lease

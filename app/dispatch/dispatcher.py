@@ -19,7 +19,7 @@ from app.metrics import Metrics
 from app.ocr.runner import OcrRunner
 from app.proxy.client import EngineClient, EngineTimeout
 from app.queue.delivery import StreamEvent
-from app.queue.jobs import Doc
+from app.queue.job import Doc, Job
 from app.queue.retry import RetryPolicy
 from app.queue.service import DirectStart, JobQueue
 from app.settings import ModelSettings
@@ -62,7 +62,7 @@ class ModelDispatcher:
         self._engine_done: set[str] = set()  # running jobs that gave their engine place back
         self._backlog = True  # until a claim finds nothing, assume jobs may be waiting
         # queued jobs read while every engine place was taken: the backlog count they saw, when
-        self._ahead: tuple[int, float, list[Doc]] | None = None
+        self._ahead: tuple[int, float, list[Job]] | None = None
         self._backlog_seen = 0  # jobs queued here since start (note_backlog calls)
         self._wakeup = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -150,8 +150,8 @@ class ModelDispatcher:
         self.in_flight -= 1
         self._wakeup.set()
 
-    def _launch(self, doc: Doc) -> None:
-        self._running[doc["_id"]] = asyncio.create_task(self._execute(doc), name=f"job:{doc['_id']}")
+    def _launch(self, job: Job) -> None:
+        self._running[job.id] = asyncio.create_task(self._execute(job), name=f"job:{job.id}")
 
     # -- loop --------------------------------------------------------------------------------
 
@@ -180,9 +180,9 @@ class ModelDispatcher:
             if len(won) < free and backoff_wait is None:
                 self._backlog = False
             next_wait = backoff_wait
-            for doc in won:
+            for job in won:
                 self.in_flight += 1
-                self._launch(doc)
+                self._launch(job)
 
     async def _read_ahead(self) -> None:
         """Every engine place is taken and jobs wait: read the next ones now, so that the place
@@ -203,7 +203,7 @@ class ModelDispatcher:
             return
         self._ahead = (seen, now, jobs)
 
-    def _take_ahead(self) -> list[Doc] | None:
+    def _take_ahead(self) -> list[Job] | None:
         """The read-ahead, if nothing was queued here since and it is not older than two polls."""
         ahead, self._ahead = self._ahead, None
         if ahead is None or ahead[0] != self._backlog_seen:
@@ -212,10 +212,10 @@ class ModelDispatcher:
             return None
         return ahead[2]
 
-    async def _execute(self, doc: Doc) -> None:
-        job_id = doc["_id"]
+    async def _execute(self, job: Job) -> None:
+        job_id = job.id
         try:
-            await self._attempt(doc)
+            await self._attempt(job)
         except asyncio.CancelledError:
             if job_id not in self._cancelled:
                 raise  # shutdown: the lease lapses and another attempt recovers the job
@@ -242,34 +242,34 @@ class ModelDispatcher:
         self.in_flight -= 1
         self._wakeup.set()
 
-    async def _attempt(self, doc: Doc) -> None:
-        if doc.get("kind") == "ocr":
-            if await self._queue.admitted(doc["_id"]):  # pages are written as they are read
-                await self._attempt_ocr(doc)
+    async def _attempt(self, job: Job) -> None:
+        if job.kind == "ocr":
+            if await self._queue.admitted(job.id):  # pages are written as they are read
+                await self._attempt_ocr(job)
             return
         url = self._engine_url()
         if url is None:
-            await self._failed(doc, EngineCallError(f"engine for {self.name!r} is not ready", retryable=True))
+            await self._failed(job, EngineCallError(f"engine for {self.name!r} is not ready", retryable=True))
             return
-        payload = {**doc["request"], "model": self._served_name}
-        if doc.get("stream"):
-            await self._attempt_stream(doc, url, payload)
+        payload = {**job.request_to_run(), "model": self._served_name}
+        if job.stream:
+            await self._attempt_stream(job, url, payload)
             return
         began = self._metrics.now()
         try:
             answer = await self._once_admitted(
-                doc,
+                job,
                 self._client.chat_completion(
                     url, payload, self.settings.request_timeout, headers=self._engine_headers
                 ),
             )
         except EngineCallError as exc:
             self._metrics.engine_call(self.name, began)
-            await self._failed(doc, exc)
+            await self._failed(job, exc)
             return
         if answer is None:
             return  # never admitted: the client got the admission's error
-        self._release_engine(doc["_id"])
+        self._release_engine(job.id)
         self._metrics.engine_call(self.name, began)
         choice = answer["choices"][0]
         result = {
@@ -280,9 +280,9 @@ class ModelDispatcher:
             "engine_response_id": answer.get("id"),
             "system_fingerprint": answer.get("system_fingerprint"),
         }
-        await self._queue.succeed(doc, result)
+        await self._queue.succeed(job, result)
 
-    async def _once_admitted(self, doc: Doc, call: Coroutine[Any, Any, T]) -> T | None:
+    async def _once_admitted(self, job: Job, call: Coroutine[Any, Any, T]) -> T | None:
         """Run the engine call while the job's admission insert may still be in flight.
 
         The call's outcome is used only once the insert is journaled; if the insert failed the
@@ -290,7 +290,7 @@ class ModelDispatcher:
         """
         task = asyncio.ensure_future(call)
         try:
-            admitted = await self._queue.admitted(doc["_id"])
+            admitted = await self._queue.admitted(job.id)
         except BaseException:  # cancelled (client gone, shutdown): the call goes with it
             task.cancel()
             raise
@@ -300,26 +300,26 @@ class ModelDispatcher:
         await asyncio.gather(task, return_exceptions=True)
         return None
 
-    async def _attempt_ocr(self, doc: Doc) -> None:
+    async def _attempt_ocr(self, job: Job) -> None:
         if self._ocr is None:
             await self._failed(
-                doc, EngineCallError(f"model {self.name!r} does not read documents", retryable=False)
+                job, EngineCallError(f"model {self.name!r} does not read documents", retryable=False)
             )
             return
         began = self._metrics.now()
         try:
             result = await self._ocr.run(
-                doc, self._engine_url, self._served_name, self.settings.request_timeout
+                job, self._engine_url, self._served_name, self.settings.request_timeout
             )
         except EngineCallError as exc:
             self._metrics.engine_call(self.name, began)
-            await self._failed(doc, exc)
+            await self._failed(job, exc)
             return
         self._metrics.engine_call(self.name, began)
-        if await self._queue.succeed(doc, result):
-            await self._ocr.pages.delete(doc["_id"])
+        if await self._queue.succeed(job, result):
+            await self._ocr.pages.delete(job.id)
 
-    async def _attempt_stream(self, doc: Doc, url: str, payload: Doc) -> None:
+    async def _attempt_stream(self, job: Job, url: str, payload: Doc) -> None:
         """Relay engine chunks to the handler holding the client; the full text goes to history.
 
         Before the first chunk a failure is retried like any other; once a chunk reached the
@@ -327,60 +327,60 @@ class ModelDispatcher:
         that arrive before the admission insert is journaled wait in the sink: the handler
         reads it only after admission returned.
         """
-        sink = self._queue.delivery.sink(doc["_id"])
+        sink = self._queue.delivery.sink(job.id)
         if sink is None:  # the client is gone already
-            if "idempotency_key" not in doc:
-                await self._queue.cancel(doc["_id"], "the client closed the connection")
+            if job.idempotency_key is None:
+                await self._queue.cancel(job.id, "the client closed the connection")
                 return
             sink = asyncio.Queue()  # its key's repeat replays the stored answer: run to the end
         relay = StreamRelay(
             self._client,
             self._engine_headers,
             sink,
-            lambda: self._metrics.first_token(self.name, doc["enqueued_at"]),
+            lambda: self._metrics.first_token(self.name, job.enqueued_at),
         )
         began = self._metrics.now()
         try:
-            if not await self._once_admitted(doc, relay.run(url, payload, self.settings.request_timeout)):
+            if not await self._once_admitted(job, relay.run(url, payload, self.settings.request_timeout)):
                 return  # never admitted: the client got the admission's error
         except EngineCallError as exc:
             self._metrics.engine_call(self.name, began)
             if relay.sent:
                 exc = EngineCallError(f"stream broken after the first chunk: {exc.message}", retryable=False)
-            await self._failed(doc, exc)
+            await self._failed(job, exc)
             return
-        self._release_engine(doc["_id"])
+        self._release_engine(job.id)
         self._metrics.engine_call(self.name, began)
         # The client has the whole answer: end its stream now and write the history after,
         # so the journaled write is not on the client's critical path (it cannot change the
         # answer; if it fails, the job's record says so, not the client's answer).
         sink.put_nowait(StreamEvent("done", {}))
-        await self._queue.succeed(doc, relay.result())
+        await self._queue.succeed(job, relay.result())
 
-    async def _failed(self, doc: Doc, exc: EngineCallError) -> None:
+    async def _failed(self, job: Job, exc: EngineCallError) -> None:
         error = {
             "type": "timeout" if isinstance(exc, EngineTimeout) else "engine_error",
             "message": exc.message,
             "engine_status": exc.status,
             "retryable": exc.retryable,
-            "attempt": doc["attempts"],
+            "attempt": job.attempts,
         }
         if isinstance(exc, EngineTimeout):
             self._metrics.timeout(self.name)
         if exc.retryable and exc.status is None:
-            self._engine_suspect(doc["_id"])
-        if self._retry.should_retry(retryable=exc.retryable, attempts_made=doc["attempts"]):
-            delay = self._retry.backoff(doc["attempts"])
+            self._engine_suspect(job.id)
+        if self._retry.should_retry(retryable=exc.retryable, attempts_made=job.attempts):
+            delay = self._retry.backoff(job.attempts)
             event(
                 log,
                 "job.retry",
-                job=doc["_id"],
-                attempt=doc["attempts"],
+                job=job.id,
+                attempt=job.attempts,
                 delay_s=round(delay, 3),
                 error=exc.message,
             )
-            if await self._queue.retry_later(doc, error, delay):
+            if await self._queue.retry_later(job, error, delay):
                 self._backlog = True
             return
-        event(log, "job.failed", job=doc["_id"], attempts=doc["attempts"], error=exc.message)
-        await self._queue.fail(doc, error)
+        event(log, "job.failed", job=job.id, attempts=job.attempts, error=exc.message)
+        await self._queue.fail(job, error)

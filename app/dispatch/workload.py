@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from app.dispatch.dispatcher import ModelDispatcher
-from app.queue.jobs import JobState
+from app.queue.job import JobState
 from app.queue.service import JobQueue
 
 
@@ -30,9 +30,9 @@ class DispatchWorkload:
         count = 0
         for job_id in self.running(model):
             count += self._dispatchers[model].cancel(job_id, reason)
-        for doc in await self._queue.store.active(model):
-            if doc["state"] == JobState.QUEUED.value:
-                count += await self._queue.cancel(doc["_id"], reason)
+        for job in await self._queue.store.active(model):
+            if job.state == JobState.QUEUED:
+                count += await self._queue.cancel(job.id, reason)
         await self.settle(model, 10.0)
         return count
 

@@ -17,6 +17,7 @@ from app.ocr.grounding import Box
 from app.ocr.pages import PageStore, StoredPage
 from app.ocr.requests import DEFAULT_MAX_TOKENS, Output, PageResult, page_request, read_answer
 from app.proxy.client import EngineClient
+from app.queue.job import Job
 from app.queue.retry import RetryPolicy
 
 Doc = dict[str, Any]
@@ -29,13 +30,13 @@ class OcrRunner:
         self._retry = retry
 
     async def run(
-        self, doc: Doc, engine_url: Callable[[], str | None], served_name: str, timeout_s: float
+        self, job: Job, engine_url: Callable[[], str | None], served_name: str, timeout_s: float
     ) -> Doc:
         """The job's result; raises EngineCallError when a page cannot be read."""
-        request = doc["request"]
+        request = job.request_to_run()
         output: Output = "markdown" if request["output"] == "markdown" else "text"
         max_tokens = int(request.get("max_tokens") or DEFAULT_MAX_TOKENS)
-        stored = await self.pages.load(doc["_id"])
+        stored = await self.pages.load(job.id)
         if not stored:
             raise EngineCallError(
                 "the document's pages are gone (the job outlived its input)", retryable=False
@@ -46,7 +47,7 @@ class OcrRunner:
                 results.append(_from_record(page.result))
                 continue
             result = await self._page(page, output, max_tokens, engine_url, served_name, timeout_s)
-            await self.pages.record(doc["_id"], page.number, _record(result))
+            await self.pages.record(job.id, page.number, _record(result))
             results.append(result)
         usage: dict[str, int] = {}
         for result in results:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal, NamedTuple
 
-from app.queue.jobs import Doc, JobState
+from app.queue.job import Job, JobState
 
 
 class StreamEvent(NamedTuple):
     """What a stream's handler receives: `chunk` (an engine chunk, relayed), `done` (the answer is
-    whole; `data` is the job's document or {} before its write), `error` (the job's document)."""
+    whole; `data` is the Job, or {} before its write), `error` (the Job)."""
 
     kind: Literal["chunk", "done", "error"]
     data: Any
@@ -24,7 +24,7 @@ class StreamEvent(NamedTuple):
 class Delivery:
     def __init__(self) -> None:
         self._sinks: dict[str, asyncio.Queue[StreamEvent]] = {}
-        self._waiters: dict[str, asyncio.Future[Doc]] = {}
+        self._waiters: dict[str, asyncio.Future[Job]] = {}
         self._waiting: dict[str, int] = {}  # handlers waiting per job (repeated idempotency keys share one)
 
     # -- streams ------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ class Delivery:
         if not self._waiting.get(job_id):
             self._waiters.pop(job_id, None)
 
-    def join(self, job_id: str) -> asyncio.Future[Doc]:
+    def join(self, job_id: str) -> asyncio.Future[Job]:
         """A handler starts waiting for the job's end; `leave` when it stops."""
         future = self._waiters.get(job_id)
         if future is None:
@@ -70,11 +70,11 @@ class Delivery:
         else:
             self._waiters.pop(job_id, None)
 
-    def deliver(self, doc: Doc) -> None:
+    def deliver(self, job: Job) -> None:
         """A terminal job to whoever waits for it here: its stream's handler, its waiters."""
-        sink = self._sinks.get(doc["_id"])
+        sink = self._sinks.get(job.id)
         if sink is not None:
-            sink.put_nowait(StreamEvent("done" if doc["state"] == JobState.SUCCEEDED.value else "error", doc))
-        future = self._waiters.get(doc["_id"])
+            sink.put_nowait(StreamEvent("done" if job.state == JobState.SUCCEEDED else "error", job))
+        future = self._waiters.get(job.id)
         if future is not None and not future.done():
-            future.set_result(doc)
+            future.set_result(job)

@@ -10,15 +10,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from app.errors import IdempotencyConflict
-from app.queue.jobs import Doc
+from app.queue.job import Job
 from app.queue.service import JobQueue
 from app.store.batch import DuplicateKey
 
 
-def same_request(existing: Doc, fingerprint: str) -> Doc:
+def same_request(existing: Job, fingerprint: str) -> Job:
     """The job a repeated key made, if it was made for this very request."""
-    if existing.get("request_hash") != fingerprint:
-        raise IdempotencyConflict(existing["_id"])
+    if existing.request_hash != fingerprint:
+        raise IdempotencyConflict(existing.id)
     return existing
 
 
@@ -27,8 +27,8 @@ async def admit_or_reuse(
     owner: str,
     key: str | None,
     fingerprint: str,
-    admit: Callable[[], Awaitable[Doc]],
-) -> tuple[Doc, bool]:
+    admit: Callable[[], Awaitable[Job]],
+) -> tuple[Job, bool]:
     """The job for this request: newly admitted by `admit` (True), or the one its key made.
 
     `admit` must store `fingerprint` as the job's `request_hash` and undo whatever it prepared

@@ -1,5 +1,5 @@
-"""The job document: queue entry, result and history record in one (docs/ARCHITECTURE.md,
-"The job document")."""
+"""What admission makes of a request, and how jobs are paged and timed for clients (the job
+itself, typed, is app/queue/job.py)."""
 
 from __future__ import annotations
 
@@ -11,45 +11,13 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
-from typing import Any
 
 import bson
 import bson.errors
 
 from app.errors import InvalidRequest
+from app.queue.job import Doc, Job, JobState
 from app.queue.priority import Priority
-
-Doc = dict[str, Any]
-
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    EXPIRED = "expired"
-
-    @property
-    def terminal(self) -> bool:
-        return self in _TERMINAL
-
-    @classmethod
-    def parse(cls, value: str) -> JobState:
-        """Our names, or the ones clients of the system we re-implement use (`completed`, ...)."""
-        name = _COMPAT_NAMES.get(value.strip().lower(), value.strip().lower())
-        try:
-            return cls(name)
-        except ValueError:
-            valid = ", ".join(s.value for s in cls)
-            raise InvalidRequest(
-                f"unknown job state {value[:40]!r}; valid states: {valid}", param="state"
-            ) from None
-
-
-_COMPAT_NAMES = {"completed": "succeeded", "processing": "running", "timeout": "expired"}
-_TERMINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}
 
 
 def new_job_id() -> str:
@@ -123,8 +91,8 @@ class ListingCursor:
     job_id: str
 
     @classmethod
-    def after(cls, doc: Doc) -> ListingCursor:
-        return cls(doc["enqueued_at"], doc["_id"])
+    def after(cls, job: Job) -> ListingCursor:
+        return cls(job.enqueued_at, job.id)
 
     def encode(self) -> str:
         at = self.enqueued_at if self.enqueued_at.tzinfo else self.enqueued_at.replace(tzinfo=UTC)
@@ -152,45 +120,45 @@ def elapsed_ms(start: datetime | None, end: datetime | None) -> float | None:
     return round((end - start).total_seconds() * 1000, 3)
 
 
-def timings(doc: Doc) -> dict[str, float | None]:
+def timings(job: Job) -> dict[str, float | None]:
     return {
-        "queue_ms": elapsed_ms(doc.get("enqueued_at"), doc.get("started_at")),
-        "engine_ms": elapsed_ms(doc.get("started_at"), doc.get("finished_at")),
-        "total_ms": elapsed_ms(doc.get("enqueued_at"), doc.get("finished_at")),
+        "queue_ms": elapsed_ms(job.enqueued_at, job.started_at),
+        "engine_ms": elapsed_ms(job.started_at, job.finished_at),
+        "total_ms": elapsed_ms(job.enqueued_at, job.finished_at),
     }
 
 
-def build_document(
+def build_job(
     sub: Submission, job_id: str, slot: str, now: datetime, running_as: tuple[str, datetime] | None
-) -> Doc:
+) -> Job:
     """A new job, queued, or already running when the admitting instance can start it at once."""
-    doc: Doc = {
-        "_id": job_id,
-        "model": sub.model,
-        "kind": sub.kind,
-        "state": JobState.QUEUED.value,
-        "priority": sub.priority.value,
-        "priority_rank": sub.priority.rank,
-        "slot": slot,
-        "owner": sub.owner,
-        "client_id": sub.client_id,
-        "request": sub.request,
-        "enqueued_at": now,
-        "queue_deadline": now + timedelta(seconds=sub.queue_timeout_s),
-        "queue_timeout_s": sub.queue_timeout_s,
-        "attempts": 0,
-        "rev": secrets.token_hex(16),  # the version every later transition is conditional on
-    }
+    job = Job(
+        id=job_id,
+        model=sub.model,
+        kind=sub.kind,
+        state=JobState.QUEUED,
+        priority=sub.priority,
+        priority_rank=sub.priority.rank,
+        slot=slot,
+        owner=sub.owner,
+        client_id=sub.client_id,
+        request=sub.request,
+        enqueued_at=now,
+        queue_deadline=now + timedelta(seconds=sub.queue_timeout_s),
+        queue_timeout_s=sub.queue_timeout_s,
+        attempts=0,
+        rev=secrets.token_hex(16),  # the version every later transition is conditional on
+    )
     if sub.idempotency_key is not None:
-        doc["idempotency_key"] = sub.idempotency_key
-        doc["idempotency_scope"] = idempotency_scope(sub.owner, sub.idempotency_key)
-        doc["request_hash"] = sub.request_hash or request_fingerprint(sub.model, sub.request)
+        job.idempotency_key = sub.idempotency_key
+        job.idempotency_scope = idempotency_scope(sub.owner, sub.idempotency_key)
+        job.request_hash = sub.request_hash or request_fingerprint(sub.model, sub.request)
     if sub.pinned_to is not None:
-        doc["pinned_to"] = sub.pinned_to
-        doc["stream"] = True
+        job.pinned_to = sub.pinned_to
+        job.stream = True
     if running_as is not None:
-        worker, lease_until = running_as
-        doc.update(
-            state=JobState.RUNNING.value, worker=worker, lease_until=lease_until, started_at=now, attempts=1
-        )
-    return doc
+        job.state = JobState.RUNNING
+        job.worker, job.lease_until = running_as
+        job.started_at = now
+        job.attempts = 1
+    return job

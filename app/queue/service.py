@@ -23,7 +23,8 @@ from app.errors import JobNotFound, QueueFull
 from app.logs import event
 from app.metrics import Metrics
 from app.queue.delivery import Delivery
-from app.queue.jobs import Doc, JobState, Submission, build_document, new_job_id
+from app.queue.job import Doc, Job, JobState
+from app.queue.jobs import Submission, build_job, new_job_id
 from app.queue.slots import SlotBook, slot_index, slot_key
 from app.queue.stats import OutcomeCounters
 from app.queue.store import JobStore
@@ -36,7 +37,7 @@ class DirectStart:
     """A dispatcher's promise to run the job at once: `accept` launches it as the insert begins,
     `cancel` gives the reserved place back when the job never got that far."""
 
-    def __init__(self, accept: Callable[[Doc], None], cancel: Callable[[], None]) -> None:
+    def __init__(self, accept: Callable[[Job], None], cancel: Callable[[], None]) -> None:
         self.accept = accept
         self.cancel = cancel
 
@@ -78,14 +79,14 @@ class JobQueue:
 
     async def _refresh(self, model: str, book: SlotBook) -> None:
         keys = [slot_key(model, i) for i in range(book.capacity)]
-        book.reset({slot_index(doc["slot"]) for doc in await self.store.occupied_slots(keys)})
+        book.reset({slot_index(slot) for slot in await self.store.occupied_slots(keys)})
 
     # -- admission -------------------------------------------------------------------------
 
-    async def find_existing(self, owner: str, key: str) -> Doc | None:
+    async def find_existing(self, owner: str, key: str) -> Job | None:
         return await self.store.find_by_idempotency_key(owner, key)
 
-    async def admit(self, sub: Submission, direct: DirectStart | None, job_id: str | None = None) -> Doc:
+    async def admit(self, sub: Submission, direct: DirectStart | None, job_id: str | None = None) -> Job:
         """Insert the job into a free slot; raises QueueFull when every slot is taken.
 
         `job_id` is given when something keyed by it (an OCR document's pages) was stored first.
@@ -100,9 +101,9 @@ class JobQueue:
             self.delivery.close_sink(job_id)
             raise
 
-    async def _admit(self, sub: Submission, job_id: str, book: SlotBook, direct: DirectStart | None) -> Doc:
+    async def _admit(self, sub: Submission, job_id: str, book: SlotBook, direct: DirectStart | None) -> Job:
         refreshed = False
-        doc: Doc | None = None
+        job: Job | None = None
         pending: asyncio.Future[bool] | None = None  # set when the job was launched before its insert
         self.delivery.expect(job_id)
         while True:
@@ -115,16 +116,16 @@ class JobQueue:
                 await self._refresh(sub.model, book)
                 refreshed = True
                 continue
-            if doc is None:
+            if job is None:
                 now = self.clock.now()
                 running_as = (self.worker_id, now + self.lease) if direct else None
-                doc = build_document(sub, job_id, slot_key(sub.model, index), now, running_as)
+                job = build_job(sub, job_id, slot_key(sub.model, index), now, running_as)
                 if direct and sub.idempotency_key is None:
-                    pending = self._launch(doc, direct, before_insert=True)
+                    pending = self._launch(job, direct, before_insert=True)
             else:
-                doc["slot"] = slot_key(sub.model, index)  # the job launched already holds this dict
+                job.slot = slot_key(sub.model, index)  # the job launched already holds this object
             try:
-                await self.store.insert(doc)
+                await self.store.insert(job)
             except DuplicateKey as exc:
                 if "slot" in exc.fields:
                     continue  # another instance holds that slot; the book keeps it marked taken
@@ -135,28 +136,28 @@ class JobQueue:
                 book.release(index)
                 self._not_admitted(job_id, direct, pending)
                 raise
-            event(log, "job.admitted", logging.DEBUG, job=job_id, model=sub.model, state=doc["state"])
+            event(log, "job.admitted", logging.DEBUG, job=job_id, model=sub.model, state=job.state.value)
             if direct:  # started at once: no queue wait (observed only for jobs really admitted)
-                self._metrics.queue_wait(sub.model, doc["enqueued_at"], doc["enqueued_at"])
+                self._metrics.queue_wait(sub.model, job.enqueued_at, job.enqueued_at)
             if pending is not None:
                 self._inserting.pop(job_id, None)
                 pending.set_result(True)
             elif direct:
-                self._launch(doc, direct, before_insert=False)
+                self._launch(job, direct, before_insert=False)
             else:
                 self._wake(sub.model)
-            return doc
+            return job
 
-    def _launch(self, doc: Doc, direct: DirectStart, *, before_insert: bool) -> asyncio.Future[bool] | None:
+    def _launch(self, job: Job, direct: DirectStart, *, before_insert: bool) -> asyncio.Future[bool] | None:
         """Hand the job to its dispatcher. Before the insert, its engine call overlaps the disk
         write, and its writes and its client wait for `admitted`. Not for jobs with an
         Idempotency-Key: a concurrent repeat whose insert loses must not have reached the engine
         at all (one inference per key)."""
         pending: asyncio.Future[bool] | None = None
         if before_insert:
-            pending = self._inserting[doc["_id"]] = asyncio.get_running_loop().create_future()
-        self._local.add(doc["_id"])
-        direct.accept(doc)
+            pending = self._inserting[job.id] = asyncio.get_running_loop().create_future()
+        self._local.add(job.id)
+        direct.accept(job)
         return pending
 
     def _not_admitted(
@@ -186,12 +187,12 @@ class JobQueue:
         """End a queued or running job as cancelled (its slot is freed in the same write)."""
         if not await self.admitted(job_id):
             return False
-        doc = await self.store.get(job_id)
-        change = None if doc is None else await self.store.cancel(job_id, self.clock.now(), reason)
-        if doc is None or change is None:
+        job = await self.store.get(job_id)
+        change = None if job is None else await self.store.cancel(job_id, self.clock.now(), reason)
+        if job is None or change is None:
             return False
-        change.apply(doc)  # what the terminal write stored: a waiter answers with the job's end and timings
-        self._ended(doc, "cancelled")
+        change.apply(job)  # what the terminal write stored: a waiter answers with the job's end and timings
+        self._ended(job, "cancelled")
         return True
 
     def left_this_process(self, job_id: str) -> None:
@@ -206,15 +207,15 @@ class JobQueue:
 
     # -- waiting for results ---------------------------------------------------------------
 
-    async def wait(self, doc: Doc) -> Doc:
-        """Return the job's terminal document.
+    async def wait(self, job: Job) -> Job:
+        """Return the job once it has ended.
 
         A job finished in this process resolves its future at once; one that runs elsewhere
         (another instance, or admitted before a restart) is read back every poll interval.
         The waiter also enforces the queue-wait deadline itself, so a timeout is exact to
         the moment and not to the sweeper's period.
         """
-        job_id = doc["_id"]
+        job_id = job.id
         future = self.delivery.join(job_id)
         try:
             while True:
@@ -223,8 +224,8 @@ class JobQueue:
                 local = job_id in self._local
                 wait_s = self.lease.total_seconds() if local else self._poll_interval
                 now = self.clock.now()
-                deadline = doc["queue_deadline"]  # re-read: a retry gets a fresh deadline
-                if doc["state"] == JobState.QUEUED.value:
+                deadline = job.queue_deadline  # re-read: a retry gets a fresh deadline
+                if job.state == JobState.QUEUED:
                     wait_s = max(0.0, min(wait_s, (deadline - now).total_seconds()))
                 try:
                     return await asyncio.wait_for(asyncio.shield(future), timeout=wait_s)
@@ -233,37 +234,37 @@ class JobQueue:
                 current = await self.store.get(job_id)
                 if current is None:
                     raise JobNotFound(job_id)
-                doc = current
-                if JobState(doc["state"]).terminal:
-                    return doc
-                if doc["state"] == JobState.QUEUED.value and self.clock.now() >= doc["queue_deadline"]:
+                job = current
+                if job.state.terminal:
+                    return job
+                if job.state == JobState.QUEUED and self.clock.now() >= job.queue_deadline:
                     await self.expire(job_id)
         finally:
             self.delivery.leave(job_id)
 
-    def _ended(self, doc: Doc, outcome: str) -> None:
+    def _ended(self, job: Job, outcome: str) -> None:
         """Bookkeeping after a terminal write: free the slot hint, count, wake the waiter."""
-        book = self._books.get(doc["model"])
-        if book is not None and "slot" in doc:
-            book.release(slot_index(doc["slot"]))
-        self._local.discard(doc["_id"])
-        timed_out = outcome == "failed" and (doc.get("error") or {}).get("type") == "timeout"
+        book = self._books.get(job.model)
+        if book is not None and job.slot is not None:
+            book.release(slot_index(job.slot))
+        self._local.discard(job.id)
+        timed_out = outcome == "failed" and (job.error or {}).get("type") == "timeout"
         if self.counters is not None:
-            self.counters.record(doc["model"], outcome)
+            self.counters.record(job.model, outcome)
             if timed_out:
-                self.counters.record(doc["model"], "timeouts")
-        self._metrics.job_finished(doc["model"], "timeout" if timed_out else outcome)
-        self.delivery.deliver(doc)
+                self.counters.record(job.model, "timeouts")
+        self._metrics.job_finished(job.model, "timeout" if timed_out else outcome)
+        self.delivery.deliver(job)
 
     # -- transitions -----------------------------------------------------------------------
 
-    async def candidates(self, model: str, limit: int) -> list[Doc]:
+    async def candidates(self, model: str, limit: int) -> list[Job]:
         """The queued jobs a claim of `limit` would look at, in priority order (read only)."""
         return await self.store.queued_candidates(model, limit + 10)
 
     async def claim(
-        self, model: str, limit: int, read_ahead: list[Doc] | None = None
-    ) -> tuple[list[Doc], float | None]:
+        self, model: str, limit: int, read_ahead: list[Job] | None = None
+    ) -> tuple[list[Job], float | None]:
         """Claim up to `limit` queued jobs in priority order.
 
         Returns the won jobs and, when jobs are waiting out a retry backoff, the seconds
@@ -283,65 +284,62 @@ class JobQueue:
         return won, wait
 
     async def _claim_from(
-        self, model: str, limit: int, candidates: list[Doc]
-    ) -> tuple[list[Doc], float | None, int]:
+        self, model: str, limit: int, candidates: list[Job]
+    ) -> tuple[list[Job], float | None, int]:
         """Claim from these candidates: (won, seconds until a backed-off one may run, claims lost)."""
         now = self.clock.now()
         began = self._metrics.now()
         ready = [
-            d
-            for d in candidates
-            if (d.get("not_before") is None or d["not_before"] <= now)
-            and d.get("pinned_to") in (None, self.worker_id)
+            j
+            for j in candidates
+            if (j.not_before is None or j.not_before <= now) and j.pinned_to in (None, self.worker_id)
         ][:limit]
         waits = [
-            (d["not_before"] - now).total_seconds()
-            for d in candidates
-            if d.get("not_before") and d["not_before"] > now
+            (j.not_before - now).total_seconds()
+            for j in candidates
+            if j.not_before is not None and j.not_before > now
         ]
         lease_until = now + self.lease
         won_flags = await asyncio.gather(
-            *(self.store.claim(d, self.worker_id, now, lease_until) for d in ready)
+            *(self.store.claim(j, self.worker_id, now, lease_until) for j in ready)
         )
         self._metrics.db_operation("claim", began)
         won = []
-        for doc, ok in zip(ready, won_flags, strict=True):
+        for job, ok in zip(ready, won_flags, strict=True):
             if ok:
-                self._local.add(doc["_id"])
-                if doc["attempts"] == 1:  # the queue wait a client feels: until its first dispatch
-                    self._metrics.queue_wait(model, doc["enqueued_at"], now)
-                won.append(doc)
+                self._local.add(job.id)
+                if job.attempts == 1:  # the queue wait a client feels: until its first dispatch
+                    self._metrics.queue_wait(model, job.enqueued_at, now)
+                won.append(job)
         return won, (min(waits) if waits else None), len(ready) - len(won)
 
-    async def succeed(self, doc: Doc, result: Doc) -> bool:
-        if not await self.admitted(doc["_id"]):
+    async def succeed(self, job: Job, result: Doc) -> bool:
+        if not await self.admitted(job.id):
             return False
         now = self.clock.now()
-        if await self.store.succeed(doc, now, result, outlast_s=self.lease.total_seconds()):
-            self._ended(doc, "succeeded")
+        if await self.store.succeed(job, now, result, outlast_s=self.lease.total_seconds()):
+            self._ended(job, "succeeded")
             return True
-        event(
-            log, "job.result_dropped", logging.WARNING, job=doc["_id"], reason="lease lost before completion"
-        )
+        event(log, "job.result_dropped", logging.WARNING, job=job.id, reason="lease lost before completion")
         return False
 
-    async def fail(self, doc: Doc, error: Doc) -> bool:
-        if not await self.admitted(doc["_id"]):
+    async def fail(self, job: Job, error: Doc) -> bool:
+        if not await self.admitted(job.id):
             return False
         now = self.clock.now()
-        if await self.store.fail(doc, now, error, outlast_s=self.lease.total_seconds()):
-            self._ended(doc, "failed")
+        if await self.store.fail(job, now, error, outlast_s=self.lease.total_seconds()):
+            self._ended(job, "failed")
             return True
         return False
 
-    async def retry_later(self, doc: Doc, error: Doc, delay_s: float) -> bool:
-        if not await self.admitted(doc["_id"]):
+    async def retry_later(self, job: Job, error: Doc, delay_s: float) -> bool:
+        if not await self.admitted(job.id):
             return False
-        if await self.store.requeue(doc, self.clock.now() + timedelta(seconds=delay_s), error):
+        if await self.store.requeue(job, self.clock.now() + timedelta(seconds=delay_s), error):
             if self.counters is not None:
-                self.counters.record(doc["model"], "retries")
-            self._metrics.retry(doc["model"])
-            self._wake(doc["model"])
+                self.counters.record(job.model, "retries")
+            self._metrics.retry(job.model)
+            self._wake(job.model)
             return True
         return False
 
@@ -350,35 +348,34 @@ class JobQueue:
         error = {"type": "timeout", "message": "the job waited in the queue past its timeout"}
         if not await self.store.expire(job_id, now, error):
             return False
-        doc = await self.store.get(job_id)
-        if doc is not None:
-            book = self._books.get(doc["model"])
+        job = await self.store.get(job_id)
+        if job is not None:
+            book = self._books.get(job.model)
             # the terminal write removed `slot`; free what this instance believed taken
             if book is not None:
-                await self._refresh(doc["model"], book)
-            self._ended(doc, "expired")
+                await self._refresh(job.model, book)
+            self._ended(job, "expired")
         event(log, "job.expired", job=job_id)
         return True
 
-    async def taken_over(self, job_ids: list[str]) -> list[Doc]:
+    async def taken_over(self, job_ids: list[str]) -> list[Job]:
         """Of the jobs this instance runs, those the database says are no longer its own: cancelled,
         back in the queue, or running under another worker. A job whose insert is still in flight
         is not in the database yet and is not counted; one that just ended here is not either."""
         taken = []
-        for doc in await self.store.get_many([j for j in job_ids if j not in self._inserting]):
-            state = doc["state"]
-            if state in (JobState.CANCELLED.value, JobState.QUEUED.value) or (
-                state == JobState.RUNNING.value and doc.get("worker") != self.worker_id
+        for job in await self.store.get_many([j for j in job_ids if j not in self._inserting]):
+            if job.state in (JobState.CANCELLED, JobState.QUEUED) or (
+                job.state == JobState.RUNNING and job.worker != self.worker_id
             ):
-                taken.append(doc)
+                taken.append(job)
         return taken
 
-    def ended_elsewhere(self, doc: Doc) -> None:
-        """A job taken from this instance: its waiter here answers from the document at once,
+    def ended_elsewhere(self, job: Job) -> None:
+        """A job taken from this instance: its waiter here answers from the job as read at once,
         rather than at lease pace, when the job has ended (cancelled through another instance)."""
-        self._local.discard(doc["_id"])
-        if JobState(doc["state"]).terminal:
-            self.delivery.deliver(doc)
+        self._local.discard(job.id)
+        if job.state.terminal:
+            self.delivery.deliver(job)
 
     async def extend_leases(self, job_ids: list[str]) -> int:
         if not job_ids:
@@ -387,19 +384,19 @@ class JobQueue:
 
     # -- recovery (sweeper) ----------------------------------------------------------------
 
-    async def recover_running(self, doc: Doc, error: Doc, retry_delay_s: float | None) -> bool:
+    async def recover_running(self, job: Job, error: Doc, retry_delay_s: float | None) -> bool:
         """Return a job whose worker is gone to the queue, or fail it when retries are spent.
 
         Conditional on the rev the sweeper read: if the worker finished after all, nothing changes.
         """
         now = self.clock.now()
         if retry_delay_s is None:
-            ok = await self.store.fail(doc, now, error)
+            ok = await self.store.fail(job, now, error)
             if ok:
-                self._ended(doc, "failed")
+                self._ended(job, "failed")
             return ok
-        ok = await self.store.requeue(doc, now + timedelta(seconds=retry_delay_s), error)
+        ok = await self.store.requeue(job, now + timedelta(seconds=retry_delay_s), error)
         if ok:
-            self._metrics.retry(doc["model"])
-            self._wake(doc["model"])
+            self._metrics.retry(job.model)
+            self._wake(job.model)
         return ok

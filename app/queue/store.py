@@ -16,8 +16,9 @@ from pymongo import DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 
 from app.queue import transitions
-from app.queue.jobs import Doc, JobState, ListingCursor, idempotency_scope
-from app.queue.transitions import Change
+from app.queue.job import Doc, Job, JobState
+from app.queue.jobs import ListingCursor, idempotency_scope
+from app.queue.transitions import Change, Fields
 from app.store.batch import BatchWriter
 from app.store.database import ACTIVE
 
@@ -64,39 +65,43 @@ class JobStore:
         self._dropped = () if store_prompts else ("request",)
         self._store_outputs = store_outputs
 
-    async def insert(self, doc: Doc) -> None:
-        await self._writer.insert(doc)
+    async def insert(self, job: Job) -> None:
+        await self._writer.insert(job.to_document())
 
-    async def get(self, job_id: str) -> Doc | None:
-        return await self._jobs.find_one({"_id": job_id})
+    async def get(self, job_id: str) -> Job | None:
+        doc = await self._jobs.find_one({"_id": job_id})
+        return None if doc is None else Job.from_document(doc)
 
-    async def get_many(self, job_ids: list[str]) -> list[Doc]:
+    async def get_many(self, job_ids: list[str]) -> list[Job]:
         if not job_ids:
             return []
-        return [doc async for doc in self._jobs.find({"_id": {"$in": job_ids}})]
+        return [Job.from_document(doc) async for doc in self._jobs.find({"_id": {"$in": job_ids}})]
 
-    async def find_by_idempotency_key(self, owner: str, key: str) -> Doc | None:
-        return await self._jobs.find_one({"idempotency_scope": idempotency_scope(owner, key)})
+    async def find_by_idempotency_key(self, owner: str, key: str) -> Job | None:
+        doc = await self._jobs.find_one({"idempotency_scope": idempotency_scope(owner, key)})
+        return None if doc is None else Job.from_document(doc)
 
-    async def occupied_slots(self, slot_keys: list[str]) -> list[Doc]:
+    async def occupied_slots(self, slot_keys: list[str]) -> list[str]:
+        """Which of these slots a job holds now."""
         cursor = self._jobs.find({"slot": {"$in": slot_keys}}, {"slot": 1, "state": 1})
-        return [doc async for doc in cursor]
+        return [doc["slot"] async for doc in cursor]
 
-    async def queued_candidates(self, model: str, limit: int) -> list[Doc]:
+    async def queued_candidates(self, model: str, limit: int) -> list[Job]:
         cursor = (
             self._jobs.find({**ACTIVE, "model": model, "state": JobState.QUEUED.value})
             .sort([("priority_rank", 1), ("enqueued_at", 1)])
             .limit(limit)
         )
-        return [doc async for doc in cursor]
+        return [Job.from_document(doc) async for doc in cursor]
 
-    async def active(self, model: str | None = None) -> list[Doc]:
-        """Queued and running jobs (at most max_concurrent + max_waiting per model)."""
+    async def active(self, model: str | None = None) -> list[Job]:
+        """Queued and running jobs (at most max_concurrent + max_waiting per model), without
+        their requests."""
         query: Doc = dict(ACTIVE)
         if model is not None:
             query["model"] = model
         cursor = self._jobs.find(query, {"request": 0})
-        return [doc async for doc in cursor]
+        return [Job.from_document(doc) async for doc in cursor]
 
     async def occupancy(self, model: str | None = None) -> Occupancy:
         """Queued and running jobs counted by model, state and priority, from one read of the live
@@ -111,18 +116,16 @@ class JobStore:
             counts[key] = counts.get(key, 0) + 1
         return Occupancy(counts)
 
-    async def position(self, doc: Doc) -> int | None:
+    async def position(self, job: Job) -> int | None:
         """1-based place of a queued job among its model's queued jobs (claim order); None if not queued.
 
         At most max_concurrent + max_waiting jobs are active per model, so this reads a handful.
         """
-        if doc.get("state") != JobState.QUEUED.value:
+        if job.state != JobState.QUEUED:
             return None
-        mine = (doc["priority_rank"], doc["enqueued_at"])
-        queued = [d for d in await self.active(doc["model"]) if d["state"] == JobState.QUEUED.value]
-        return 1 + sum(
-            1 for d in queued if d["_id"] != doc["_id"] and (d["priority_rank"], d["enqueued_at"]) < mine
-        )
+        mine = (job.priority_rank, job.enqueued_at)
+        queued = [j for j in await self.active(job.model) if j.state == JobState.QUEUED]
+        return 1 + sum(1 for j in queued if j.id != job.id and (j.priority_rank, j.enqueued_at) < mine)
 
     async def listing(
         self,
@@ -133,7 +136,7 @@ class JobStore:
         before: datetime | None,
         limit: int,
         after: ListingCursor | None = None,
-    ) -> list[Doc]:
+    ) -> list[Job]:
         """Newest first by (enqueued_at, _id), without the request body (prompts can be large).
 
         `after` continues behind the last job of a page; `before` (a time, older clients)
@@ -147,21 +150,21 @@ class JobStore:
             query["state"] = state
         if model is not None:
             query["model"] = model
-        docs: list[Doc] = []
+        jobs: list[Job] = []
         if after is not None:
             same_ms = {**query, "enqueued_at": after.enqueued_at, "_id": {"$lt": after.job_id}}
-            docs = await self._newest(same_ms, limit)
+            jobs = await self._newest(same_ms, limit)
             before = after.enqueued_at
         if before is not None:
             query["enqueued_at"] = {"$lt": before}
-        if len(docs) < limit:
-            docs += await self._newest(query, limit - len(docs))
-        return docs
+        if len(jobs) < limit:
+            jobs += await self._newest(query, limit - len(jobs))
+        return jobs
 
-    async def _newest(self, query: Doc, limit: int) -> list[Doc]:
+    async def _newest(self, query: Doc, limit: int) -> list[Job]:
         order = [("enqueued_at", DESCENDING), ("_id", DESCENDING)]
         cursor = self._jobs.find(query, {"request": 0}).sort(order).limit(limit)
-        return [doc async for doc in cursor]
+        return [Job.from_document(doc) async for doc in cursor]
 
     async def expired_history(self, now: datetime, limit: int) -> list[str]:
         cursor = self._jobs.find({"expire_at": {"$lt": now}}, {"_id": 1}).limit(limit)
@@ -171,20 +174,20 @@ class JobStore:
         result = await self._jobs.delete_many({"_id": {"$in": job_ids}, "expire_at": {"$exists": True}})
         return result.deleted_count
 
-    async def _change(self, doc: Doc, change: Change, outlast_s: float = 0.0) -> bool:
-        """Apply the change only if nobody changed the job since `doc` was read (same rev); the
+    async def _change(self, job: Job, change: Change, outlast_s: float = 0.0) -> bool:
+        """Apply the change only if nobody changed the job since it was read (same rev); the
         in-memory job takes it too. `outlast_s`: how long the write waits out a database outage
         (the outcome of a job that ran here: its answer is not thrown away; if the job's lease
         lapsed meanwhile and another instance took it, the rev no longer matches)."""
-        rev = await self._writer.update(doc["_id"], {"rev": doc["rev"]}, change.update, retry_for_s=outlast_s)
+        rev = await self._writer.update(job.id, {"rev": job.rev}, change.update, retry_for_s=outlast_s)
         if rev is None:
             return False
-        change.apply(doc)
-        doc["rev"] = rev
+        change.apply(job)
+        job.rev = rev
         return True
 
-    async def claim(self, doc: Doc, worker: str, now: datetime, lease_until: datetime) -> bool:
-        return await self._change(doc, transitions.claim(doc, worker, now, lease_until))
+    async def claim(self, job: Job, worker: str, now: datetime, lease_until: datetime) -> bool:
+        return await self._change(job, transitions.claim(job, worker, now, lease_until))
 
     async def extend_leases(self, job_ids: list[str], worker: str, lease_until: datetime) -> int:
         result = await self._jobs.update_many(
@@ -193,21 +196,22 @@ class JobStore:
         )
         return result.modified_count
 
-    def _finish(self, state: JobState, now: datetime, fields: Doc) -> Change:
-        stored = None
-        if not self._store_outputs and "result" in fields:
-            kept = {k: v for k, v in fields["result"].items() if k not in _OUTPUT_FIELDS}
-            stored = {**fields, "result": {**kept, "output_redacted": True}}
+    def _finish(self, state: JobState, now: datetime, fields: Fields, stored: Fields | None = None) -> Change:
         return transitions.finish(state, now, self._retention, fields, stored=stored, dropped=self._dropped)
 
-    async def succeed(self, doc: Doc, now: datetime, result: Doc, outlast_s: float = 0.0) -> bool:
-        return await self._change(doc, self._finish(JobState.SUCCEEDED, now, {"result": result}), outlast_s)
+    async def succeed(self, job: Job, now: datetime, result: Doc, outlast_s: float = 0.0) -> bool:
+        stored: Fields | None = None
+        if not self._store_outputs:
+            kept = {k: v for k, v in result.items() if k not in _OUTPUT_FIELDS}
+            stored = {"result": {**kept, "output_redacted": True}}
+        finished = self._finish(JobState.SUCCEEDED, now, {"result": result}, stored)
+        return await self._change(job, finished, outlast_s)
 
-    async def fail(self, doc: Doc, now: datetime, error: Doc, outlast_s: float = 0.0) -> bool:
-        return await self._change(doc, self._finish(JobState.FAILED, now, {"error": error}), outlast_s)
+    async def fail(self, job: Job, now: datetime, error: Doc, outlast_s: float = 0.0) -> bool:
+        return await self._change(job, self._finish(JobState.FAILED, now, {"error": error}), outlast_s)
 
-    async def requeue(self, doc: Doc, not_before: datetime, error: Doc) -> bool:
-        return await self._change(doc, transitions.requeue(doc, not_before, error))
+    async def requeue(self, job: Job, not_before: datetime, error: Doc) -> bool:
+        return await self._change(job, transitions.requeue(job, not_before, error))
 
     async def cancel(self, job_id: str, now: datetime, reason: str) -> Change | None:
         """By id and state only: the client that went away holds no fresh copy of the job. The

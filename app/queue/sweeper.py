@@ -15,7 +15,7 @@ from collections.abc import Callable
 import psutil
 
 from app.logs import event
-from app.queue.jobs import Doc, JobState
+from app.queue.job import Job, JobState
 from app.queue.retry import RetryPolicy
 from app.queue.service import JobQueue
 
@@ -51,7 +51,7 @@ class Sweeper:
         queue: JobQueue,
         retry: RetryPolicy,
         local_running: Callable[[], list[str]],
-        abandon: Callable[[Doc], None] = lambda doc: None,
+        abandon: Callable[[Job], None] = lambda job: None,
     ) -> None:
         self._queue = queue
         self._retry = retry
@@ -65,9 +65,9 @@ class Sweeper:
         running = self._local_running()
         extended = await self._queue.extend_leases(running)
         if extended < len(running):
-            for doc in await self._queue.taken_over(running):
-                event(log, "job.taken_over", job=doc["_id"], state=doc["state"], worker=doc.get("worker"))
-                self._abandon(doc)
+            for job in await self._queue.taken_over(running):
+                event(log, "job.taken_over", job=job.id, state=job.state.value, worker=job.worker)
+                self._abandon(job)
         return extended
 
     async def sweep(self) -> dict[str, int]:
@@ -75,32 +75,32 @@ class Sweeper:
         now = self._queue.clock.now()
         mine = set(self._local_running())
         done = {"requeued": 0, "failed": 0, "expired": 0}
-        for doc in await self._queue.store.active():  # one small indexed read per pass
-            if doc["state"] == JobState.QUEUED.value:
-                if doc["queue_deadline"] < now and await self._queue.expire(doc["_id"]):
+        for job in await self._queue.store.active():  # one small indexed read per pass
+            if job.state == JobState.QUEUED:
+                if job.queue_deadline < now and await self._queue.expire(job.id):
                     done["expired"] += 1
                 continue
-            if doc["_id"] in mine:
+            if job.id in mine:
                 continue
-            lease_over = doc.get("lease_until") is None or doc["lease_until"] < now
-            if lease_over or worker_is_dead(doc.get("worker")):
-                await self._recover(doc, done)
+            lease_over = job.lease_until is None or job.lease_until < now
+            if lease_over or worker_is_dead(job.worker):
+                await self._recover(job, done)
         if any(done.values()):
             event(log, "sweeper.pass", **done)
         return done
 
-    async def _recover(self, doc: Doc, done: dict[str, int]) -> None:
+    async def _recover(self, job: Job, done: dict[str, int]) -> None:
         error = {
             "type": "lease_expired",
-            "message": f"worker {doc.get('worker')} stopped before finishing attempt {doc['attempts']}",
+            "message": f"worker {job.worker} stopped before finishing attempt {job.attempts}",
             "retryable": True,
-            "attempt": doc["attempts"],
+            "attempt": job.attempts,
         }
         # a streamed job cannot move: its client was connected to the worker that is gone
-        lost_worker = doc.get("worker")  # the requeue takes it off the job
-        if not doc.get("stream") and self._retry.should_retry(retryable=True, attempts_made=doc["attempts"]):
-            if await self._queue.recover_running(doc, error, self._retry.backoff(doc["attempts"])):
+        lost_worker = job.worker  # the requeue takes it off the job
+        if not job.stream and self._retry.should_retry(retryable=True, attempts_made=job.attempts):
+            if await self._queue.recover_running(job, error, self._retry.backoff(job.attempts)):
                 done["requeued"] += 1
-                event(log, "job.recovered", job=doc["_id"], worker=lost_worker, attempt=doc["attempts"])
-        elif await self._queue.recover_running(doc, error, None):
+                event(log, "job.recovered", job=job.id, worker=lost_worker, attempt=job.attempts)
+        elif await self._queue.recover_running(job, error, None):
             done["failed"] += 1

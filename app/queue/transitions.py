@@ -12,35 +12,53 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TypedDict
 
-from app.queue.jobs import JobState
+from app.queue.job import Doc, Job, JobState
 
-Doc = dict[str, Any]
+
+class Fields(TypedDict, total=False):
+    """What a transition sets, by the Job's attribute names: the document's keys (a transition
+    never touches `_id`, the one key named otherwise). None takes the field off the job."""
+
+    state: JobState
+    worker: str | None
+    lease_until: datetime | None
+    started_at: datetime
+    attempts: int
+    not_before: datetime
+    queue_deadline: datetime
+    last_error: Doc
+    finished_at: datetime
+    result: Doc
+    error: Doc
+
+
+def _document(fields: Fields) -> Doc:
+    """The fields as the document holds them: the state as its name."""
+    return {name: value.value if isinstance(value, JobState) else value for name, value in fields.items()}
 
 
 @dataclass(frozen=True)
 class Change:
     update: Doc  # the database's: $set / $unset / $inc
-    fields: Doc  # what the job in memory takes
-    removed: tuple[str, ...] = ()  # what the job in memory loses
+    fields: Fields  # what the job in memory takes
 
-    def apply(self, job: Doc) -> None:
-        job.update(self.fields)
-        for key in self.removed:
-            job.pop(key, None)
+    def apply(self, job: Job) -> None:
+        for name, value in self.fields.items():
+            setattr(job, name, value)
 
 
-def claim(job: Doc, worker: str, now: datetime, lease_until: datetime) -> Change:
-    running = {
-        "state": JobState.RUNNING.value,
+def claim(job: Job, worker: str, now: datetime, lease_until: datetime) -> Change:
+    running: Fields = {
+        "state": JobState.RUNNING,
         "worker": worker,
         "lease_until": lease_until,
         "started_at": now,
     }
     return Change(
-        {"$set": running, "$inc": {"attempts": 1}},
-        {**running, "attempts": int(job.get("attempts", 0)) + 1},
+        {"$set": _document(running), "$inc": {"attempts": 1}},
+        {**running, "attempts": job.attempts + 1},
     )
 
 
@@ -48,37 +66,39 @@ def finish(
     state: JobState,
     now: datetime,
     retention: timedelta,
-    fields: Doc,
+    fields: Fields,
     *,
-    stored: Doc | None = None,
+    stored: Fields | None = None,
     dropped: Iterable[str] = (),
 ) -> Change:
     """A terminal transition: `slot` is unset (the queue place is freed in the same write) and
     `expire_at` set (the TTL index turns it into the history retention). `stored`: what the
     database keeps instead of `fields` (a redacted result); `dropped`: fields history does not
     keep (the prompt with `store_prompts` off)."""
-    ended = {"state": state.value, "finished_at": now}
+    ended: Fields = {"state": state, "finished_at": now}
     return Change(
         {
-            "$set": {**ended, "expire_at": now + retention, **(fields if stored is None else stored)},
+            "$set": {
+                **_document(ended),
+                "expire_at": now + retention,
+                **_document(fields if stored is None else stored),
+            },
             "$unset": {"slot": "", "lease_until": "", "not_before": "", **dict.fromkeys(dropped, "")},
         },
         {**ended, **fields},
     )
 
 
-def requeue(job: Doc, not_before: datetime, error: Doc) -> Change:
+def requeue(job: Job, not_before: datetime, error: Doc) -> Change:
     """Back to the queue after a failed or lost attempt, with a fresh queue-wait deadline: the
     time spent running does not count against the wait of the retry."""
-    deadline = not_before + timedelta(seconds=float(job.get("queue_timeout_s", 300)))
-    queued = {
-        "state": JobState.QUEUED.value,
+    queued: Fields = {
+        "state": JobState.QUEUED,
         "not_before": not_before,
-        "queue_deadline": deadline,
+        "queue_deadline": not_before + timedelta(seconds=job.queue_timeout_s),
         "last_error": error,
     }
     return Change(
-        {"$set": queued, "$unset": {"worker": "", "lease_until": ""}},
-        queued,
-        removed=("worker", "lease_until"),
+        {"$set": _document(queued), "$unset": {"worker": "", "lease_until": ""}},
+        {**queued, "worker": None, "lease_until": None},
     )

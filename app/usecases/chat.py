@@ -19,7 +19,8 @@ from app.history.missing import MissingModels
 from app.models import ModelRegistry
 from app.queue.delivery import StreamEvent
 from app.queue.idempotency import admit_or_reuse
-from app.queue.jobs import Doc, JobState, ListingCursor, Submission, request_fingerprint
+from app.queue.job import Doc, Job, JobState
+from app.queue.jobs import ListingCursor, Submission, request_fingerprint
 from app.queue.priority import Priority
 from app.queue.service import JobQueue
 
@@ -79,10 +80,10 @@ class ChatService:
         client_id: str,
         priority: Priority,
         idempotency_key: str | None,
-    ) -> Doc:
-        """Return the job's terminal document (the API turns failures into errors)."""
-        doc, _ = await self._admit_once(principal, request, client_id, priority, idempotency_key)
-        return await self.outcome(doc)  # a repeated key: the same job's outcome, never a second inference
+    ) -> Job:
+        """Return the job once it has ended (the API turns failures into errors)."""
+        job, _ = await self._admit_once(principal, request, client_id, priority, idempotency_key)
+        return await self.outcome(job)  # a repeated key: the same job's outcome, never a second inference
 
     async def submit(
         self,
@@ -91,12 +92,12 @@ class ChatService:
         client_id: str,
         priority: Priority,
         idempotency_key: str | None,
-    ) -> Doc:
+    ) -> Job:
         """Admit without waiting (POST /api/jobs); a repeated key returns the job it made."""
-        doc, admitted = await self._admit_once(principal, request, client_id, priority, idempotency_key)
+        job, admitted = await self._admit_once(principal, request, client_id, priority, idempotency_key)
         if admitted:
-            self._queue.delivery.detach(doc["_id"])
-        return doc
+            self._queue.delivery.detach(job.id)
+        return job
 
     async def _admit_once(
         self,
@@ -107,12 +108,12 @@ class ChatService:
         idempotency_key: str | None,
         *,
         stream: bool = False,
-    ) -> tuple[Doc, bool]:
+    ) -> tuple[Job, bool]:
         """The job for this request: newly admitted (True), or the one its Idempotency-Key made.
         A streamed job is pinned to this instance, which holds its client's connection."""
         model, body = self._model_and_body(principal, request, client_id)
 
-        async def admit() -> Doc:
+        async def admit() -> Job:
             ensure_servable(self._engines, model, self._missing, client_id)
             sub = self._submission(
                 principal,
@@ -135,27 +136,27 @@ class ChatService:
         client_id: str,
         priority: Priority,
         idempotency_key: str | None = None,
-    ) -> tuple[Doc, asyncio.Queue[StreamEvent] | None]:
+    ) -> tuple[Job, asyncio.Queue[StreamEvent] | None]:
         """Admit a streamed job pinned to this instance; its events arrive on the returned queue.
 
         A repeated Idempotency-Key returns the job the key made and no queue: the caller waits
         for that job's end and replays its stored answer (a client whose stream broke gets the
         whole answer, not a second inference).
         """
-        doc, admitted = await self._admit_once(
+        job, admitted = await self._admit_once(
             principal, request, client_id, priority, idempotency_key, stream=True
         )
         if not admitted:
-            return doc, None
-        sink = self._queue.delivery.sink(doc["_id"])
+            return job, None
+        sink = self._queue.delivery.sink(job.id)
         assert sink is not None
-        return doc, sink
+        return job, sink
 
-    async def outcome(self, doc: Doc) -> Doc:
-        """The job's terminal document (waiting for it if it is still queued or running)."""
-        if JobState(doc["state"]).terminal:
-            return doc
-        return await self._queue.wait(doc)
+    async def outcome(self, job: Job) -> Job:
+        """The job once it has ended (waiting for it if it is still queued or running)."""
+        if job.state.terminal:
+            return job
+        return await self._queue.wait(job)
 
     def _model_and_body(self, principal: Principal, request: Doc, client_id: str) -> tuple[str, Doc]:
         """The canonical model name, and what the engine gets (the model is set per engine)."""
@@ -185,33 +186,32 @@ class ChatService:
             pinned_to=pinned_to,
         )
 
-    async def cancel(self, doc: Doc, reason: str) -> None:
+    async def cancel(self, job: Job, reason: str) -> None:
         """Stop the engine call if the job runs here, else end it in the database."""
-        if not self._dispatchers[doc["model"]].cancel(doc["_id"], reason):
-            await self._queue.cancel(doc["_id"], reason)
+        if not self._dispatchers[job.model].cancel(job.id, reason):
+            await self._queue.cancel(job.id, reason)
 
-    async def cancel_job(self, principal: Principal, job_id: str) -> Doc:
-        """DELETE /api/jobs/{id}: the job's document once it is cancelled.
+    async def cancel_job(self, principal: Principal, job_id: str) -> Job:
+        """DELETE /api/jobs/{id}: the job once it is cancelled.
 
         A job that ends some other way first (it succeeded a moment before) is reported as
         such rather than claimed cancelled. A job running on another instance is marked
         cancelled here; that instance stops its engine call at its next lease heartbeat, and
         a result it gets before then loses its write (conditional on the job's revision).
         """
-        doc = await self.job(principal, job_id)
-        if doc is None:
+        job = await self.job(principal, job_id)
+        if job is None:
             raise JobNotFound(job_id)
-        state = JobState(doc["state"])
-        if state.terminal:
-            raise JobAlreadyFinished(job_id, state.value)
+        if job.state.terminal:
+            raise JobAlreadyFinished(job_id, job.state.value)
         reason = f"cancelled by {principal.subject}"
-        if self._dispatchers[doc["model"]].cancel(job_id, reason):
-            final = await self._queue.wait(doc)  # the engine call stops, then the job is written
+        if self._dispatchers[job.model].cancel(job_id, reason):
+            final = await self._queue.wait(job)  # the engine call stops, then the job is written
         else:
             await self._queue.cancel(job_id, reason)
-            final = await self._queue.store.get(job_id) or doc
-        if final["state"] != JobState.CANCELLED.value:
-            raise JobAlreadyFinished(job_id, final["state"])
+            final = await self._queue.store.get(job_id) or job
+        if final.state != JobState.CANCELLED:
+            raise JobAlreadyFinished(job_id, final.state.value)
         return final
 
     async def jobs(
@@ -223,7 +223,7 @@ class ChatService:
         before: datetime | None,
         limit: int,
         after: ListingCursor | None = None,
-    ) -> list[Doc]:
+    ) -> list[Job]:
         """The caller's own jobs, newest first; admins see everyone's."""
         return await self._queue.store.listing(
             owner=None if principal.is_admin else principal.subject,
@@ -234,11 +234,11 @@ class ChatService:
             after=after,
         )
 
-    async def position(self, doc: Doc) -> int | None:
-        return await self._queue.store.position(doc)
+    async def position(self, job: Job) -> int | None:
+        return await self._queue.store.position(job)
 
-    async def job(self, principal: Principal, job_id: str) -> Doc | None:
-        doc = await self._queue.store.get(job_id)
-        if doc is None or not (principal.is_admin or doc.get("owner") == principal.subject):
+    async def job(self, principal: Principal, job_id: str) -> Job | None:
+        job = await self._queue.store.get(job_id)
+        if job is None or not (principal.is_admin or job.owner == principal.subject):
             return None
-        return doc
+        return job

@@ -24,7 +24,8 @@ from app.ocr.pages import PageStore
 from app.ocr.requests import Output
 from app.ocr.resolution import DefaultResolution
 from app.queue.idempotency import admit_or_reuse
-from app.queue.jobs import Doc, JobState, Submission, new_job_id, request_fingerprint
+from app.queue.job import Doc, Job
+from app.queue.jobs import Submission, new_job_id, request_fingerprint
 from app.queue.priority import Priority
 from app.queue.service import JobQueue
 from app.settings import OcrSettings
@@ -98,8 +99,8 @@ class OcrService:
         idempotency_key: str | None,
         *,
         wait: bool,
-    ) -> Doc:
-        """The job's terminal document (wait) or the admitted one (background job)."""
+    ) -> Job:
+        """The job once it has ended (wait) or as admitted (background job)."""
         if not ask.document:
             raise InvalidRequest("file is empty", param="file")
         if len(ask.document) > self._settings.max_upload_bytes:
@@ -125,7 +126,7 @@ class OcrService:
             model, {**request, "document": {**request["document"], "filename": None}}
         )
 
-        async def admit() -> Doc:
+        async def admit() -> Job:
             pages = await asyncio.to_thread(self._render, ask.document, ask.pages, mode)
             request["document"]["page_numbers"] = [number for number, *_ in pages]
             ensure_servable(self._engines, model, self._missing, client_id)
@@ -148,14 +149,14 @@ class OcrService:
                 await self._pages.delete(job_id)
                 raise
 
-        doc, admitted = await admit_or_reuse(
+        job, admitted = await admit_or_reuse(
             self._queue, principal.subject, idempotency_key, fingerprint, admit
         )
         if admitted and not wait:
-            self._queue.delivery.detach(doc["_id"])
-        if not wait or JobState(doc["state"]).terminal:
-            return doc
-        return await self._queue.wait(doc)
+            self._queue.delivery.detach(job.id)
+        if not wait or job.state.terminal:
+            return job
+        return await self._queue.wait(job)
 
     def _render(self, document: bytes, pages: str | None, mode: str) -> list[tuple[int, bytes, int, int]]:
         """Check and render every selected page, sized for the mode, as PNG (in a thread)."""

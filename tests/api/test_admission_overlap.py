@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from app.queue.jobs import Doc, Submission, build_document
+from app.queue.job import Job
+from app.queue.jobs import Submission, build_job
 from app.queue.priority import Priority
 from app.queue.slots import slot_key
 from app.queue.store import JobStore
@@ -56,9 +57,9 @@ def hold_inserts(monkeypatch: pytest.MonkeyPatch, gw: GatewayClient) -> asyncio.
     real_insert = store.insert
     release = asyncio.Event()
 
-    async def held(doc: Doc) -> None:
+    async def held(job: Job) -> None:
         await release.wait()
-        await real_insert(doc)
+        await real_insert(job)
 
     monkeypatch.setattr(store, "insert", held)
     return release
@@ -129,7 +130,7 @@ async def test_a_request_admitted_while_the_start_up_claim_is_in_flight_is_queue
     real_candidates = store.queued_candidates
     claim_in_flight, release_claim = asyncio.Event(), asyncio.Event()
 
-    async def held(self: JobStore, model: str, limit: int) -> list[Doc]:
+    async def held(self: JobStore, model: str, limit: int) -> list[Job]:
         claim_in_flight.set()
         await release_claim.wait()
         return await real_candidates(self, model, limit)
@@ -171,7 +172,7 @@ async def test_an_insert_that_fails_after_the_engine_call_began_leaves_nothing(
         )
         running_elsewhere = ("other-host/1/1", now + timedelta(hours=1))
         await queue.store.insert(
-            build_document(sub, f"foreign-{index}", slot_key("m", index), now, running_elsewhere)
+            build_job(sub, f"foreign-{index}", slot_key("m", index), now, running_elsewhere)
         )
 
     response = await gw.chat("m", "no room")
@@ -184,7 +185,7 @@ async def test_an_insert_that_fails_after_the_engine_call_began_leaves_nothing(
         lambda seen: seen == (0, []),
         what="the abandoned engine call to give its place back",
     )
-    assert sorted(d["_id"] for d in await queue.store.active("m")) == ["foreign-0", "foreign-1"]
+    assert sorted(j.id for j in await queue.store.active("m")) == ["foreign-0", "foreign-1"]
     samples = await scrape(gw)  # a request that was never admitted waited in no queue
     assert value(samples, "gateway_queue_wait_seconds_count", model="m") in (None, 0.0)
     assert value(samples, "gateway_admissions_rejected_total", model="m", reason="queue_full") == 1.0

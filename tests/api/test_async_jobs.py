@@ -177,16 +177,17 @@ async def test_a_job_cancelled_through_another_instance_stops_its_engine_call_he
     (job,) = await eventually(
         lambda: queue.store.active("slow"), lambda docs: len(docs) == 1, "the job running here"
     )
-    assert dispatcher.running_ids() == [job["_id"]]
+    assert dispatcher.running_ids() == [job.id]
 
     # what another instance's DELETE writes: the job ends cancelled, its slot freed
-    assert await queue.store.cancel(job["_id"], queue.clock.now(), "cancelled by someone elsewhere")
+    assert await queue.store.cancel(job.id, queue.clock.now(), "cancelled by someone elsewhere")
 
     response = await eventually(
         lambda: asyncio.sleep(0, waiting), lambda task: task.done(), "the waiting client's answer"
     )
     assert response.result().status_code == 409, response.result().text
     assert (dispatcher.in_flight, dispatcher.running_ids()) == (0, [])  # 30 s before the engine answers
-    stored = await queue.store.get(job["_id"])
-    assert stored is not None and stored["state"] == "cancelled"
-    assert stored["error"]["message"] == "cancelled by someone elsewhere"  # nothing overwrote it
+    stored = await queue.store.get(job.id)
+    assert stored is not None and stored.state == "cancelled"
+    assert stored.error is not None
+    assert stored.error["message"] == "cancelled by someone elsewhere"  # nothing overwrote it

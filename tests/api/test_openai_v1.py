@@ -254,7 +254,7 @@ async def test_an_engine_that_reports_no_usage_in_streams_gets_none_invented(
         assert chunks[-1].choices[0].finish_reason == "stop"
     assert gw.services.queue is not None
     doc = await gw.services.queue.store.get(raw.headers["x-request-id"])
-    assert doc is not None and doc["result"]["usage"] == {}
+    assert doc is not None and doc.result is not None and doc.result["usage"] == {}
     plain = await client.chat.completions.create(model="quiet", messages=hello)  # not streamed: counted
     assert plain.usage is not None and plain.usage.completion_tokens == 5
 

@@ -68,10 +68,11 @@ async def test_an_upstream_is_served_through_the_queue_with_its_api_key(
     assert gw.services.queue is not None
     doc = await eventually(
         lambda: gw.services.queue.store.get(job_id),
-        lambda d: d is not None and d["state"] == "succeeded",
+        lambda j: j is not None and j.state == "succeeded",
         "the streamed job in history",
     )
-    assert doc is not None and doc["result"]["message"]["content"] == text and doc["attempts"] == 1
+    assert doc is not None and doc.result is not None
+    assert doc.result["message"]["content"] == text and doc.attempts == 1
 
 
 async def test_a_wrong_api_key_is_a_502_naming_the_refusal_and_is_not_retried(
@@ -100,7 +101,8 @@ async def test_a_wrong_api_key_is_a_502_naming_the_refusal_and_is_not_retried(
     assert "Unauthorized" in answer.json()["detail"]
     assert gw.services.queue is not None
     doc = await gw.services.queue.store.get(answer.json()["request_id"])
-    assert doc is not None and doc["attempts"] == 1 and doc["error"]["engine_status"] == 401
+    assert doc is not None and doc.error is not None
+    assert doc.attempts == 1 and doc.error["engine_status"] == 401
 
 
 async def test_admin_start_and_stop_of_an_upstream_are_409_with_the_reason(
@@ -147,7 +149,7 @@ async def test_an_upstream_that_goes_away_is_unavailable_and_comes_back_by_itsel
     assert answer.json()["message"]["content"] == "stub reply to: admitted before the fall"
     assert gw.services.queue is not None
     doc = await gw.services.queue.store.get(answer.json()["request_id"])
-    assert doc is not None and doc["attempts"] == 2  # one attempt lost with the server, one answered
+    assert doc is not None and doc.attempts == 2  # one attempt lost with the server, one answered
     again = await gw.chat("remote", "after the return")
     assert (
         again.status_code == 200 and again.json()["message"]["content"] == "stub reply to: after the return"

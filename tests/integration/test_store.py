@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from app.auth.ratelimit import RateLimiter
 from app.auth.tokens import Principal
 from app.clock import ManualClock
 from app.errors import RateLimited
-from app.queue.jobs import Submission, build_document
+from app.queue.jobs import Submission, build_job
 from app.queue.priority import Priority
 from app.queue.retry import RetryPolicy
 from app.queue.service import JobQueue
@@ -78,13 +79,35 @@ async def test_claim_is_in_priority_order_and_fifo(writer: BatchWriter, database
     order = [Priority.LOW, Priority.NORMAL, Priority.HIGH, Priority.LOW, Priority.HIGH]
     admitted = []
     for priority in order:
-        admitted.append((await queue.admit(_submission(priority=priority), None))["_id"])
+        admitted.append((await queue.admit(_submission(priority=priority), None)).id)
         clock.advance(0.001)
     won, _ = await queue.claim("m", 10)
-    assert [d["_id"] for d in won] == [admitted[i] for i in (2, 4, 1, 0, 3)]
-    assert all(d["attempts"] == 1 and d["worker"] == "w1" for d in won)
+    assert [j.id for j in won] == [admitted[i] for i in (2, 4, 1, 0, 3)]
+    assert all(j.attempts == 1 and j.worker == "w1" for j in won)
     again, _ = await queue.claim("m", 10)
     assert again == []  # nothing claimed twice
+
+
+async def test_the_job_in_memory_is_the_job_in_the_database_after_each_transition(
+    writer: BatchWriter, database: Database
+) -> None:
+    clock = ManualClock()
+    store = JobStore(database.jobs, writer, timedelta(days=15))
+    queue = JobQueue(store, clock, "w1", {"m": 20}, 30, 1)
+    admitted = await queue.admit(_submission(), None)
+    assert await database.jobs.find_one({"_id": admitted.id}) == admitted.to_document()
+    (job,), _ = await queue.claim("m", 1)
+    assert await store.get(job.id) == job
+    assert await queue.retry_later(job, {"type": "engine_error", "message": "boom"}, 2.0)
+    assert await store.get(job.id) == job
+    clock.advance(3)
+    (job,), _ = await queue.claim("m", 1)
+    assert await queue.succeed(job, {"message": {"role": "assistant", "content": "hi"}})
+    # on purpose: the job in memory keeps its slot (this instance frees its hint from it) and its
+    # lease and backoff; only the database's copy takes the history retention
+    expire_at = clock.now() + timedelta(days=15)
+    kept = replace(job, slot=None, lease_until=None, not_before=None, expire_at=expire_at)
+    assert await store.get(job.id) == kept
 
 
 async def test_sweeper_requeues_expired_lease_and_fails_when_retries_are_spent(
@@ -96,22 +119,24 @@ async def test_sweeper_requeues_expired_lease_and_fails_when_retries_are_spent(
     sweeper = Sweeper(queue, RetryPolicy(max_retries=3, base_seconds=0.0), lambda: [])
     now = clock.now()
     for job_id, attempts in (("lost", 1), ("spent", 4)):
-        doc = build_document(
+        job = build_job(
             _submission(), job_id, f"m#{attempts}", now, ("otherhost/1/1", now + timedelta(seconds=30))
         )
-        doc["attempts"] = attempts
-        await store.insert(doc)
+        job.attempts = attempts
+        await store.insert(job)
     assert await sweeper.sweep() == {"requeued": 0, "failed": 0, "expired": 0}  # leases still valid
     clock.advance(31)
     assert await sweeper.sweep() == {"requeued": 1, "failed": 1, "expired": 0}
     lost = await store.get("lost")
     spent = await store.get("spent")
     assert lost is not None and spent is not None
-    assert lost["state"] == "queued" and lost["last_error"]["type"] == "lease_expired"
-    assert spent["state"] == "failed" and "slot" not in spent
+    assert (
+        lost.state == "queued" and lost.last_error is not None and lost.last_error["type"] == "lease_expired"
+    )
+    assert spent.state == "failed" and spent.slot is None
     won, _ = await queue.claim("m", 1)
-    assert [d["_id"] for d in won] == ["lost"]
-    assert won[0]["attempts"] == 2
+    assert [j.id for j in won] == ["lost"]
+    assert won[0].attempts == 2
 
 
 async def test_sweeper_expires_jobs_past_their_queue_deadline(
@@ -124,9 +149,9 @@ async def test_sweeper_expires_jobs_past_their_queue_deadline(
     await queue.admit(_submission(), None)
     clock.advance(31)
     assert (await sweeper.sweep())["expired"] == 2
-    expired = await queue.store.get(job["_id"])
-    assert expired is not None and expired["state"] == "expired"
-    assert expired["expire_at"] == clock.now() + timedelta(days=15)
+    expired = await queue.store.get(job.id)
+    assert expired is not None and expired.state == "expired"
+    assert expired.expire_at == clock.now() + timedelta(days=15)
     await queue.admit(_submission(), None)  # the slots were freed
 
 
@@ -202,13 +227,13 @@ async def test_a_worker_that_lost_its_lease_cannot_finish_the_job(
     sweeper = Sweeper(other, RetryPolicy(base_seconds=0.0), lambda: [])
     assert (await sweeper.sweep())["requeued"] == 1
     (theirs,), _ = await other.claim("m", 1)
-    assert theirs["attempts"] == 2
+    assert theirs.attempts == 2
     assert not await queue.succeed(mine, {"message": {"role": "assistant", "content": "late"}})
     assert await other.succeed(theirs, {"message": {"role": "assistant", "content": "fresh"}})
-    final = await queue.store.get(mine["_id"])
+    final = await queue.store.get(mine.id)
     assert final is not None
-    assert final["state"] == "succeeded"
-    assert final["result"]["message"]["content"] == "fresh"
+    assert final.state == "succeeded"
+    assert final.result is not None and final.result["message"]["content"] == "fresh"
 
 
 async def test_rate_limit_counts_requests_made_while_a_sync_is_in_flight(database: Database) -> None:
