@@ -49,6 +49,28 @@ class StubEngine:
         )
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        """With --journal, each call is written down as it begins and ends (ended: cancelled
+        too), so a test can check that no job was ever run twice at the same time."""
+        if not self.args.journal:
+            return await self._answer(request)
+        call = uuid.uuid4().hex
+        try:
+            messages = (await request.json()).get("messages") or [{}]
+            content = _text(messages[-1])
+        except (ValueError, AttributeError, TypeError):
+            content = ""
+        self._journal({"event": "start", "call": call, "content": content})
+        try:
+            return await self._answer(request)
+        finally:
+            self._journal({"event": "end", "call": call, "content": content})
+
+    def _journal(self, entry: dict[str, Any]) -> None:
+        line = json.dumps({**entry, "pid": os.getpid(), "t": time.time()}) + "\n"
+        with open(self.args.journal, "a", encoding="utf-8") as journal:
+            journal.write(line)
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
         except ValueError:
@@ -324,6 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=16, help="default completion length")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-requests", action="store_true", help="print a line per chat request")
+    parser.add_argument("--journal", default="", help="append a JSON line as each chat call begins and ends")
     parser.add_argument("--api-key", default="", help="/v1 routes need this bearer token (vLLM's --api-key)")
     parser.add_argument(
         "--spawn-child",
