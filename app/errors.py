@@ -119,6 +119,23 @@ class QueueFull(GatewayError):
         self.retry_after_s = retry_after_s
 
 
+class ClientShareFull(GatewayError):
+    """The client already holds its fair share of the model's places; the queue has room for
+    other clients (app/queue/fairness.py). Nothing is held."""
+
+    code = "client_share_exceeded"
+
+    def __init__(
+        self, model: str, client: str, held: int, cap: int, capacity: int, retry_after_s: int
+    ) -> None:
+        super().__init__(
+            f"client {client!r} already holds {held} of the {capacity} places of model {model!r}, its "
+            f"fair share (at most {cap}); the places left are kept for other clients. Retry after "
+            f"{retry_after_s} s, or when one of your requests has ended"
+        )
+        self.retry_after_s = retry_after_s
+
+
 class BodyTooLarge(GatewayError):
     """The request body is over the configured size."""
 

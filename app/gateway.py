@@ -38,6 +38,7 @@ from app.ocr.resolution import DefaultResolution
 from app.ocr.runner import OcrRunner
 from app.prometheus import LoopLagMonitor, build_metrics
 from app.proxy.client import EngineClient
+from app.queue.fairness import ClientTerms, FairShares, Share
 from app.queue.history import HistoryPruner
 from app.queue.job import Job
 from app.queue.retry import RetryPolicy
@@ -47,7 +48,7 @@ from app.queue.store import JobStore
 from app.queue.sweeper import Sweeper, make_worker_id
 from app.scheduler import Scheduler
 from app.services import Services
-from app.settings import EngineDefaults, Settings
+from app.settings import EngineDefaults, Settings, ShareSettings
 from app.settings_loader import check_secret, environment, redact_uri
 from app.store.batch import BatchWriter
 from app.store.database import MAINTENANCE_TIMEOUT_S, Database, connect, ensure_indexes, within
@@ -161,6 +162,8 @@ class Gateway:
             s.queue.poll_interval_seconds,
             counters,
             self.metrics,
+            engine_places={name: m.max_concurrent for name, m in s.models.items()},
+            shares=fair_shares(s),
         )
         await queue.load_slots()
         users = UserService(db.users, self.clock)
@@ -385,6 +388,24 @@ async def _prune_all(db: Database, pruner: HistoryPruner, now: datetime) -> int:
     ):
         deleted += await prune_expired(collection, now)
     return deleted
+
+
+def fair_shares(settings: Settings) -> FairShares:
+    def share(given: ShareSettings) -> Share:
+        return Share(given.max_share, given.max_places)
+
+    configured = settings.fair_share
+    clients = {
+        name: ClientTerms(
+            terms.weight,
+            None
+            if terms.max_share is None and terms.max_places is None
+            else Share(terms.max_share or 1.0, terms.max_places),
+        )
+        for name, terms in configured.clients.items()
+    }
+    models = {name: share(m.fair_share) for name, m in settings.models.items() if m.fair_share is not None}
+    return FairShares(configured.enabled, share(configured), models, clients)
 
 
 def gpu_inventory(engines: EngineDefaults) -> GpuInventory:

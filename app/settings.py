@@ -217,6 +217,29 @@ class GpuNeeds(_Strict):
     devices: list[int] | None = Field(None, description="pin to these GPU indices")
 
 
+class ShareSettings(_Strict):
+    max_share: float = Field(
+        0.5, gt=0, le=1, description="a client's most places of a model (running + waiting), as a share"
+    )
+    max_places: int | None = Field(
+        None, ge=1, description="... or as a number of places (wins over max_share)"
+    )
+
+
+class ClientShareSettings(_Strict):
+    weight: float = Field(1.0, gt=0, le=1000, description="its turns against other clients' (default 1)")
+    max_share: float | None = Field(None, gt=0, le=1)
+    max_places: int | None = Field(None, ge=1)
+
+
+class FairShareSettings(ShareSettings):
+    """Fair shares between clients of a model (app/queue/fairness.py)."""
+
+    enabled: bool = True
+    # by X-Client-ID, or by the caller: a user name, or `key:<name>` for an API key
+    clients: dict[str, ClientShareSettings] = {}
+
+
 class ModelSettings(_Strict):
     kind: EngineKind
     aliases: list[str] = []
@@ -252,6 +275,7 @@ class ModelSettings(_Strict):
     startup_timeout: float | None = Field(None, gt=0, description="overrides engines.startup_timeout")
     max_concurrent: int = Field(10, ge=1, le=1024)
     max_waiting: int = Field(10, ge=0, le=10000)
+    fair_share: ShareSettings | None = None  # this model's own default share per client
     timeout: float = Field(300.0, gt=0, description="seconds a request may wait in the queue")
     request_timeout: float = Field(600.0, gt=0, description="seconds one engine call may take")
     port: int = Field(0, ge=0, le=65535)
@@ -346,6 +370,7 @@ class Settings(_Strict):
     ocr: OcrSettings = OcrSettings()
     metrics: MetricsSettings = MetricsSettings()
     autoswitch: AutoSwitchSettings = AutoSwitchSettings()
+    fair_share: FairShareSettings = FairShareSettings()
     models: dict[str, ModelSettings] = {}
 
     @model_validator(mode="after")

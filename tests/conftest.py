@@ -88,6 +88,8 @@ def make_settings(mongo_uri: str, data_dir: Path, models: dict[str, Any], **sect
         },
         "models": models,
         "rate_limit": {"per_minute": 0},  # tests poll hard; tests/api/test_security.py sets limits
+        # one test client fills whole queues; tests/api/test_fair_shares.py turns shares on
+        "fair_share": {"enabled": False},
     }
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}

@@ -35,6 +35,7 @@ _STATUS: list[tuple[type[errors.GatewayError], int]] = [
     (errors.LoginThrottled, 429),
     (errors.ModelUnavailable, 503),
     (errors.DatabaseUnavailable, 503),
+    (errors.ClientShareFull, 429),
     (errors.NotRunning, 503),
     (errors.JobTimedOut, 504),
     (errors.JobCancelled, 409),
@@ -126,7 +127,11 @@ def error_response(request: Request, exc: errors.GatewayError) -> JSONResponse:
         headers["X-Request-ID"] = job_id
     if isinstance(
         exc,
-        errors.QueueFull | errors.LoginThrottled | errors.UpstreamUnavailable | errors.DatabaseUnavailable,
+        errors.QueueFull
+        | errors.ClientShareFull
+        | errors.LoginThrottled
+        | errors.UpstreamUnavailable
+        | errors.DatabaseUnavailable,
     ):
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, errors.RateLimited):

@@ -12,7 +12,7 @@ from app.api.deps import AdminDep, ServicesDep
 from app.api.engine_views import gpus_view
 from app.engines.lifecycle import EngineRecord, EngineState
 from app.engines.process import log_tail, tree_rss_bytes
-from app.queue.job import JobState
+from app.queue.job import Job, JobState
 from app.services import Services
 
 router = APIRouter(prefix="/admin")
@@ -202,4 +202,27 @@ async def queue_stats(model: str, svc: ServicesDep, _: AdminDep) -> dict[str, An
         "expired": totals["expired"],
         "cancelled": totals["cancelled"],
         "retries": totals["retries"],
+        "clients": _clients_view(svc, name, active),
     }
+
+
+def _clients_view(svc: Services, model: str, active: list[Job], top: int = 10) -> list[dict[str, Any]]:
+    """Who holds the queue: each client's running and waiting jobs and its fair-share cap, the
+    largest holders first (top N)."""
+    cfg = svc.registry.models[model]
+    capacity = cfg.max_concurrent + cfg.max_waiting
+    held: dict[tuple[str, str], list[int]] = {}
+    for job in active:
+        counts = held.setdefault((job.owner, job.client_id), [0, 0])
+        counts[0 if job.state == JobState.RUNNING else 1] += 1
+    ranked = sorted(held.items(), key=lambda item: (-sum(item[1]), item[0]))[:top]
+    return [
+        {
+            "client_id": client,
+            "owner": owner,
+            "processing": running,
+            "waiting": waiting,
+            "max_places": svc.queue.share_gate.shares.cap(model, capacity, cfg.max_concurrent, client, owner),
+        }
+        for (owner, client), (running, waiting) in ranked
+    ]

@@ -23,8 +23,10 @@ from app.errors import JobNotFound, QueueFull
 from app.logs import event
 from app.metrics import Metrics
 from app.queue.delivery import Delivery
+from app.queue.fairness import FairShares, fair_order
 from app.queue.job import Doc, Job, JobState
 from app.queue.jobs import Submission, build_job, new_job_id
+from app.queue.shares import ShareGate
 from app.queue.slots import SlotBook, slot_index, slot_key
 from app.queue.stats import OutcomeCounters
 from app.queue.store import JobStore
@@ -53,8 +55,12 @@ class JobQueue:
         poll_interval: float,
         counters: OutcomeCounters | None = None,
         metrics: Metrics | None = None,
+        *,
+        engine_places: dict[str, int] | None = None,
+        shares: FairShares | None = None,
     ) -> None:
         self.store = store
+        self.share_gate = ShareGate(store, shares or FairShares(enabled=False), engine_places or {}, metrics)
         self.clock = clock
         self.worker_id = worker_id
         self.lease = timedelta(seconds=lease_seconds)
@@ -93,6 +99,12 @@ class JobQueue:
         """
         book = self._books[sub.model]
         job_id = job_id or new_job_id()
+        async with self.share_gate.place(sub, job_id, book.capacity, book.taken, direct):
+            return await self._admit_within_share(sub, job_id, book, direct)
+
+    async def _admit_within_share(
+        self, sub: Submission, job_id: str, book: SlotBook, direct: DirectStart | None
+    ) -> Job:
         if sub.pinned_to is not None:
             self.delivery.open_sink(job_id)  # before the insert: a direct start may stream at once
         try:
@@ -259,8 +271,12 @@ class JobQueue:
     # -- transitions -----------------------------------------------------------------------
 
     async def candidates(self, model: str, limit: int) -> list[Job]:
-        """The queued jobs a claim of `limit` would look at, in priority order (read only)."""
-        return await self.store.queued_candidates(model, limit + 10)
+        """The queued jobs a claim of `limit` would look at, in claim order: priority, then
+        clients in turn (app/queue/fairness.py). Read only."""
+        live = await self.store.live(model)
+        queued = [job for job in live if job.state == JobState.QUEUED]
+        running = [job for job in live if job.state == JobState.RUNNING]
+        return fair_order(queued, running, self.share_gate.shares)[: limit + 10]
 
     async def claim(
         self, model: str, limit: int, read_ahead: list[Job] | None = None

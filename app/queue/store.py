@@ -86,12 +86,10 @@ class JobStore:
         cursor = self._jobs.find({"slot": {"$in": slot_keys}}, {"slot": 1, "state": 1})
         return [doc["slot"] async for doc in cursor]
 
-    async def queued_candidates(self, model: str, limit: int) -> list[Job]:
-        cursor = (
-            self._jobs.find({**ACTIVE, "model": model, "state": JobState.QUEUED.value})
-            .sort([("priority_rank", 1), ("enqueued_at", 1)])
-            .limit(limit)
-        )
+    async def live(self, model: str) -> list[Job]:
+        """The model's queued and running jobs, requests included (at most max_concurrent +
+        max_waiting): a claim orders the queued ones by the running ones' clients."""
+        cursor = self._jobs.find({**ACTIVE, "model": model})
         return [Job.from_document(doc) async for doc in cursor]
 
     async def active(self, model: str | None = None) -> list[Job]:

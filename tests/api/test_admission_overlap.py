@@ -127,15 +127,15 @@ async def test_a_request_admitted_while_the_start_up_claim_is_in_flight_is_queue
     started before jobs the claim may find, and is not lost either; once its insert is
     journaled the dispatcher claims it without waiting for the (600 s) poll."""
     store = JobStore  # the claim's read of waiting jobs, held as a slow database would
-    real_candidates = store.queued_candidates
+    real_candidates = store.live
     claim_in_flight, release_claim = asyncio.Event(), asyncio.Event()
 
-    async def held(self: JobStore, model: str, limit: int) -> list[Job]:
+    async def held(self: JobStore, model: str) -> list[Job]:
         claim_in_flight.set()
         await release_claim.wait()
-        return await real_candidates(self, model, limit)
+        return await real_candidates(self, model)
 
-    monkeypatch.setattr(store, "queued_candidates", held)
+    monkeypatch.setattr(store, "live", held)
     gw = await gateway_factory({"demo": stub("--log-requests")}, queue=DIRECT_STARTS)
     await asyncio.wait_for(claim_in_flight.wait(), timeout=20)
     assert not gw.services.dispatchers["demo"].starts_at_once()

@@ -46,6 +46,7 @@ class Daemon:
             },
             "models": models,
             "rate_limit": {"per_minute": 0},  # load tests of the queue, not of the rate limit
+            "fair_share": {"enabled": False},  # nor of fair shares (one client fills the queue)
         }
         config.update(sections)
         self._config = config
