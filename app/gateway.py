@@ -152,7 +152,9 @@ class Gateway:
             store_prompts=s.history.store_prompts,
             store_outputs=s.history.store_outputs,
         )
-        counters = OutcomeCounters(db.queue_stats)
+        tally_lease = Lease(db.leaders, "outcome-totals", self.worker_id, self.clock)
+        counters = OutcomeCounters(db.queue_stats, db.jobs, tally_lease)
+        stack.push_async_callback(release_quietly, tally_lease)  # after the last tally, at stop
         queue = JobQueue(
             store,
             self.clock,
@@ -337,11 +339,7 @@ class Gateway:
             with within(MAINTENANCE_TIMEOUT_S):  # reads the history in bulk
                 return await usage.roll()
 
-        async def release_rollup_lease() -> None:
-            with contextlib.suppress(Exception):  # a lapsed lease does the same, a minute later
-                await rollup_lease.release()
-
-        stack.push_async_callback(release_rollup_lease)
+        stack.push_async_callback(release_quietly, rollup_lease)
         scheduler.every(s.history.rollup_interval_seconds, "usage-rollup", roll_usage)
         scheduler.every(switcher.config.interval_s, AUTOSWITCH_JOB, switcher.run_scheduled)
         prune = s.history.prune
@@ -360,6 +358,12 @@ class Gateway:
             await dispatcher.drain(self._grace_s)
         for dispatcher in dispatchers.values():
             await dispatcher.stop()
+
+
+async def release_quietly(lease: Lease) -> None:
+    """At stop: the next instance need not wait for the lease to lapse (it does the same later)."""
+    with contextlib.suppress(Exception):
+        await lease.release()
 
 
 def _url_of(engines: EngineManager, name: str) -> Callable[[], str | None]:

@@ -21,9 +21,7 @@ import itertools
 import json
 import os
 import random
-import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,15 +32,8 @@ from typing import Any
 
 import httpx
 import psutil
-import yaml
+from gateway_process import GatewayProcess
 from pymongo import AsyncMongoClient
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from app.auth.tokens import TokenService  # noqa: E402 - after the path is set
-from app.clock import SystemClock  # noqa: E402
-from app.store.embedded import free_port  # noqa: E402
 
 Doc = dict[str, Any]
 MODEL = "chaos"
@@ -61,121 +52,8 @@ class Seen:
     faults: Counter[str] = field(default_factory=Counter)
 
 
-class Gateway:
-    """One gateway process and its configuration; stopped by pid only."""
-
-    def __init__(self, tmp: Path, journal: Path, latency_ms: int) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.data_dir = tmp / "data"
-        self.secret = secrets.token_hex(32)
-        self.log = tmp / "gateway.log"
-        engine = {
-            "kind": "stub",
-            "args": ["--latency-ms", str(latency_ms), "--journal", str(journal)],
-            "max_concurrent": 4,
-            "max_waiting": 8,
-        }
-        config = {
-            "server": {"port": self.port, "log_level": "INFO"},
-            "data_dir": str(self.data_dir),
-            "queue": {
-                "lease_seconds": 3,
-                "heartbeat_seconds": 1,
-                "sweep_interval_seconds": 0.5,
-                "poll_interval_seconds": 0.5,
-                "retry_backoff_seconds": 0.1,
-                "max_retries": 5,
-            },
-            "engines": {"health_interval": 0.5},
-            "rate_limit": {"per_minute": 0},
-            "models": {MODEL: engine},
-        }
-        self.config = tmp / "config.yaml"
-        self.config.write_text(yaml.safe_dump(config))
-        tokens = TokenService(
-            self.secret, "model-gateway", "model-gateway-clients", 3600, 3600, SystemClock()
-        )
-        self.token = tokens.issue("chaos", "client")
-        self.admin_token = tokens.issue("chaos-admin", "admin")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.pids: set[int] = set()  # every engine and database pid seen, checked at the end
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "MONGODB_"))}
-        env["GATEWAY_JWT_SECRET"] = self.secret
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "app", "--config", str(self.config)],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def db_pid(self) -> int | None:
-        try:
-            return int(json.loads((self.data_dir / "db.pid").read_text())["pid"])
-        except (OSError, ValueError, KeyError):
-            return None
-
-    def db_uri(self) -> str:
-        port = json.loads((self.data_dir / "db.pid").read_text())["port"]
-        return f"mongodb://127.0.0.1:{port}/?directConnection=true"
-
-    async def wait_ready(self, client: httpx.AsyncClient, timeout_s: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.proc.returncode}; see {self.log}")
-            try:
-                body = (await client.get(f"{self.url}/health", timeout=5)).json()
-                if body["status"] == "healthy" and body["engines"][MODEL]["state"] == "ready":
-                    await self._ensure_users()
-                    return
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            await asyncio.sleep(0.2)
-        raise RuntimeError(f"gateway not ready within {timeout_s} s; see {self.log}")
-
-    async def _ensure_users(self) -> None:
-        db: AsyncMongoClient[Doc] = AsyncMongoClient(self.db_uri())
-        try:
-            for name, role in (("chaos", "client"), ("chaos-admin", "admin")):
-                await db.gateway.users.update_one(
-                    {"_id": name},
-                    {"$setOnInsert": {"role": role, "disabled": False, "password_hash": "!unusable"}},
-                    upsert=True,
-                )
-        finally:
-            await db.close()
-
-    async def engine_pid(self, client: httpx.AsyncClient) -> int | None:
-        answer = await client.get(
-            f"{self.url}/admin/models", headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=5
-        )
-        for model in answer.json().get("models", []):
-            if model["name"] == MODEL and model.get("pid"):
-                self.pids.add(int(model["pid"]))
-                return int(model["pid"])
-        return None
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def terminate(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=90)
-
-
 async def one_request(
-    client: httpx.AsyncClient, gw: Gateway, key: str, seen: Seen, stop_retrying: asyncio.Event
+    client: httpx.AsyncClient, gw: GatewayProcess, key: str, seen: Seen, stop_retrying: asyncio.Event
 ) -> None:
     """Send until answered (200), refused (429), or the run's retry window closed."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": key}]}
@@ -204,7 +82,7 @@ async def one_request(
 
 
 async def clients(
-    gw: Gateway, count: int, stop_sending: asyncio.Event, stop_retrying: asyncio.Event, seen: Seen
+    gw: GatewayProcess, count: int, stop_sending: asyncio.Event, stop_retrying: asyncio.Event, seen: Seen
 ) -> None:
     async def one_client(index: int) -> None:
         async with httpx.AsyncClient() as client:
@@ -216,7 +94,9 @@ async def clients(
     await asyncio.gather(*(one_client(i) for i in range(count)))
 
 
-async def faults(gw: Gateway, rng: random.Random, stop: asyncio.Event, seen: Seen, every_s: float) -> None:
+async def faults(
+    gw: GatewayProcess, rng: random.Random, stop: asyncio.Event, seen: Seen, every_s: float
+) -> None:
     async with httpx.AsyncClient() as client:
         while not stop.is_set():
             try:
@@ -233,7 +113,7 @@ async def faults(gw: Gateway, rng: random.Random, stop: asyncio.Event, seen: See
             print(f"# fault: {fault}", file=sys.stderr, flush=True)
 
 
-async def inject(fault: str, gw: Gateway, rng: random.Random, client: httpx.AsyncClient) -> None:
+async def inject(fault: str, gw: GatewayProcess, rng: random.Random, client: httpx.AsyncClient) -> None:
     if fault == "kill_gateway":
         gw.kill9()
         await asyncio.sleep(rng.uniform(0.2, 2.0))
@@ -251,7 +131,7 @@ async def inject(fault: str, gw: Gateway, rng: random.Random, client: httpx.Asyn
             await asyncio.sleep(rng.uniform(1.0, 3.0))
             os.kill(pid, signal.SIGCONT)
     else:
-        pid = await gw.engine_pid(client)
+        pid = await gw.engine_pid(client, MODEL)
         if pid is None or not alive(pid):
             raise ProcessLookupError(pid)
         os.killpg(os.getpgid(pid), signal.SIGKILL)
@@ -286,7 +166,7 @@ def ran_twice_at_once(journal: Path) -> list[str]:
     return overlapping
 
 
-async def check(gw: Gateway, seen: Seen, journal: Path) -> Doc:
+async def check(gw: GatewayProcess, seen: Seen, journal: Path) -> Doc:
     db: AsyncMongoClient[Doc] = AsyncMongoClient(gw.db_uri(), tz_aware=True)
     try:
         jobs = {
@@ -332,7 +212,7 @@ async def check(gw: Gateway, seen: Seen, journal: Path) -> Doc:
     }
 
 
-async def until_settled(gw: Gateway, timeout_s: float) -> None:
+async def until_settled(gw: GatewayProcess, timeout_s: float) -> None:
     """Every admitted job terminal (or the deadline: the check then names what is not)."""
     deadline = time.monotonic() + timeout_s
     db: AsyncMongoClient[Doc] = AsyncMongoClient(gw.db_uri())
@@ -351,14 +231,32 @@ async def run(args: argparse.Namespace) -> Doc:
     tmp = Path(tempfile.mkdtemp(prefix="chaos-"))
     journal = tmp / "engine-journal.jsonl"
     journal.touch()
-    gw = Gateway(tmp, journal, args.latency_ms)
+    engine = {
+        "kind": "stub",
+        "args": ["--latency-ms", str(args.latency_ms), "--journal", str(journal)],
+        "max_concurrent": 4,
+        "max_waiting": 8,
+    }
+    gw = GatewayProcess(
+        tmp,
+        {MODEL: engine},
+        queue={
+            "lease_seconds": 3,
+            "heartbeat_seconds": 1,
+            "sweep_interval_seconds": 0.5,
+            "poll_interval_seconds": 0.5,
+            "retry_backoff_seconds": 0.1,
+            "max_retries": 5,
+        },
+        engines={"health_interval": 0.5},
+    )
     seen = Seen()
     gw.start()
     try:
         async with httpx.AsyncClient() as client:
             await gw.wait_ready(client)
             gw.pids.add(gw.db_pid() or 0)
-            await gw.engine_pid(client)
+            await gw.engine_pid(client, MODEL)
         stop_sending, stop_retrying = asyncio.Event(), asyncio.Event()
         load = asyncio.create_task(clients(gw, args.clients, stop_sending, stop_retrying, seen))
         chaos = asyncio.create_task(faults(gw, rng, stop_sending, seen, args.fault_every))
@@ -367,7 +265,7 @@ async def run(args: argparse.Namespace) -> Doc:
         await chaos
         async with httpx.AsyncClient() as client:
             await gw.wait_ready(client)  # the last fault may have left it restarting
-            await gw.engine_pid(client)
+            await gw.engine_pid(client, MODEL)
         retry_window = asyncio.get_running_loop().call_later(60, stop_retrying.set)
         await load
         retry_window.cancel()

@@ -261,10 +261,6 @@ class JobQueue:
             book.release(slot_index(job.slot))
         self._local.discard(job.id)
         timed_out = outcome == "failed" and (job.error or {}).get("type") == "timeout"
-        if self.counters is not None:
-            self.counters.record(job.model, outcome)
-            if timed_out:
-                self.counters.record(job.model, "timeouts")
         self._metrics.job_finished(job.model, "timeout" if timed_out else outcome)
         self.delivery.deliver(job)
 
@@ -353,7 +349,7 @@ class JobQueue:
             return False
         if await self.store.requeue(job, self.clock.now() + timedelta(seconds=delay_s), error):
             if self.counters is not None:
-                self.counters.record(job.model, "retries")
+                self.counters.record_retry(job.model)
             self._metrics.retry(job.model)
             self._wake(job.model)
             return True

@@ -1,10 +1,25 @@
-"""Per-model outcome totals (succeeded, failed, expired, ...) for the admin queue view.
+"""Per-model outcome totals (succeeded, failed, expired, ...) for the admin queue view: exact,
+and never going backwards.
 
-Counting finished jobs in history costs SecantusDB ~35 ms per 1,000 documents, so
-/admin/queue would take seconds with 15 days of history. Instead each instance counts the
-terminal transitions it makes in memory and adds them to one `queue_stats` document per model
-every couple of seconds: one write per interval, none on the request path. A crash can lose
-the last interval's increments; the jobs themselves (the durable record) are never affected.
+Counting finished jobs in history costs SecantusDB ~35 ms per 1,000 documents, so the totals
+live in one `queue_stats` document per model. They used to be counted in memory and added every
+2 s, so a kill -9 lost the last interval: 10 jobs done, a crash, and `total_processed` read 5
+(a counter that goes backwards breaks every rate() on it). Now the terminal transition itself
+marks the job `uncounted` (its outcomes) in the same journaled write that ends it
+(app/queue/transitions.py), and a tally pass moves those marks into the totals exactly once:
+
+1. the totals take the batch's counts and remember its job ids (`pending`) in one atomic update
+   of the model's document;
+2. the marks are taken off those jobs (`pending` is kept, marked settled).
+
+A pass that dies after 1 is finished by the next one (it takes the marks off `pending`'s jobs
+without counting them again); a job ends only once, so its mark never changes under the pass.
+One instance tallies at a time (a lease). A reader adds the marks not yet tallied (a small read
+through a sparse index), the jobs read before the totals and `pending`'s excluded, so what it
+gets is exact at any moment of a pass, on every instance, and never smaller than before.
+
+Retries are not an outcome (a job is requeued many times): they are counted in memory and added
+every interval, and a crash can lose the last interval's retries.
 """
 
 from __future__ import annotations
@@ -14,32 +29,85 @@ from typing import Any
 
 from pymongo.asynchronous.collection import AsyncCollection
 
+from app.queue.transitions import UNCOUNTED
+from app.store.lease import Lease
+
 Doc = dict[str, Any]
 OUTCOMES = ("succeeded", "failed", "expired", "cancelled", "timeouts", "retries")
+BATCH = 1000
+LEASE_S = 30.0
 
 
 class OutcomeCounters:
-    def __init__(self, collection: AsyncCollection[Doc]) -> None:
-        self._collection = collection
-        self._pending: dict[str, Counter[str]] = {}
+    def __init__(
+        self, stats: AsyncCollection[Doc], jobs: AsyncCollection[Doc], lease: Lease | None = None
+    ) -> None:
+        self._stats = stats
+        self._jobs = jobs
+        self._lease = lease  # None: this instance tallies without asking (one instance, tests)
+        self._retries: Counter[str] = Counter()
 
-    def record(self, model: str, outcome: str) -> None:
-        self._pending.setdefault(model, Counter())[outcome] += 1
+    def record_retry(self, model: str) -> None:
+        self._retries[model] += 1
 
     async def flush(self) -> None:
-        pending, self._pending = self._pending, {}
-        for model, counts in pending.items():
+        """One interval: this instance's retries, then (by the lease holder) a tally pass."""
+        await self._flush_retries()
+        if self._lease is None or await self._lease.hold(LEASE_S):
+            await self.tally()
+
+    async def _flush_retries(self) -> None:
+        pending, self._retries = self._retries, Counter()
+        for model, n in pending.items():
             try:
-                await self._collection.update_one(
-                    {"_id": model}, {"$inc": {f"counts.{k}": v for k, v in counts.items()}}, upsert=True
-                )
+                await self._stats.update_one({"_id": model}, {"$inc": {"counts.retries": n}}, upsert=True)
             except Exception:
-                for outcome, n in counts.items():  # keep them for the next flush
-                    self._pending.setdefault(model, Counter())[outcome] += n
+                self._retries[model] += n  # kept for the next interval
                 raise
 
+    async def tally(self) -> int:
+        """Move the outcomes of ended jobs into the totals, exactly once; returns how many jobs."""
+        await self._settle()
+        marked: dict[str, list[Doc]] = {}
+        async for job in self._jobs.find({UNCOUNTED: {"$exists": True}}, {"model": 1, UNCOUNTED: 1}).limit(
+            BATCH
+        ):
+            marked.setdefault(str(job["model"]), []).append(job)
+        for model, jobs in marked.items():
+            counts = Counter(outcome for job in jobs for outcome in job[UNCOUNTED])
+            ids = [job["_id"] for job in jobs]
+            await self._stats.update_one(
+                {"_id": model},
+                {
+                    "$inc": {f"counts.{k}": v for k, v in counts.items()},
+                    "$set": {"pending": ids, "settled": False},
+                },
+                upsert=True,
+            )
+            await self._unmark(model, ids)
+        return sum(len(jobs) for jobs in marked.values())
+
+    async def _settle(self) -> None:
+        """A pass that died between counting and unmarking: its jobs are unmarked, not recounted."""
+        async for doc in self._stats.find({"settled": False}, {"pending": 1}):
+            await self._unmark(doc["_id"], list(doc.get("pending", [])))
+
+    async def _unmark(self, model: str, ids: list[Any]) -> None:
+        await self._jobs.update_many({"_id": {"$in": ids}}, {"$unset": {UNCOUNTED: ""}})
+        await self._stats.update_one({"_id": model}, {"$set": {"settled": True}})
+
     async def totals(self, model: str) -> dict[str, int]:
-        doc = await self._collection.find_one({"_id": model}) or {}
+        """Exact now: the totals plus the marks not yet tallied (the jobs are read first: a pass
+        that counts a batch between the two reads is then seen in `pending`, not twice)."""
+        untallied = {
+            job["_id"]: job[UNCOUNTED]
+            async for job in self._jobs.find({UNCOUNTED: {"$exists": True}, "model": model}, {UNCOUNTED: 1})
+        }
+        doc = await self._stats.find_one({"_id": model}) or {}
+        counted = set(doc.get("pending", []))
+        extra = Counter(
+            o for job_id, outcomes in untallied.items() if job_id not in counted for o in outcomes
+        )
+        extra["retries"] += self._retries[model]
         stored = doc.get("counts", {})
-        local = self._pending.get(model, Counter())
-        return {k: int(stored.get(k, 0)) + local[k] for k in OUTCOMES}
+        return {k: int(stored.get(k, 0)) + extra[k] for k in OUTCOMES}

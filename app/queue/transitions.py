@@ -16,6 +16,8 @@ from typing import TypedDict
 
 from app.queue.job import Doc, Job, JobState
 
+UNCOUNTED = "uncounted"  # an ended job's outcomes, until its model's totals have them
+
 
 class Fields(TypedDict, total=False):
     """What a transition sets, by the Job's attribute names: the document's keys (a transition
@@ -82,11 +84,19 @@ def finish(
                 **_document(ended),
                 "expire_at": now + retention,
                 **_document(fields if stored is None else stored),
+                UNCOUNTED: outcomes(state, fields),  # the totals take it from here (app/queue/stats.py)
             },
             "$unset": {"slot": "", "lease_until": "", "not_before": "", **dict.fromkeys(dropped, "")},
         },
         {**ended, **fields},
     )
+
+
+def outcomes(state: JobState, fields: Fields) -> list[str]:
+    """What an ended job adds to its model's totals: its state, and `timeouts` for a job that
+    failed by the processing timeout."""
+    timed_out = state == JobState.FAILED and (fields.get("error") or {}).get("type") == "timeout"
+    return [state.value, "timeouts"] if timed_out else [state.value]
 
 
 def requeue(job: Job, not_before: datetime, error: Doc) -> Change:

@@ -119,6 +119,8 @@ JOB_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
     # equality query (a full scan, ~250 ms at 20k jobs), but it does use a sparse one
     "idempotency_unique": ([("idempotency_scope", ASCENDING)], {"unique": True, "sparse": True}),
     "history_ttl": ([("expire_at", ASCENDING)], {"expireAfterSeconds": 0}),
+    # ended jobs whose outcomes the totals do not have yet (app/queue/stats.py): a handful
+    "uncounted_sparse": ([("uncounted", ASCENDING)], {"sparse": True}),
     "claim_order": (
         [
             ("model", ASCENDING),

@@ -5,8 +5,10 @@ request with the same Idempotency-Key gets that job's result without a second in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -283,3 +285,57 @@ async def test_kill9_while_an_engine_loads_kills_it_if_its_config_changed(
     assert "engine.orphan_stopped" in log and "configuration changed since it was started" in log
     assert daemon.terminate() in (0, -signal.SIGTERM)
     assert _alive([old, new]) == []
+
+
+async def test_totals_are_exact_after_a_machine_crash(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """10 jobs done, then gateway, database and engine killed together (a machine crash): the
+    totals read 10 after the restart, as before it; they never go back to what was last flushed."""
+    daemon = Daemon(tmp_path, {"fast": {"kind": "stub", "max_concurrent": 4, "max_waiting": 6}})
+    daemons.append(daemon)
+    daemon.start()
+    await daemon.wait_healthy()
+    admin = {"Authorization": f"Bearer {daemon.admin_token}"}
+    async with httpx.AsyncClient() as client:
+
+        async def total_processed() -> int:
+            answer = await client.get(f"{daemon.url}/admin/queue/fast", headers=admin, timeout=10)
+            return int(answer.json()["total_processed"])
+
+        answers = await asyncio.gather(
+            *(
+                client.post(
+                    f"{daemon.url}/api/chat",
+                    json={"model": "fast", "messages": [{"role": "user", "content": f"n{i}"}]},
+                    headers={"Authorization": f"Bearer {daemon.token}", "X-Client-ID": "books"},
+                    timeout=60,
+                )
+                for i in range(10)
+            )
+        )
+        assert [a.status_code for a in answers] == [200] * 10
+        assert await total_processed() == 10
+        machine = [daemon.proc.pid if daemon.proc else 0, daemon.db_pid(), *daemon.children_pids()]
+        for pid in dict.fromkeys(machine):  # all at once, as a power cut would
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+        assert daemon.proc is not None
+        daemon.proc.wait(timeout=10)
+
+        daemon.start()
+        await daemon.wait_healthy()
+        assert await total_processed() == 10
+        tallied = await eventually(
+            _uncounted_jobs_of(daemon), lambda n: n == 0, "the outcomes tallied into the totals", 30
+        )
+        assert tallied == 0 and await total_processed() == 10  # and not counted a second time
+
+
+def _uncounted_jobs_of(daemon: Daemon) -> Callable[[], Awaitable[int]]:
+    async def count() -> int:
+        client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(daemon.db_uri())
+        try:
+            return await client.gateway.jobs.count_documents({"uncounted": {"$exists": True}})
+        finally:
+            await client.close()
+
+    return count

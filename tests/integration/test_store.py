@@ -19,8 +19,10 @@ from app.queue.jobs import Submission, build_job
 from app.queue.priority import Priority
 from app.queue.retry import RetryPolicy
 from app.queue.service import JobQueue
+from app.queue.stats import OutcomeCounters
 from app.queue.store import JobStore
 from app.queue.sweeper import Sweeper, worker_is_dead
+from app.queue.transitions import UNCOUNTED
 from app.store.batch import BatchWriter, DuplicateKey
 from app.store.database import Database
 from app.store.embedded import EmbeddedDatabase, ping
@@ -200,19 +202,64 @@ async def test_history_pruner_deletes_only_expired_history(writer: BatchWriter, 
     assert sorted(await database.jobs.distinct("_id")) == ["active", "fresh"]
 
 
-async def test_outcome_counters_survive_flush_and_add_up(database: Database) -> None:
-    from app.queue.stats import OutcomeCounters
+async def _ended_jobs(writer: BatchWriter, database: Database, counters: OutcomeCounters) -> None:
+    """Three jobs end through the queue: two succeed, one fails by the processing timeout; a
+    fourth is retried once and still waits."""
+    queue = JobQueue(
+        JobStore(database.jobs, writer, timedelta(days=15)), ManualClock(), "w1", {"m": 20}, 30, 1, counters
+    )
+    for _ in range(4):
+        await queue.admit(_submission(), None)
+    jobs, _ = await queue.claim("m", 4)
+    await queue.succeed(jobs[0], {"message": {"content": "a"}})
+    await queue.succeed(jobs[1], {"message": {"content": "b"}})
+    await queue.fail(jobs[2], {"type": "timeout", "message": "the engine took too long"})
+    await queue.retry_later(jobs[3], {"type": "engine_error", "message": "500"}, 0.0)
+    await writer.drain()
 
-    counters = OutcomeCounters(database.queue_stats)
-    for outcome in ("succeeded", "succeeded", "failed", "timeouts"):
-        counters.record("m", outcome)
-    assert (await counters.totals("m"))["succeeded"] == 2  # unflushed still counted
+
+def _books(totals: dict[str, int]) -> tuple[int, ...]:
+    return tuple(totals[k] for k in ("succeeded", "failed", "timeouts", "expired", "retries"))
+
+
+async def test_totals_are_exact_at_once_and_after_the_tally_on_every_instance(
+    writer: BatchWriter, database: Database
+) -> None:
+    counters = OutcomeCounters(database.queue_stats, database.jobs)
+    await _ended_jobs(writer, database, counters)
+    assert _books(await counters.totals("m")) == (2, 1, 1, 0, 1)  # nothing tallied yet
+    assert await database.jobs.count_documents({UNCOUNTED: {"$exists": True}}) == 3
+
     await counters.flush()
-    counters.record("m", "succeeded")
-    totals = await counters.totals("m")
-    assert (totals["succeeded"], totals["failed"], totals["timeouts"], totals["expired"]) == (3, 1, 1, 0)
-    again = OutcomeCounters(database.queue_stats)  # another instance sees what was flushed
-    assert (await again.totals("m"))["succeeded"] == 2
+    assert await database.jobs.count_documents({UNCOUNTED: {"$exists": True}}) == 0
+    assert _books(await counters.totals("m")) == (2, 1, 1, 0, 1)
+    another = OutcomeCounters(database.queue_stats, database.jobs)  # another instance, same books
+    assert _books(await another.totals("m")) == (2, 1, 1, 0, 1)
+    assert await another.tally() == 0  # nothing counted twice
+    assert _books(await another.totals("m")) == (2, 1, 1, 0, 1)
+
+
+async def test_a_tally_that_died_half_way_is_finished_without_counting_twice(
+    writer: BatchWriter, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counters = OutcomeCounters(database.queue_stats, database.jobs)
+    await _ended_jobs(writer, database, counters)
+
+    async def crash(*_: object) -> None:
+        raise ConnectionError("the gateway died right after the totals took the batch")
+
+    monkeypatch.setattr(counters, "_unmark", crash)
+    with pytest.raises(ConnectionError):
+        await counters.tally()
+    stats = await database.queue_stats.find_one({"_id": "m"})
+    assert stats is not None and stats["counts"]["succeeded"] == 2 and len(stats["pending"]) == 3
+    assert await database.jobs.count_documents({UNCOUNTED: {"$exists": True}}) == 3  # still marked
+
+    restarted = OutcomeCounters(database.queue_stats, database.jobs)  # after the restart
+    assert _books(await restarted.totals("m"))[:3] == (2, 1, 1)  # the marks in `pending` not added
+    assert await restarted.tally() == 0
+    assert await database.jobs.count_documents({UNCOUNTED: {"$exists": True}}) == 0
+    assert _books(await restarted.totals("m"))[:3] == (2, 1, 1)
 
 
 async def test_a_worker_that_lost_its_lease_cannot_finish_the_job(
