@@ -335,6 +335,7 @@ async def test_queue_bar_shows_processing_and_waiting(ui: Ui, daemon: Daemon) ->
         chats = [asyncio.create_task(_chat(client, daemon, i)) for i in range(4)]
         try:
             await expect(counts).to_contain_text("2 processing · 2 waiting")
+            await expect(counts).to_contain_text("held by dashboard-slow 2+2")  # who holds the queue
             await expect(page.get_by_test_id("queue-processing-slow")).to_have_attribute("data-count", "2")
             await expect(page.get_by_test_id("queue-waiting-slow")).to_have_attribute("data-count", "2")
             jobs = page.get_by_test_id("job").filter(has_text="dashboard-slow")

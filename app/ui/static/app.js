@@ -429,6 +429,11 @@ function renderQueues(names, models, queues) {
     let text = summary;
     if (fromQueue) {
       text += ` · ${num(q.total_processed)} done, ${num(q.total_failed)} failed, ${num(q.total_timeout)} timed out`;
+      // who holds the queue (fair shares): each client's running + waiting jobs, largest first
+      const holders = Array.isArray(q.clients) ? q.clients : [];
+      if (holders.length) {
+        text += ` · held by ${holders.map((c) => `${c.client_id} ${num(c.processing)}+${num(c.waiting)}`).join(", ")}`;
+      }
     } else if (queues[index]?.unavailable) {
       text += ` · queue details unavailable: ${queues[index].unavailable}`;
     }
