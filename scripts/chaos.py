@@ -97,6 +97,7 @@ async def clients(
 async def faults(
     gw: GatewayProcess, rng: random.Random, stop: asyncio.Event, seen: Seen, every_s: float
 ) -> None:
+    upcoming: list[str] = []
     async with httpx.AsyncClient() as client:
         while not stop.is_set():
             try:
@@ -104,7 +105,9 @@ async def faults(
                 return
             except TimeoutError:
                 pass
-            fault = rng.choice(FAULTS)
+            if not upcoming:  # every kind in each round, in a random order
+                upcoming = rng.sample(FAULTS, len(FAULTS))
+            fault = upcoming.pop()
             try:
                 await inject(fault, gw, rng, client)
             except ProcessLookupError:  # it had just died (a previous fault): nothing injected
@@ -166,7 +169,7 @@ def ran_twice_at_once(journal: Path) -> list[str]:
     return overlapping
 
 
-async def check(gw: GatewayProcess, seen: Seen, journal: Path) -> Doc:
+async def check(gw: GatewayProcess, seen: Seen, journal: Path, queue: Doc) -> Doc:
     db: AsyncMongoClient[Doc] = AsyncMongoClient(gw.db_uri(), tz_aware=True)
     try:
         jobs = {
@@ -175,7 +178,6 @@ async def check(gw: GatewayProcess, seen: Seen, journal: Path) -> Doc:
                 {}, {"state": 1, "result": 1, "idempotency_key": 1, "attempts": 1}
             )
         }
-        stats = await db.gateway.queue_stats.find_one({"_id": MODEL}) or {}
     finally:
         await db.close()
     not_terminal = sorted(k for k, d in jobs.items() if d["state"] not in TERMINAL)
@@ -200,14 +202,24 @@ async def check(gw: GatewayProcess, seen: Seen, journal: Path) -> Doc:
         "admitted_jobs": len(jobs),
         "job_states": dict(states),
         "retried_jobs": sum(1 for d in jobs.values() if d.get("attempts", 0) > 1),
-        # the admin view's totals (flushed every 2 s; a crash can lose the last interval's)
-        "counters_succeeded": int((stats.get("counts") or {}).get("succeeded", 0)),
+        # the admin view's totals, which must match the jobs exactly whatever was killed
+        "totals": {k: queue.get(k) for k in ("total_processed", "total_failed", "expired", "cancelled")},
         "violations": {
             "not_terminal": not_terminal,
             "lost": lost,
             "ran_twice_at_once": ran_twice_at_once(journal),
             "server_errors": server_errors,
             "unanswered_and_not_admitted": sorted(k for k in seen.unanswered if k not in jobs),
+            "totals_off": {
+                name: [queue.get(name), states.get(state, 0)]
+                for name, state in (
+                    ("total_processed", "succeeded"),
+                    ("total_failed", "failed"),
+                    ("expired", "expired"),
+                    ("cancelled", "cancelled"),
+                )
+                if queue.get(name) != states.get(state, 0)
+            },
         },
     }
 
@@ -270,7 +282,11 @@ async def run(args: argparse.Namespace) -> Doc:
         await load
         retry_window.cancel()
         await until_settled(gw, 60)
-        report = await check(gw, seen, journal)
+        async with httpx.AsyncClient() as client:
+            queue = await client.get(
+                f"{gw.url}/admin/queue/{MODEL}", headers={"Authorization": f"Bearer {gw.admin_token}"}
+            )
+        report = await check(gw, seen, journal, queue.json())
     finally:
         exit_code = gw.terminate() if gw.proc is not None else None
         left = [pid for pid in gw.pids if pid and alive(pid)]

@@ -108,14 +108,16 @@ class GatewayProcess:
             await db.close()
 
     async def engine_pid(self, client: httpx.AsyncClient, model: str) -> int | None:
+        """The model's engine pid now (remembered, so the end can check it is gone)."""
         answer = await client.get(
-            f"{self.url}/admin/models", headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=5
+            f"{self.url}/admin/models/{model}",
+            headers={"Authorization": f"Bearer {self.admin_token}"},
+            timeout=5,
         )
-        for model_view in answer.json().get("models", []):
-            if model_view["name"] == model and model_view.get("pid"):
-                self.pids.add(int(model_view["pid"]))
-                return int(model_view["pid"])
-        return None
+        pid = answer.json().get("pid") if answer.status_code == 200 else None
+        if pid:
+            self.pids.add(int(pid))
+        return int(pid) if pid else None
 
     def kill9(self) -> None:
         assert self.proc is not None

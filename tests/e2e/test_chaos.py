@@ -42,6 +42,7 @@ def test_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
         "ran_twice_at_once": [],
         "server_errors": {},
         "unanswered_and_not_admitted": [],
+        "totals_off": {},
     }, report
     assert run.returncode == 0, run.stderr[-3000:]
     assert sum(report["faults"].values()) >= 3  # faults really were injected
