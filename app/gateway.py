@@ -151,6 +151,7 @@ class Gateway:
             timedelta(days=s.history.retention_days),
             store_prompts=s.history.store_prompts,
             store_outputs=s.history.store_outputs,
+            clock=self.clock,
         )
         tally_lease = Lease(db.leaders, "outcome-totals", self.worker_id, self.clock)
         counters = OutcomeCounters(db.queue_stats, db.jobs, tally_lease)

@@ -15,12 +15,16 @@ from datetime import datetime, timedelta
 from pymongo import DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 
+from app.clock import Clock, SystemClock
 from app.queue import transitions
 from app.queue.job import Doc, Job, JobState
 from app.queue.jobs import ListingCursor, idempotency_scope
 from app.queue.transitions import Change, Fields
 from app.store.batch import BatchWriter
 from app.store.database import ACTIVE
+
+# the listing reads back this far from its newest edge, window by window, then the rest
+LISTING_WINDOWS_H = (1, 4, 16, 64, 256)
 
 # what an engine produced (chat message, OCR text and per-page text): dropped when outputs are not kept
 _OUTPUT_FIELDS = frozenset({"message", "text", "pages", "logprobs"})
@@ -57,8 +61,10 @@ class JobStore:
         retention: timedelta,
         store_prompts: bool = True,
         store_outputs: bool = True,
+        clock: Clock | None = None,
     ) -> None:
         self._jobs = jobs
+        self._clock = clock or SystemClock()  # where the listing's first window ends
         self._writer = writer
         self._retention = retention
         # privacy settings: what history keeps once a job ends
@@ -153,11 +159,30 @@ class JobStore:
             same_ms = {**query, "enqueued_at": after.enqueued_at, "_id": {"$lt": after.job_id}}
             jobs = await self._newest(same_ms, limit)
             before = after.enqueued_at
-        if before is not None:
-            query["enqueued_at"] = {"$lt": before}
         if len(jobs) < limit:
-            jobs += await self._newest(query, limit - len(jobs))
+            jobs += await self._newest_windowed(query, before, limit - len(jobs))
         return jobs
+
+    async def _newest_windowed(self, query: Doc, before: datetime | None, limit: int) -> list[Job]:
+        """The newest `limit` jobs before `before`, read in windows that widen into the past.
+
+        SecantusDB reads the whole index range of a sorted, limited query before it applies the
+        limit (measured with 150,000 jobs over 15 days: the 20 newest took 4.5 s, an owner's
+        7-8 s, and the dashboard asks every 2 s); a bounded range costs what it holds (one
+        hour of 10,000 jobs a day: 17 ms). The windows cover all of time, so the answer is the
+        same; they only stop reading once the page is full."""
+        jobs: list[Job] = []
+        upper = before
+        edge = before or self._clock.now()
+        for hours in LISTING_WINDOWS_H:
+            lower = edge - timedelta(hours=hours)
+            span: Doc = {"$gte": lower} if upper is None else {"$gte": lower, "$lt": upper}
+            jobs += await self._newest({**query, "enqueued_at": span}, limit - len(jobs))
+            if len(jobs) >= limit:
+                return jobs
+            upper = lower
+        assert upper is not None
+        return jobs + await self._newest({**query, "enqueued_at": {"$lt": upper}}, limit - len(jobs))
 
     async def _newest(self, query: Doc, limit: int) -> list[Job]:
         order = [("enqueued_at", DESCENDING), ("_id", DESCENDING)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
@@ -91,7 +92,11 @@ class DatabaseHealth:
         self._task = None
 
 
+_ADDRESS = re.compile(r"[\w.\[\]:-]+:\d+: |\('[^']*', \d+\)")
+
+
 def _describe(exc: Exception) -> str:
-    """The driver's message without its topology dump (one line an operator can read)."""
+    """The driver's message in one line an operator can read: without its topology dump, and
+    without the database's address (public /health shows the reason)."""
     text = str(exc).split(", Timeout:")[0].split(" (configured timeouts")[0]
-    return f"{exc.__class__.__name__}: {text[:200]}"
+    return f"{exc.__class__.__name__}: {_ADDRESS.sub('', text).strip()[:200]}"

@@ -15,7 +15,7 @@ from app.auth.ratelimit import RateLimiter
 from app.auth.tokens import Principal
 from app.clock import ManualClock
 from app.errors import RateLimited
-from app.queue.jobs import Submission, build_job
+from app.queue.jobs import ListingCursor, Submission, build_job
 from app.queue.priority import Priority
 from app.queue.retry import RetryPolicy
 from app.queue.service import JobQueue
@@ -302,3 +302,32 @@ async def test_rate_limit_counts_requests_made_while_a_sync_is_in_flight(databas
     await other.sync()
     with pytest.raises(RateLimited):  # now it knows both instances' requests
         other.hit(caller)
+
+
+async def test_the_listing_reads_windows_into_the_past_and_pages_through_all_of_time(
+    writer: BatchWriter, database: Database
+) -> None:
+    """Jobs an hour, days and months old, one in the future (another instance's clock): every
+    page is newest first and the pages together are every job once (app/queue/store.py)."""
+    clock = ManualClock()
+    now = clock.now()
+    ages_h = [-0.5, 0.1, 0.5, 0.9, 2, 3, 10, 30, 70, 200, 300, 2000]
+    for n, age in enumerate(ages_h):
+        job = build_job(_submission(), f"job_{n:02d}", f"m#{n}", now - timedelta(hours=age), None)
+        await database.jobs.insert_one({**job.to_document(), "owner": "alice" if n % 2 else "bob"})
+    store = JobStore(database.jobs, writer, timedelta(days=15), clock=clock)
+    expected = [f"job_{n:02d}" for n in range(len(ages_h))]  # youngest first, as ages grow
+
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = await store.listing(owner=None, state=None, model=None, before=None, limit=5, after=cursor)
+        seen += [job.id for job in page]
+        if len(page) < 5:
+            break
+        cursor = ListingCursor.after(page[-1])
+    assert seen == expected
+    alices = await store.listing(owner="alice", state=None, model=None, before=None, limit=50)
+    assert [job.id for job in alices] == [j for n, j in enumerate(expected) if n % 2]
+    older = await store.listing(owner=None, state=None, model=None, before=now - timedelta(hours=5), limit=3)
+    assert [job.id for job in older] == ["job_06", "job_07", "job_08"]
