@@ -50,7 +50,7 @@ class ShareGate:
         key = (sub.model, f"{sub.owner}\x1f{sub.client_id}")
         admitting = self._admitting.setdefault(key, set())
         try:
-            if taken >= cap:  # the client may hold its cap already: find out
+            if cap < capacity and taken >= cap:  # the client may hold its cap already: find out
                 await self._check(sub, key, cap, capacity, admitting, direct)
             admitting.add(job_id)
             yield
