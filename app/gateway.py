@@ -277,7 +277,7 @@ class Gateway:
             options.connect_timeout_seconds,
         )
         stack.push_async_callback(db.close)
-        await ensure_indexes(db)
+        await ensure_indexes(db, ttl=not self._prunes_history(embedded is not None))
         health = DatabaseHealth(
             lambda: db.ping(options.connect_timeout_seconds),
             self.clock,
@@ -343,8 +343,7 @@ class Gateway:
         stack.push_async_callback(release_quietly, rollup_lease)
         scheduler.every(s.history.rollup_interval_seconds, "usage-rollup", roll_usage)
         scheduler.every(switcher.config.interval_s, AUTOSWITCH_JOB, switcher.run_scheduled)
-        prune = s.history.prune
-        if prune == "on" or (prune == "auto" and embedded is not None):  # see app/store/ttl.py
+        if self._prunes_history(embedded is not None):  # see app/store/ttl.py
             pruner = HistoryPruner(store, self.clock)
             scheduler.every(
                 s.history.prune_interval_seconds, "history-prune", lambda: _prune(db, pruner, self.clock)
@@ -352,6 +351,11 @@ class Gateway:
         stack.push_async_callback(scheduler.stop)
         scheduler.start()
         return scheduler
+
+    def _prunes_history(self, embedded: bool) -> bool:
+        """Whether the gateway deletes expired history itself (no TTL monitor does it)."""
+        prune = self.settings.history.prune
+        return prune == "on" or (prune == "auto" and embedded)
 
     async def _quiesce(self, dispatchers: dict[str, ModelDispatcher]) -> None:
         """Shutdown's first step: no new claims, running jobs get the grace period, then stop."""

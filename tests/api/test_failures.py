@@ -115,6 +115,19 @@ async def test_history_ttl_index_and_expire_at(gateway_factory: GatewayFactory) 
     assert "slot" not in doc
 
 
+async def test_where_the_gateway_prunes_history_jobs_carry_no_ttl_index(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """SecantusDB's TTL sweeper walks every document of a collection with a TTL index each
+    minute, and `secantusd-py` runs it whatever its config says: where the gateway deletes
+    expired jobs itself, their `expire_at` index is a plain one, which the sweeper passes by."""
+    gw = await gateway_factory({"demo": stub()}, history={"prune": "on"})
+    indexes = await gw.services.database.jobs.index_information()
+    assert "history_ttl" not in indexes
+    assert indexes["history_expiry"]["key"] == [("expire_at", 1)]
+    assert "expireAfterSeconds" not in indexes["history_expiry"]
+
+
 async def test_privacy_settings_keep_prompts_and_outputs_out_of_history(
     gateway_factory: GatewayFactory,
 ) -> None:
