@@ -1,9 +1,10 @@
-"""Deleting history past its retention when the database's own TTL monitor is off.
+"""Deleting history past its retention where no TTL monitor does it (the embedded database).
 
 SecantusDB's TTL sweeper walks and decodes the whole collection under its storage lock every
-60 s: with 100k finished jobs every operation stalls ~3 s once a minute. The embedded database
-is therefore started with that sweeper off, and this pruner deletes expired jobs in small
-batches found through the `expire_at` index. On a real MongoDB the TTL index does the work.
+60 s: with 100k finished jobs every operation stalls ~3 s once a minute. So on the embedded
+database the jobs' `expire_at` index carries no TTL option (the sweeper passes such a
+collection by; app/store/database.py), and this pruner deletes expired jobs in small batches
+found through that index. On a real MongoDB the TTL index does the work.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Every history document carries `expire_at` (when it may go) and its collection a TTL index on
 that field with `expireAfterSeconds: 0`, so a real MongoDB deletes it by itself. The embedded
-SecantusDB runs with its TTL monitor off (it stalls every operation while it sweeps, see
-app/queue/history.py), so the gateway deletes what expired through the same index instead.
+SecantusDB's TTL monitor stalls every operation while it sweeps (app/queue/history.py), so there
+the gateway deletes what expired through the same index instead; the jobs, the one large
+collection, get a plain index there, which the monitor does not walk (app/store/database.py).
 """
 
 from __future__ import annotations
