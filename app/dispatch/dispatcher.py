@@ -25,6 +25,8 @@ from app.queue.service import DirectStart, JobQueue
 from app.settings import ModelSettings
 from app.tasks import cancel_and_wait
 
+IDLE_POLL_FACTOR = 4
+
 log = logging.getLogger("gateway.dispatch")
 
 T = TypeVar("T")
@@ -157,13 +159,19 @@ class ModelDispatcher:
 
     async def _run(self) -> None:
         next_wait: float | None = None
+        quiet = 0  # polls in a row that found nothing to claim
         while not self._stopping:
+            # An idle model polls less often, up to IDLE_POLL_FACTOR intervals apart: what this
+            # instance admits wakes it at once anyway; the poll only finds jobs admitted by other
+            # instances (and sweeps them up no later than that) and costs a read each time.
+            idle_wait = self._poll_interval * min(IDLE_POLL_FACTOR, 2**quiet)
             try:
                 await asyncio.wait_for(
-                    self._wakeup.wait(), timeout=self._poll_interval if next_wait is None else next_wait
+                    self._wakeup.wait(), timeout=idle_wait if next_wait is None else next_wait
                 )
             except TimeoutError:
                 self._backlog = True
+                quiet += 1
             self._wakeup.clear()
             next_wait = None
             free = self.settings.max_concurrent - self.in_flight
@@ -179,6 +187,8 @@ class ModelDispatcher:
                 continue
             if len(won) < free and backoff_wait is None:
                 self._backlog = False
+            if won or backoff_wait is not None:
+                quiet = 0
             next_wait = backoff_wait
             for job in won:
                 self.in_flight += 1

@@ -51,10 +51,17 @@ class OutcomeCounters:
         self._retries[model] += 1
 
     async def flush(self) -> None:
-        """One interval: this instance's retries, then (by the lease holder) a tally pass."""
+        """One interval: this instance's retries, then (by the lease holder) a tally pass when
+        there is anything to tally (an idle gateway writes nothing: two indexed reads)."""
         await self._flush_retries()
+        if not await self._work_left():
+            return
         if self._lease is None or await self._lease.hold(LEASE_S):
             await self.tally()
+
+    async def _work_left(self) -> bool:
+        marked = await self._jobs.find_one({UNCOUNTED: {"$exists": True}}, {"_id": 1})
+        return marked is not None or await self._stats.find_one({"settled": False}, {"_id": 1}) is not None
 
     async def _flush_retries(self) -> None:
         pending, self._retries = self._retries, Counter()
