@@ -141,7 +141,7 @@ class Gateway:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         s.log_dir.mkdir(parents=True, exist_ok=True)
-        embedded, db, database_health = await self._start_database(stack)
+        db, database_health = await self._start_database(stack)
         writer = BatchWriter(db.jobs, s.database.batch_max_ops, self.metrics)
         stack.push_async_callback(writer.stop)
         writer.start()
@@ -232,7 +232,7 @@ class Gateway:
         stack.push_async_callback(switcher.stop)
         await switcher.start()
         missing.on_configured_miss(switcher.note_miss)
-        scheduler = self._schedule(stack, db, embedded, store, counters, usage, sweeper, switcher)
+        scheduler = self._schedule(stack, db, store, counters, usage, sweeper, switcher)
         if self.metrics.enabled:
             loop_lag = LoopLagMonitor(self.metrics, self.clock)
             stack.push_async_callback(loop_lag.stop)
@@ -254,9 +254,7 @@ class Gateway:
             ocr=OcrService(self.registry, engines, queue, dispatchers, pages, resolution, s.ocr, missing),
         )  # fmt: skip
 
-    async def _start_database(
-        self, stack: contextlib.AsyncExitStack
-    ) -> tuple[EmbeddedDatabase | None, Database, DatabaseHealth]:
+    async def _start_database(self, stack: contextlib.AsyncExitStack) -> tuple[Database, DatabaseHealth]:
         s, options = self.settings, self.settings.database
         uri, embedded = options.uri, None
         if uri == "embedded":
@@ -277,7 +275,7 @@ class Gateway:
             options.connect_timeout_seconds,
         )
         stack.push_async_callback(db.close)
-        await ensure_indexes(db, ttl=not self._prunes_history(embedded is not None))
+        await ensure_indexes(db, ttl=not self._prunes_history(db))
         health = DatabaseHealth(
             lambda: db.ping(options.connect_timeout_seconds),
             self.clock,
@@ -286,7 +284,7 @@ class Gateway:
         )
         stack.push_async_callback(health.stop)
         health.start()
-        return embedded, db, health
+        return db, health
 
     def _dispatchers(
         self, queue: JobQueue, engines: EngineManager, retry: RetryPolicy, ocr: OcrRunner
@@ -317,7 +315,6 @@ class Gateway:
         self,
         stack: contextlib.AsyncExitStack,
         db: Database,
-        embedded: EmbeddedDatabase | None,
         store: JobStore,
         counters: OutcomeCounters,
         usage: UsageRollup,
@@ -325,7 +322,7 @@ class Gateway:
         switcher: Switcher,
     ) -> Scheduler:
         """The periodic jobs: recovery sweeps, lease heartbeats, counters, rollups, auto-switch,
-        and history pruning where no TTL monitor does it (the embedded database)."""
+        and history pruning where no TTL monitor does it (SecantusDB)."""
         s, scheduler = self.settings, Scheduler()
         scheduler.every(s.queue.sweep_interval_seconds, "queue-sweep", sweeper.sweep)
         scheduler.every(s.queue.heartbeat_seconds, "lease-heartbeat", sweeper.heartbeat)
@@ -343,7 +340,7 @@ class Gateway:
         stack.push_async_callback(release_quietly, rollup_lease)
         scheduler.every(s.history.rollup_interval_seconds, "usage-rollup", roll_usage)
         scheduler.every(switcher.config.interval_s, AUTOSWITCH_JOB, switcher.run_scheduled)
-        if self._prunes_history(embedded is not None):  # see app/store/ttl.py
+        if self._prunes_history(db):  # see app/store/ttl.py
             pruner = HistoryPruner(store, self.clock)
             scheduler.every(
                 s.history.prune_interval_seconds, "history-prune", lambda: _prune(db, pruner, self.clock)
@@ -352,10 +349,11 @@ class Gateway:
         scheduler.start()
         return scheduler
 
-    def _prunes_history(self, embedded: bool) -> bool:
-        """Whether the gateway deletes expired history itself (no TTL monitor does it)."""
+    def _prunes_history(self, db: Database) -> bool:
+        """Whether the gateway deletes expired history itself: on SecantusDB (embedded or
+        not), whose TTL monitor walks whole collections (app/queue/history.py)."""
         prune = self.settings.history.prune
-        return prune == "on" or (prune == "auto" and embedded)
+        return prune == "on" or (prune == "auto" and db.secantus)
 
     async def _quiesce(self, dispatchers: dict[str, ModelDispatcher]) -> None:
         """Shutdown's first step: no new claims, running jobs get the grace period, then stop."""

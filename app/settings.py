@@ -126,7 +126,8 @@ class HistorySettings(_Strict):
     store_outputs: bool = True
     rollup_interval_seconds: float = Field(60.0, gt=0, description="how often usage rollups are updated")
     prune: Literal["auto", "on", "off"] = Field(
-        "auto", description="the gateway deletes expired history itself; auto = on the embedded database"
+        "auto",
+        description="the gateway deletes expired history itself; auto = on SecantusDB, embedded or not",
     )
     prune_interval_seconds: float = Field(60.0, gt=0, description="how often, when it does")
     rollup_settle_seconds: float = Field(

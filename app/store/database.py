@@ -40,6 +40,9 @@ class Database:
     usage: AsyncCollection[Doc]  # hourly rollups: recomputed from jobs, so not journaled
     autoswitch_decisions: AsyncCollection[Doc]
     leaders: AsyncCollection[Doc]  # leases: which instance runs a once-per-host loop
+    secantus: bool = (
+        False  # the server is SecantusDB (embedded or not): its TTL monitor walks whole collections
+    )
 
     async def ping(self, timeout_s: float) -> None:
         """Raises when the database does not answer within `timeout_s`."""
@@ -78,6 +81,7 @@ async def connect(
         connectTimeoutMS=int(connect_timeout_s * 1000),
     )
     hello = await client.admin.command("hello")
+    build = await client.admin.command("buildInfo")
     replica_set = "setName" in hello
     if write_concern == "majority" or (write_concern == "auto" and replica_set):
         concern = WriteConcern(w="majority", j=True)
@@ -103,6 +107,7 @@ async def connect(
         usage=db.get_collection("usage"),
         autoswitch_decisions=durable.get_collection("autoswitch_decisions"),
         leaders=durable.get_collection("leaders"),
+        secantus="secantusVersion" in build,
     )
 
 

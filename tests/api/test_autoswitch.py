@@ -198,7 +198,12 @@ async def test_every_history_collection_expires_its_documents(gateway_factory: G
         collection = database.db.get_collection(name)
         indexes = await collection.index_information()
         ttl = [spec for spec in indexes.values() if "expireAfterSeconds" in spec]
-        assert [(spec["key"], spec["expireAfterSeconds"]) for spec in ttl] == [([("expire_at", 1)], 0)], name
+        if name == "jobs":  # pruned by the gateway only: no TTL walk of the big one (app/store/database.py)
+            assert ttl == [] and indexes["history_expiry"]["key"] == [("expire_at", 1)]
+        else:
+            assert [(spec["key"], spec["expireAfterSeconds"]) for spec in ttl] == [([("expire_at", 1)], 0)], (
+                name
+            )
         await collection.insert_many(
             [{"_id": f"old-{name}", "expire_at": past}, {"_id": f"new-{name}", "expire_at": future}]
         )

@@ -101,7 +101,9 @@ async def test_same_idempotency_key_gets_the_same_job(gateway_factory: GatewayFa
 
 
 async def test_history_ttl_index_and_expire_at(gateway_factory: GatewayFactory) -> None:
-    gw = await gateway_factory({"demo": stub()})
+    """As on a real MongoDB, whose TTL monitor deletes expired history (the tests' server is a
+    SecantusDB, where the gateway would prune itself by default)."""
+    gw = await gateway_factory({"demo": stub()}, history={"prune": "off"})
     response = await gw.chat("demo")
     database = gw.services.database
     assert database is not None
@@ -119,9 +121,10 @@ async def test_where_the_gateway_prunes_history_jobs_carry_no_ttl_index(
     gateway_factory: GatewayFactory,
 ) -> None:
     """SecantusDB's TTL sweeper walks every document of a collection with a TTL index each
-    minute, and `secantusd-py` runs it whatever its config says: where the gateway deletes
-    expired jobs itself, their `expire_at` index is a plain one, which the sweeper passes by."""
-    gw = await gateway_factory({"demo": stub()}, history={"prune": "on"})
+    minute, and `secantusd-py` runs it whatever its config says: on SecantusDB (`prune: auto`)
+    the gateway deletes expired jobs itself and their `expire_at` index is a plain one."""
+    gw = await gateway_factory({"demo": stub()})
+    assert gw.services.database.secantus
     indexes = await gw.services.database.jobs.index_information()
     assert "history_ttl" not in indexes
     assert indexes["history_expiry"]["key"] == [("expire_at", 1)]
