@@ -238,6 +238,13 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
                     flush=True,
                 )
                 ocr_result = await run_ocr_phase(stack, osc, history, idle)
+        if phases[-1]:  # what an idle gateway costs with that history, once it has settled
+            settle_s, idle_row_s = (5.0, 10.0) if args.quick else (65.0, 120.0)
+            print(
+                f"# idle: {settle_s:.0f} s to settle, then {idle_row_s:.0f} s measured ...", file=sys.stderr
+            )
+            await asyncio.sleep(settle_s)
+            idles.append(await measure_idle(stack, phases[-1], idle_row_s, settled=True))
         metrics_result: MetricsResult | None = None
         if chat and not args.skip_metrics:  # last: its two gateways must not idle through the rest
             msc = metrics_scenario(args.quick)
@@ -285,7 +292,8 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
         print(
             "Idle gateway (no requests): "
             + "; ".join(
-                f"history {i.history:,}: {i.db_ops_per_s:.1f} DB ops/s, "
+                f"history {i.history:,}{f' settled, {i.seconds:.0f} s' if i.settled else ''}: "
+                f"{i.db_ops_per_s:.1f} DB ops/s, "
                 f"gateway CPU {i.gateway_cpu_pct:.1f}%, DB CPU {i.db_cpu_pct:.1f}%"
                 for i in idles
             )

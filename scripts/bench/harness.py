@@ -221,9 +221,12 @@ class ForeignLoad:
         return max(0.0, foreign / wall) if wall > 0 else 0.0
 
 
+HISTORY_SPAN_S = 15 * 86_400  # the history retention: 100k jobs are ~6,700 a day
+
+
 def history_document(now: datetime, index: int, model: str) -> Doc:
     """A finished job as app/queue/store.py _finish leaves it: no slot, no lease, expire_at set."""
-    finished = now - timedelta(seconds=(index * 0.864) % 86_400)  # spread over the last day
+    finished = now - timedelta(seconds=(index * 12.96) % HISTORY_SPAN_S)  # over 15 days, evenly
     enqueued = finished - timedelta(milliseconds=230)
     started = enqueued + timedelta(milliseconds=3)
     return {

@@ -135,8 +135,9 @@ async def run_stream_scenario(stack: Stack, sc: StreamScenario, history: int, id
     )
 
 
-async def measure_idle(stack: Stack, history: int, seconds: float) -> Idle:
-    """The background rate, so per-request DB numbers at low request rates can be read net of it."""
+async def measure_idle(stack: Stack, history: int, seconds: float, *, settled: bool = False) -> Idle:
+    """The background rate, so per-request DB numbers at low request rates can be read net of it;
+    `settled`: the idle cost itself, measured once the history's per-minute passes have run."""
     meter = CostMeter(stack.gateway_pid, stack.db)
     meter.start()
     await asyncio.sleep(seconds)
@@ -148,4 +149,5 @@ async def measure_idle(stack: Stack, history: int, seconds: float) -> Idle:
         gateway_cpu_pct=cost.gateway_cpu_s / seconds * 100,
         db_cpu_pct=cost.db_cpu_s / seconds * 100,
         db_ops=cost.db_ops,
+        settled=settled,
     )

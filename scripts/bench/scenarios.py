@@ -255,6 +255,7 @@ class Idle:
     gateway_cpu_pct: float
     db_cpu_pct: float
     db_ops: dict[str, int] = field(default_factory=dict)
+    settled: bool = False  # measured after the per-minute passes over the new history had run
 
 
 @dataclass(frozen=True)
