@@ -264,6 +264,7 @@ class Gateway:
                 options.embedded.startup_timeout,
                 options.embedded.port,
                 options.embedded.sync_on_commit,
+                options.embedded.min_free_mb,
             )
             stack.push_async_callback(embedded.stop)
             uri = await embedded.start()

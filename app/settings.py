@@ -69,6 +69,9 @@ class EmbeddedDatabaseSettings(_Strict):
     startup_timeout: float = Field(30.0, gt=0)
     port: int = Field(0, ge=0, le=65535)
     sync_on_commit: bool = False
+    min_free_mb: float = Field(
+        64.0, ge=0, description="below this much free space in data_dir the database is reported down (503)"
+    )
 
 
 class DatabaseSettings(_Strict):

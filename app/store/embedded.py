@@ -112,8 +112,11 @@ class EmbeddedDatabase:
         startup_timeout: float,
         port: int = 0,
         sync_on_commit: bool = False,
+        min_free_mb: float = 0.0,
     ) -> None:
         self._storage = data_dir / "db"
+        self.min_free_mb = min_free_mb
+        self._starved = False  # the disk ran low while this server ran
         self._pid_file = data_dir / "db.pid"
         self._log_file = data_dir / "logs" / "secantusd.log"
         self._config_file = data_dir / "secantusd.toml"
@@ -183,8 +186,16 @@ class EmbeddedDatabase:
     async def revive(self) -> None:
         """Restart the server if it exited (killed, crashed) while the gateway runs: same port,
         so the driver's connections come back by themselves, and same storage, so every
-        journaled write is there. A stalled (SIGSTOP) server is alive and left alone."""
-        if self._pid is None or self.exit_code() is None:
+        journaled write is there. A stalled (SIGSTOP) server is alive and left alone.
+
+        A disk that runs low is reported (DatabaseUnavailable with the path and what is free)
+        before it is full: a SecantusDB whose disk filled answers every later operation with
+        "internal server error", even once space is back, until it is restarted (measured: its
+        journaled writes are then all there). So once space is back, it is restarted."""
+        if self._pid is None:
+            return
+        await self._check_space()
+        if self.exit_code() is None:
             return
         now = asyncio.get_running_loop().time()
         if now < self._next_restart_at:
@@ -194,6 +205,25 @@ class EmbeddedDatabase:
         self._next_restart_at = now + min(30.0, 2.0 ** min(self.restarts, 5))
         event(log, "embedded_db.exited", logging.ERROR, pid=self._pid, code=code, restarts=self.restarts)
         await self._spawn(int(self.uri.rsplit(":", 1)[1].split("/", 1)[0]))
+
+    async def _check_space(self) -> None:
+        try:
+            free_mb = shutil.disk_usage(self._storage).free / 2**20
+        except OSError:
+            return
+        if free_mb < self.min_free_mb:
+            self._starved = True
+            raise DatabaseUnavailable(
+                f"the database's data directory {self._storage} has {free_mb:.0f} MiB free, under "
+                f"database.embedded.min_free_mb ({self.min_free_mb:g}); free some space"
+            )
+        if self._starved and self.exit_code() is None:
+            self._starved = False
+            event(log, "embedded_db.restart", pid=self._pid, reason="disk space is back")
+            assert self._pid is not None
+            await asyncio.to_thread(terminate_group, self._pid, 15.0)
+            if self._proc is not None:
+                self._proc.poll()  # reaped: exit_code() now says it exited, revive restarts it
 
     def exit_code(self) -> int | str | None:
         """The exit code of a server that is gone (`gone` for one this gateway did not start),

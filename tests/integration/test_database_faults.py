@@ -154,3 +154,24 @@ async def test_a_data_directory_that_cannot_be_written_is_named_at_start(tmp_pat
         await EmbeddedDatabase(blocker / "data", "secantusd-py", 10.0).start()
     assert str(blocker / "data" / "db") in refused.value.message
     assert "cannot write" in refused.value.message
+
+
+async def test_a_disk_running_low_is_reported_and_the_server_restarted_once_space_is_back(
+    server: Server, database: Database
+) -> None:
+    """The threshold is raised above what the disk has, as a disk filling up would do, then
+    lowered again; a SecantusDB whose disk filled fails every operation until it restarts."""
+    await database.jobs.insert_one({"_id": "before", "state": "queued"})
+    health = _health(server, database)
+    server.embedded.min_free_mb = 10**9
+    assert not await health.check()
+    assert health.reason is not None and "data directory" in health.reason and "MiB free" in health.reason
+    with pytest.raises(DatabaseUnavailable) as refused:
+        health.require()
+    assert "min_free_mb" in refused.value.message
+    before = server.pid
+
+    server.embedded.min_free_mb = 0
+    await eventually(health.check, lambda ok: ok, "back once space returned", 30)
+    assert server.pid != before  # restarted, with its data
+    assert await database.jobs.find_one({"_id": "before"}) == {"_id": "before", "state": "queued"}
