@@ -100,7 +100,14 @@ class Gateway:
             clock=clock,
             registry=ModelRegistry(settings.models),
             tokens=tokens,
-            metrics=build_metrics(settings.metrics.enabled, clock, capacities, __version__, worker_id),
+            metrics=build_metrics(
+                settings.metrics.enabled,
+                clock,
+                capacities,
+                __version__,
+                worker_id,
+                frozenset(settings.metrics.clients),
+            ),
             worker_id=worker_id,
             upstream_headers=upstream_headers,
         )

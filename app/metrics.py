@@ -30,6 +30,9 @@ class Metrics:
     def rejected(self, model: str, reason: str) -> None:
         """An admission refused at once (queue_full; rate_limited has no model: "")."""
 
+    def client_admission(self, model: str, client: str, result: str) -> None:
+        """What admission did with a client's request (admitted, client_share, queue_full)."""
+
     def queue_wait(self, model: str, enqueued_at: datetime, started_at: datetime) -> None:
         """A job's first dispatch (enqueue → the engine call begins)."""
 

@@ -90,10 +90,18 @@ class PrometheusMetrics(Metrics):
     enabled = True
 
     def __init__(
-        self, clock: Clock, capacities: dict[str, tuple[int, int]], version: str, worker: str
+        self,
+        clock: Clock,
+        capacities: dict[str, tuple[int, int]],
+        version: str,
+        worker: str,
+        clients: frozenset[str] = frozenset(),
     ) -> None:
-        """`capacities`: model -> (max_concurrent, max_waiting), for every configured model."""
+        """`capacities`: model -> (max_concurrent, max_waiting), for every configured model;
+        `clients`: the client ids counted under their own label (any other is `other`, so the
+        number of series stays bounded whatever ids callers send)."""
         self._clock = clock
+        self._clients = clients
         self.registry = registry = CollectorRegistry()
         self._requests = Counter(
             "gateway_requests",
@@ -105,6 +113,12 @@ class PrometheusMetrics(Metrics):
             "gateway_admissions_rejected",
             "Requests refused at admission (429)",
             ["model", "reason"],
+            registry=registry,
+        )
+        self._client_admissions = Counter(
+            "gateway_client_admissions",
+            "Admission decisions per client (metrics.clients; any other client is `other`)",
+            ["model", "client", "result"],
             registry=registry,
         )
         self._queue_wait = Histogram(
@@ -204,6 +218,10 @@ class PrometheusMetrics(Metrics):
             self._of(model).queue_full.inc()
         else:
             self._rejected.labels(model=model, reason=reason).inc()
+
+    def client_admission(self, model: str, client: str, result: str) -> None:
+        label = client if client in self._clients else "other"
+        self._client_admissions.labels(model=model, client=label, result=result).inc()
 
     def queue_wait(self, model: str, enqueued_at: datetime, started_at: datetime) -> None:
         self._of(model).queue_wait.observe(max(0.0, (started_at - enqueued_at).total_seconds()))
@@ -333,9 +351,14 @@ class LoopLagMonitor:
 
 
 def build_metrics(
-    enabled: bool, clock: Clock, capacities: dict[str, tuple[int, int]], version: str, worker: str
+    enabled: bool,
+    clock: Clock,
+    capacities: dict[str, tuple[int, int]],
+    version: str,
+    worker: str,
+    clients: frozenset[str] = frozenset(),
 ) -> Metrics:
     """The gateway's metrics: Prometheus when enabled, the no-op otherwise."""
     if not enabled:
         return Metrics()
-    return PrometheusMetrics(clock, capacities, version, worker)
+    return PrometheusMetrics(clock, capacities, version, worker, clients)

@@ -353,6 +353,9 @@ class MetricsSettings(_Strict):
     enabled: bool = True
     auth: Literal["localhost", "token", "open"] = "localhost"
     token: str = Field("", description="bearer token for scrapers (GATEWAY_METRICS_TOKEN); empty = none")
+    clients: list[str] = Field(
+        [], max_length=100, description="client ids counted per client in /metrics; any other is `other`"
+    )
 
     @field_validator("token")
     @classmethod

@@ -124,6 +124,7 @@ class JobQueue:
                 if refreshed:
                     self._not_admitted(job_id, direct, pending)
                     self._metrics.rejected(sub.model, "queue_full")
+                    self._metrics.client_admission(sub.model, sub.client_id, "queue_full")
                     raise QueueFull(sub.model, book.capacity, retry_after_s=1)
                 await self._refresh(sub.model, book)
                 refreshed = True
@@ -149,6 +150,7 @@ class JobQueue:
                 self._not_admitted(job_id, direct, pending)
                 raise
             event(log, "job.admitted", logging.DEBUG, job=job_id, model=sub.model, state=job.state.value)
+            self._metrics.client_admission(sub.model, sub.client_id, "admitted")
             if direct:  # started at once: no queue wait (observed only for jobs really admitted)
                 self._metrics.queue_wait(sub.model, job.enqueued_at, job.enqueued_at)
             if pending is not None:

@@ -78,6 +78,7 @@ class ShareGate:
                     if direct is not None:
                         direct.cancel()
                     self._metrics.rejected(sub.model, "client_share")
+                    self._metrics.client_admission(sub.model, sub.client_id, "client_share")
                     raise ClientShareFull(sub.model, sub.client_id, held, cap, capacity, retry_after_s=1)
         finally:
             if not lock.locked():

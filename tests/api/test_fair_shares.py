@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from tests.api.test_metrics import scrape, series, value
 from tests.conftest import GatewayClient, GatewayFactory, eventually, stub
 
 SHARES_ON = {"enabled": True}
@@ -23,7 +24,7 @@ async def test_a_batch_client_is_held_to_its_share_and_another_client_is_still_s
 ) -> None:
     # 2 in flight + 4 waiting: a client may hold max(ceil(0.5 * 6), 2) = 3 places
     model = stub("--latency-ms", "600", max_concurrent=2, max_waiting=4)
-    gw = await gateway_factory({"m": model}, fair_share=SHARES_ON)
+    gw = await gateway_factory({"m": model}, fair_share=SHARES_ON, metrics={"clients": ["batch"]})
     batch = asyncio.create_task(_many(gw, "batch", 8, "batch"))
     await gw.until_count("m", "running", 2)
     await gw.until_count("m", "queued", 1)
@@ -42,6 +43,14 @@ async def test_a_batch_client_is_held_to_its_share_and_another_client_is_still_s
         assert "'batch' already holds 3 of the 6 places" in body["detail"]
         assert "fair share (at most 3)" in body["detail"]
         assert int(answer.headers["Retry-After"]) >= 1
+
+    # per client only for the listed ids (metrics.clients): the others count as `other`
+    samples = await scrape(gw)
+    admissions = "gateway_client_admissions_total"
+    assert value(samples, admissions, model="m", client="batch", result="admitted") == 3
+    assert value(samples, admissions, model="m", client="batch", result="client_share") == 5
+    assert value(samples, admissions, model="m", client="other", result="admitted") == 1
+    assert {labels["client"] for labels in series(samples, admissions)} == {"batch", "other"}
 
 
 async def test_with_shares_off_one_client_fills_the_queue_and_the_next_gets_queue_full(
