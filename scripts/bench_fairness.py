@@ -28,16 +28,20 @@ Doc = dict[str, Any]
 ENGINE_S = 1.0
 
 
+async def chat(client: httpx.AsyncClient, gw: GatewayProcess, who: str, text: str) -> httpx.Response:
+    return await client.post(
+        f"{gw.url}/api/chat",
+        json={"model": "m", "messages": [{"role": "user", "content": text}]},
+        headers={"Authorization": f"Bearer {gw.token}", "X-Client-ID": who},
+        timeout=120,
+    )
+
+
 async def batch_worker(client: httpx.AsyncClient, gw: GatewayProcess, stop: float, index: int) -> None:
     n = 0
     while time.monotonic() < stop:
         n += 1
-        answer = await client.post(
-            f"{gw.url}/api/chat",
-            json={"model": "m", "messages": [{"role": "user", "content": f"batch {index}-{n}"}]},
-            headers={"Authorization": f"Bearer {gw.token}", "X-Client-ID": "batch"},
-            timeout=120,
-        )
+        answer = await chat(client, gw, "batch", f"batch {index}-{n}")
         if answer.status_code == 429:  # what a polite batch does: wait as told, then again
             await asyncio.sleep(float(answer.headers.get("Retry-After", "1")))
 
@@ -47,12 +51,7 @@ async def interactive(client: httpx.AsyncClient, gw: GatewayProcess, stop: float
     n = 0
     while time.monotonic() < stop:
         n += 1
-        answer = await client.post(
-            f"{gw.url}/api/chat",
-            json={"model": "m", "messages": [{"role": "user", "content": f"question {n}"}]},
-            headers={"Authorization": f"Bearer {gw.token}", "X-Client-ID": "chat-ui"},
-            timeout=120,
-        )
+        answer = await chat(client, gw, "chat-ui", f"question {n}")
         statuses.append(answer.status_code)
         await asyncio.sleep(0.5)  # a person reading the answer
     return statuses

@@ -23,9 +23,13 @@ from tests.e2e.conftest import Daemon
 pytestmark = pytest.mark.e2e
 
 
-def _daemon(tmp_path: Path, latency_ms: int) -> Daemon:
+async def _started(tmp_path: Path, daemons: list[Daemon], latency_ms: int) -> Daemon:
     model = {"kind": "stub", "args": ["--latency-ms", str(latency_ms)], "max_concurrent": 4, "max_waiting": 4}
-    return Daemon(tmp_path, {"m": model})
+    daemon = Daemon(tmp_path, {"m": model})
+    daemons.append(daemon)
+    daemon.start()
+    await daemon.wait_healthy()
+    return daemon
 
 
 async def _chat(client: httpx.AsyncClient, daemon: Daemon, text: str) -> httpx.Response:
@@ -56,10 +60,7 @@ async def _states(daemon: Daemon) -> list[str]:
 async def test_a_killed_database_is_restarted_and_admitted_jobs_finish(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    daemon = _daemon(tmp_path, latency_ms=700)
-    daemons.append(daemon)
-    daemon.start()
-    await daemon.wait_healthy()
+    daemon = await _started(tmp_path, daemons, latency_ms=700)
     async with httpx.AsyncClient() as client:
         admitted = [asyncio.create_task(_chat(client, daemon, f"before-{i}")) for i in range(4)]
         await eventually(lambda: _states(daemon), lambda s: s.count("running") == 4, "4 jobs running")
@@ -82,10 +83,7 @@ async def test_a_killed_database_is_restarted_and_admitted_jobs_finish(
 async def test_a_stalled_database_gets_fast_refusals_and_a_503_health_then_recovers(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    daemon = _daemon(tmp_path, latency_ms=10)
-    daemons.append(daemon)
-    daemon.start()
-    await daemon.wait_healthy()
+    daemon = await _started(tmp_path, daemons, latency_ms=10)
     db_pid = daemon.db_pid()
     async with httpx.AsyncClient() as client:
         os.kill(db_pid, signal.SIGSTOP)
@@ -118,10 +116,7 @@ async def test_a_stalled_database_gets_fast_refusals_and_a_503_health_then_recov
 async def test_shutdown_with_the_database_stalled_stops_every_process(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    daemon = _daemon(tmp_path, latency_ms=10)
-    daemons.append(daemon)
-    daemon.start()
-    await daemon.wait_healthy()
+    daemon = await _started(tmp_path, daemons, latency_ms=10)
     db_pid = daemon.db_pid()
     children = daemon.children_pids()
     assert len(children) >= 2  # the database and the engine
