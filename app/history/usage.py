@@ -138,7 +138,7 @@ class UsageRollup:
         current = _floor_hour(now)
         state = await self._state.find_one({"_id": STATE_ID})
         oldest = _floor_hour(now - self._retention)
-        start = max(state["final_through"] if state else await self._first_hour(current), oldest)
+        start = max(state["final_through"] if state else await self._first_hour(oldest, current), oldest)
         end = min(current + HOUR, start + self._backfill_hours * HOUR)
         last_full = self._last_full
         full = last_full is None or now - last_full >= self._full_every or _floor_hour(last_full) < current
@@ -158,10 +158,20 @@ class UsageRollup:
             event(log, "usage.backfilling", through=end.isoformat(), written=written)
         return written
 
-    async def _first_hour(self, current: datetime) -> datetime:
-        """Where a first pass starts: the oldest job's hour (through the `recent` index)."""
-        first = await self._jobs.find({}, {"enqueued_at": 1}).sort("enqueued_at", 1).limit(1).to_list()
-        return _floor_hour(first[0]["enqueued_at"]) if first else current
+    async def _first_hour(self, oldest: datetime, current: datetime) -> datetime:
+        """Where a first pass starts: the hour of the oldest job within the retention, searched
+        forward in bounded windows (SecantusDB reads the whole index range of a sorted, limited
+        query: one read over 150,000 jobs took 5.6 s; a day's window costs what the day holds)."""
+        lower, step = oldest, timedelta(days=1)
+        while lower < current + HOUR:
+            upper = min(lower + step, current + HOUR)
+            window = {"enqueued_at": {"$gte": lower, "$lt": upper}}
+            cursor = self._jobs.find(window, {"enqueued_at": 1}).sort("enqueued_at", 1).limit(1)
+            first = await cursor.to_list()
+            if first:
+                return _floor_hour(first[0]["enqueued_at"])
+            lower, step = upper, min(step * 3, timedelta(days=30))
+        return current
 
     async def _roll_span(self, start: datetime, end: datetime) -> int:
         pipeline: list[Doc] = [
