@@ -22,8 +22,9 @@ async def _many(gw: GatewayClient, client: str, count: int, content: str) -> lis
 async def test_a_batch_client_is_held_to_its_share_and_another_client_is_still_served(
     gateway_factory: GatewayFactory,
 ) -> None:
-    # 2 in flight + 4 waiting: a client may hold max(ceil(0.5 * 6), 2) = 3 places
-    model = stub("--latency-ms", "600", max_concurrent=2, max_waiting=4)
+    # 2 in flight + 4 waiting: a client may hold max(ceil(0.5 * 6), 2) = 3 places. Each answer
+    # takes 3 s, so no place frees before every request of the burst has had its answer.
+    model = stub("--latency-ms", "3000", max_concurrent=2, max_waiting=4)
     gw = await gateway_factory({"m": model}, fair_share=SHARES_ON, metrics={"clients": ["batch"]})
     batch = asyncio.create_task(_many(gw, "batch", 8, "batch"))
     await gw.until_count("m", "running", 2)
@@ -56,7 +57,7 @@ async def test_a_batch_client_is_held_to_its_share_and_another_client_is_still_s
 async def test_with_shares_off_one_client_fills_the_queue_and_the_next_gets_queue_full(
     gateway_factory: GatewayFactory,
 ) -> None:
-    model = stub("--latency-ms", "600", max_concurrent=2, max_waiting=4)
+    model = stub("--latency-ms", "3000", max_concurrent=2, max_waiting=4)  # no place frees meanwhile
     gw = await gateway_factory({"m": model}, fair_share={"enabled": False})
     batch = asyncio.create_task(_many(gw, "batch", 8, "batch"))
     await gw.until_count("m", "queued", 4)
@@ -69,8 +70,9 @@ async def test_with_shares_off_one_client_fills_the_queue_and_the_next_gets_queu
 async def test_claims_take_clients_in_turn_and_the_admin_view_shows_who_holds_the_queue(
     gateway_factory: GatewayFactory,
 ) -> None:
-    # one engine place: the order in which waiting jobs start is the claim order
-    model = stub("--latency-ms", "400", max_concurrent=1, max_waiting=8)
+    # one engine place: the order in which waiting jobs start is the claim order; 2 s an answer,
+    # so the late question is queued before the running job ends
+    model = stub("--latency-ms", "2000", max_concurrent=1, max_waiting=8)
     gw = await gateway_factory({"m": model}, fair_share={"enabled": True, "max_share": 1.0})
     batch = asyncio.create_task(_many(gw, "batch", 5, "batch"))
     await gw.until_count("m", "queued", 4)  # one running, four waiting
