@@ -222,7 +222,7 @@ def _clients_view(svc: Services, model: str, active: list[Job], top: int = 10) -
             "owner": owner,
             "processing": running,
             "waiting": waiting,
-            "max_places": svc.queue.share_gate.shares.cap(model, capacity, cfg.max_concurrent, client, owner),
+            "max_places": svc.queue.share_gate.cap(model, capacity, client, owner),
         }
         for (owner, client), (running, waiting) in ranked
     ]

@@ -63,13 +63,15 @@ class FairShares:
         return self.terms(client, owner).weight
 
 
-def client_key(job: Job) -> str:
+def client_key(owner: str, client_id: str) -> str:
     """Whose place a job takes: the caller and the application it named."""
-    return f"{job.owner}\x1f{job.client_id}"
+    return f"{owner}\x1f{client_id}"
 
 
-def held_by(jobs: Iterable[Job], client: str, owner: str) -> int:
-    return sum(1 for job in jobs if job.client_id == client and job.owner == owner)
+def holdings(jobs: Iterable[Job], owner: str, client_id: str) -> set[str]:
+    """The ids of the jobs that one client holds."""
+    key = client_key(owner, client_id)
+    return {job.id for job in jobs if client_key(job.owner, job.client_id) == key}
 
 
 def fair_order(queued: list[Job], running: list[Job], shares: FairShares) -> list[Job]:
@@ -78,11 +80,11 @@ def fair_order(queued: list[Job], running: list[Job], shares: FairShares) -> lis
     by_arrival = sorted(queued, key=lambda job: (job.priority_rank, job.enqueued_at))
     if not shares.enabled:
         return by_arrival
-    busy = Counter(client_key(job) for job in running)
+    busy = Counter(client_key(job.owner, job.client_id) for job in running)
     seen: Counter[tuple[int, str]] = Counter()
     due: list[tuple[tuple[int, float, datetime], Job]] = []
     for job in by_arrival:
-        key = client_key(job)
+        key = client_key(job.owner, job.client_id)
         seen[(job.priority_rank, key)] += 1
         turn = (busy[key] + seen[(job.priority_rank, key)]) / shares.weight(job.client_id, job.owner)
         due.append(((job.priority_rank, turn, job.enqueued_at), job))

@@ -30,6 +30,7 @@ from app.queue.shares import ShareGate
 from app.queue.slots import SlotBook, slot_index, slot_key
 from app.queue.stats import OutcomeCounters
 from app.queue.store import JobStore
+from app.queue.transitions import timed_out
 from app.store.batch import DuplicateKey
 
 log = logging.getLogger("gateway.queue")
@@ -262,8 +263,7 @@ class JobQueue:
         if book is not None and job.slot is not None:
             book.release(slot_index(job.slot))
         self._local.discard(job.id)
-        timed_out = outcome == "failed" and (job.error or {}).get("type") == "timeout"
-        self._metrics.job_finished(job.model, "timeout" if timed_out else outcome)
+        self._metrics.job_finished(job.model, "timeout" if timed_out(job.state, job.error) else outcome)
         self.delivery.deliver(job)
 
     # -- transitions -----------------------------------------------------------------------

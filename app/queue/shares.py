@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from app.errors import ClientShareFull
 from app.metrics import Metrics
-from app.queue.fairness import FairShares, held_by
+from app.queue.fairness import FairShares, client_key, holdings
 from app.queue.jobs import Submission
 from app.queue.store import JobStore
 
@@ -36,9 +36,9 @@ class ShareGate:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._admitting: dict[tuple[str, str], set[str]] = {}  # per client: admissions in flight
 
-    def cap(self, sub: Submission, capacity: int) -> int:
-        places = self._engine_places.get(sub.model, 0)
-        return self.shares.cap(sub.model, capacity, places, sub.client_id, sub.owner)
+    def cap(self, model: str, capacity: int, client_id: str, owner: str) -> int:
+        """The most places this client may hold in the model."""
+        return self.shares.cap(model, capacity, self._engine_places.get(model, 0), client_id, owner)
 
     @asynccontextmanager
     async def place(
@@ -46,8 +46,8 @@ class ShareGate:
     ) -> AsyncIterator[None]:
         """Inside: the client may take one more place; the admission counts as the client's
         until it ends. Raises ClientShareFull (and gives a direct start's place back) if not."""
-        cap = self.cap(sub, capacity)
-        key = (sub.model, f"{sub.owner}\x1f{sub.client_id}")
+        cap = self.cap(sub.model, capacity, sub.client_id, sub.owner)
+        key = (sub.model, client_key(sub.owner, sub.client_id))
         admitting = self._admitting.setdefault(key, set())
         try:
             if cap < capacity and taken >= cap:  # the client may hold its cap already: find out
@@ -72,8 +72,7 @@ class ShareGate:
         try:
             async with lock:
                 live = await self._store.active(sub.model)
-                mine = {job.id for job in live if held_by([job], sub.client_id, sub.owner)}
-                held = len(mine | admitting)
+                held = len(holdings(live, sub.owner, sub.client_id) | admitting)
                 if held >= cap:
                     if direct is not None:
                         direct.cancel()

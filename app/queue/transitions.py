@@ -92,11 +92,15 @@ def finish(
     )
 
 
+def timed_out(state: JobState, error: Doc | None) -> bool:
+    """A job that failed by the processing timeout (an expired one waited too long instead)."""
+    return state == JobState.FAILED and (error or {}).get("type") == "timeout"
+
+
 def outcomes(state: JobState, fields: Fields) -> list[str]:
     """What an ended job adds to its model's totals: its state, and `timeouts` for a job that
     failed by the processing timeout."""
-    timed_out = state == JobState.FAILED and (fields.get("error") or {}).get("type") == "timeout"
-    return [state.value, "timeouts"] if timed_out else [state.value]
+    return [state.value, "timeouts"] if timed_out(state, fields.get("error")) else [state.value]
 
 
 def requeue(job: Job, not_before: datetime, error: Doc) -> Change:

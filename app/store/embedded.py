@@ -127,6 +127,7 @@ class EmbeddedDatabase:
         self._pid: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None  # the server this gateway started
         self._recorded: _Recorded | None = None  # the one it took over from a killed gateway
+        self._serving_port = 0  # the port the server listens on: a restart keeps it
         self._next_restart_at = 0.0
         self.restarts = 0
         self.uri = ""
@@ -153,14 +154,13 @@ class EmbeddedDatabase:
             return False
 
     async def start(self) -> str:
-        self._check_writable()
         left_behind = self._read_pid_file()
         if left_behind and self._alive(left_behind):
             uri = f"mongodb://127.0.0.1:{left_behind.port}/?directConnection=true"
             if await ping(uri):
                 event(log, "embedded_db.reused", pid=left_behind.pid, port=left_behind.port)
                 self._pid, self.uri, self.reused = left_behind.pid, uri, True
-                self._recorded = left_behind
+                self._recorded, self._serving_port = left_behind, left_behind.port
                 return uri
             event(log, "embedded_db.replaced", pid=left_behind.pid, reason="left behind and not answering")
             await asyncio.to_thread(terminate_group, left_behind.pid, 10.0)
@@ -204,7 +204,7 @@ class EmbeddedDatabase:
         self.restarts += 1
         self._next_restart_at = now + min(30.0, 2.0 ** min(self.restarts, 5))
         event(log, "embedded_db.exited", logging.ERROR, pid=self._pid, code=code, restarts=self.restarts)
-        await self._spawn(int(self.uri.rsplit(":", 1)[1].split("/", 1)[0]))
+        await self._spawn(self._serving_port)
 
     async def _check_space(self) -> None:
         try:
@@ -265,7 +265,7 @@ class EmbeddedDatabase:
                 start_new_session=True,
                 env=child_environment(),
             )
-        self._proc, self._pid, self._recorded = proc, proc.pid, None
+        self._proc, self._pid, self._recorded, self._serving_port = proc, proc.pid, None, port
         self._pid_file.write_text(
             json.dumps({"pid": proc.pid, "port": port, "create_time": psutil.Process(proc.pid).create_time()})
         )

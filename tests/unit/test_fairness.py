@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from app.queue.fairness import ClientTerms, FairShares, Share, fair_order, held_by
+from app.queue.fairness import ClientTerms, FairShares, Share, fair_order, holdings
 from app.queue.job import Job, JobState
 
 T0 = datetime(2026, 12, 7, tzinfo=UTC)
@@ -86,6 +86,6 @@ def test_priority_comes_before_turns_and_weights_give_more_turns() -> None:
     assert [job.id for job in plain] == ["job_6", "job_0", "job_1", "job_2", "job_5"]  # priority, FIFO
 
 
-def test_held_by_counts_one_client_of_one_caller() -> None:
+def test_holdings_are_one_client_of_one_caller() -> None:
     jobs = [_job(0, "batch"), _job(1, "batch", JobState.RUNNING), _job(2, "ui")]
-    assert held_by(jobs, "batch", "alice") == 2 and held_by(jobs, "batch", "bob") == 0
+    assert len(holdings(jobs, "alice", "batch")) == 2 and len(holdings(jobs, "bob", "batch")) == 0
