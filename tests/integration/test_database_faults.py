@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import pytest
 from pymongo.errors import ConnectionFailure
 
@@ -35,6 +36,16 @@ class Server:
 
     def signal(self, sig: signal.Signals) -> None:
         os.kill(self.pid, sig)
+
+    async def stopped(self) -> None:
+        """SIGSTOP, and return once the process really is stopped: a signal is delivered
+        asynchronously, and a server still running for a moment answers the next ping."""
+        self.signal(signal.SIGSTOP)
+        await eventually(
+            lambda: asyncio.to_thread(lambda: psutil.Process(self.pid).status()),
+            lambda status: status == psutil.STATUS_STOPPED,
+            "the server stopped",
+        )
 
     async def killed(self) -> None:
         """SIGKILL, and return once the process is gone (reaped, not a zombie)."""
@@ -86,7 +97,7 @@ async def test_a_stalled_server_is_reported_down_with_the_reason_then_back(
     health = _health(server, database)
     assert await health.check() and health.up
     health.require()  # up: nothing raised
-    server.signal(signal.SIGSTOP)
+    await server.stopped()
     try:
         began = time.monotonic()
         assert not await health.check()
@@ -108,7 +119,7 @@ async def test_a_stalled_server_is_reported_down_with_the_reason_then_back(
 
 async def test_a_failed_request_marks_the_database_down_at_once(server: Server, database: Database) -> None:
     health = _health(server, database)
-    server.signal(signal.SIGSTOP)
+    await server.stopped()
     try:
         with pytest.raises(ConnectionFailure) as failed:
             await database.jobs.find_one({"_id": "x"})
